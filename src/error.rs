@@ -1,0 +1,203 @@
+//! The crate's error type.
+
+use candle_core::Shape;
+
+/// Everything that can go wrong when building or stepping a [`LisaAdamW`](crate::LisaAdamW).
+///
+/// Every variant says what was wrong and how to fix it. An error returned by a constructor means
+/// nothing was built; an error returned by a step means no weight and no optimizer state was
+/// written. `LisaError` converts into [`candle_core::Error`], so `?` works inside candle code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LisaError {
+    /// γ is zero or larger than the number of blocks.
+    #[error(
+        "gamma = {gamma} is out of range: LISA trains between 1 and {num_blocks} blocks at a time \
+         (the model has {num_blocks}); set LisaConfig::gamma within that range"
+    )]
+    InvalidGamma {
+        /// The γ that was asked for.
+        gamma: usize,
+        /// How many blocks the layer map found.
+        num_blocks: usize,
+    },
+
+    /// The resampling period is zero.
+    #[error(
+        "period = 0 is invalid: the active blocks are redrawn every `period` steps; \
+         set LisaConfig::period to 1 or more (the paper's default is 20)"
+    )]
+    ZeroPeriod,
+
+    /// The block pattern is malformed.
+    #[error(
+        "block pattern {pattern:?} is invalid: {reason}; write it as the names' prefix with `{{i}}` \
+         where the block index goes, e.g. \"model.layers.{{i}}.\" or \"transformer.h.{{i}}.\""
+    )]
+    InvalidPattern {
+        /// The pattern as given.
+        pattern: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// The block pattern matched none of the parameter names.
+    #[error(
+        "block pattern {pattern:?} matches none of the {num_params} parameter names \
+         (for example {example:?}); set LisaConfig::block_pattern to the prefix your model uses \
+         for its blocks, with `{{i}}` for the index"
+    )]
+    NoBlocks {
+        /// The pattern as given.
+        pattern: String,
+        /// How many float parameters were looked at.
+        num_params: usize,
+        /// The first parameter name, sorted, to show what names look like.
+        example: String,
+    },
+
+    /// The block indices found do not run 0, 1, …, N-1.
+    #[error(
+        "block indices have a gap: block {missing} is missing while the highest index is {max}; \
+         LISA needs blocks numbered 0..N without gaps, so check LisaConfig::block_pattern \
+         or register every block's parameters before building the optimizer"
+    )]
+    BlockGap {
+        /// The first index that has no parameter.
+        missing: usize,
+        /// The highest index found.
+        max: usize,
+    },
+
+    /// A block has no parameter left to train once the always/never lists were applied.
+    #[error(
+        "block {block} has no trainable parameter left after `always_trainable` and \
+         `never_trainable` were applied; drawing it would train nothing, so remove the entries \
+         that cover the whole block"
+    )]
+    EmptyBlock {
+        /// The block index.
+        block: usize,
+    },
+
+    /// The VarMap (or the list of named variables) holds no float parameter.
+    #[error(
+        "there is no float parameter to optimize: build the model from a VarBuilder over the \
+         VarMap first, so that its variables exist, then build the optimizer"
+    )]
+    EmptyVarMap,
+
+    /// An `always_trainable` or `never_trainable` prefix matches no parameter.
+    #[error(
+        "LisaConfig::{list} entry {prefix:?} matches no parameter name; entries are name \
+         prefixes such as \"lm_head.\" or \"model.norm.weight\""
+    )]
+    UnmatchedPrefix {
+        /// Which list the entry is in.
+        list: &'static str,
+        /// The entry.
+        prefix: String,
+    },
+
+    /// A parameter is listed both as always-trainable and as never-trainable.
+    #[error(
+        "parameter {name:?} is covered by both always_trainable ({always:?}) and \
+         never_trainable ({never:?}); keep it in one list only"
+    )]
+    ConflictingLists {
+        /// The parameter name.
+        name: String,
+        /// The always-trainable entry that covers it.
+        always: String,
+        /// The never-trainable entry that covers it.
+        never: String,
+    },
+
+    /// The learning rate is NaN or infinite.
+    #[error("learning rate {lr} is not finite; pass a finite value such as 1e-5")]
+    NonFiniteLearningRate {
+        /// The value given.
+        lr: f64,
+    },
+
+    /// An AdamW hyper-parameter is out of its range.
+    #[error("AdamW hyper-parameter {name} = {value} is invalid: it must be {expected}")]
+    InvalidHyperparameter {
+        /// The field of `ParamsAdamW`.
+        name: &'static str,
+        /// The value given.
+        value: f64,
+        /// The range it must be in.
+        expected: &'static str,
+    },
+
+    /// An active block received no gradient: the model was not rebuilt after a resample.
+    #[error(
+        "block {block} is active but none of its parameters received a gradient (the first is \
+         {first:?}), so it would silently never train; the model was most likely built before the \
+         last resample: rebuild it from `LisaAdamW::var_builder()` whenever `resampled()` is true"
+    )]
+    NoGradient {
+        /// The active block that got nothing.
+        block: usize,
+        /// Its first parameter name.
+        first: String,
+    },
+
+    /// A gradient does not match its parameter.
+    #[error(
+        "the gradient of {name:?} has shape {got:?} and dtype {got_dtype:?}, but the parameter \
+         has shape {expected:?} and dtype {expected_dtype:?}; pass the GradStore that \
+         `loss.backward()` returned for this model"
+    )]
+    GradientMismatch {
+        /// The parameter name.
+        name: String,
+        /// The parameter's shape.
+        expected: Shape,
+        /// The gradient's shape.
+        got: Shape,
+        /// The parameter's dtype.
+        expected_dtype: candle_core::DType,
+        /// The gradient's dtype.
+        got_dtype: candle_core::DType,
+    },
+
+    /// A sampler returned a draw that is not γ distinct blocks in range.
+    #[error(
+        "the block sampler drew {draw:?}, but LISA needs {gamma} distinct block indices below \
+         {num_blocks}; fix the BlockSampler implementation"
+    )]
+    InvalidDraw {
+        /// What the sampler returned.
+        draw: Vec<usize>,
+        /// How many it had to return.
+        gamma: usize,
+        /// The number of blocks.
+        num_blocks: usize,
+    },
+
+    /// `Optimizer::new` was called: it receives variables without their names.
+    #[error(
+        "LisaAdamW needs parameter names to find the blocks, which `Optimizer::new(vars, ..)` does \
+         not carry; build it with `LisaAdamW::new(&varmap, params, config)` or \
+         `LisaAdamW::from_named_vars(..)`"
+    )]
+    UnnamedVars,
+
+    /// An error from candle itself.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl From<LisaError> for candle_core::Error {
+    fn from(e: LisaError) -> Self {
+        match e {
+            LisaError::Candle(e) => e,
+            e => candle_core::Error::wrap(e),
+        }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, LisaError>;

@@ -1,0 +1,87 @@
+//! LISA (Layerwise Importance Sampled AdamW, [Pan et al. 2024](https://arxiv.org/abs/2403.17919))
+//! for [candle](https://github.com/huggingface/candle).
+//!
+//! [`LisaAdamW`] trains the embedding, the LM head and the final norm at every step, and γ
+//! transformer blocks that it redraws every K steps; AdamW state exists only for what is
+//! trainable now. Build the model from [`LisaAdamW::var_builder`] and use [`Linear`] for its
+//! projections, and frozen blocks cost neither weight gradients nor optimizer state.
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{embedding, Embedding, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+//! use candle_lisa::{linear_no_bias, Linear, LisaAdamW, LisaConfig};
+//!
+//! /// A toy decoder: embedding, four residual blocks, LM head, with Hugging Face names.
+//! struct Model {
+//!     embed: Embedding,
+//!     blocks: Vec<Linear>,
+//!     head: Linear,
+//! }
+//!
+//! impl Model {
+//!     fn new(vb: VarBuilder) -> candle_core::Result<Self> {
+//!         let embed = embedding(16, 8, vb.pp("model.embed_tokens"))?;
+//!         let blocks = (0..4)
+//!             .map(|i| linear_no_bias(8, 8, vb.pp(format!("model.layers.{i}.mlp"))))
+//!             .collect::<candle_core::Result<_>>()?;
+//!         let head = linear_no_bias(8, 16, vb.pp("lm_head"))?;
+//!         Ok(Self { embed, blocks, head })
+//!     }
+//!
+//!     fn forward(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
+//!         let mut x = self.embed.forward(tokens)?;
+//!         for block in &self.blocks {
+//!             x = (&x + block.forward(&x)?.tanh()?)?;
+//!         }
+//!         self.head.forward(&x)
+//!     }
+//! }
+//!
+//! let dev = Device::Cpu;
+//! let varmap = VarMap::new();
+//! Model::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev))?; // creates the weights
+//!
+//! let params = ParamsAdamW { lr: 1e-2, ..Default::default() };
+//! let config = LisaConfig { gamma: 2, period: 5, ..Default::default() };
+//! let mut opt = LisaAdamW::new(&varmap, params, config)?;
+//! let mut model = Model::new(opt.var_builder())?;
+//!
+//! let tokens = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 8]], &dev)?;
+//! let (inputs, targets) = (tokens.narrow(1, 0, 7)?, tokens.narrow(1, 1, 7)?);
+//! let mut losses = Vec::new();
+//! for _ in 0..20 {
+//!     let logits = model.forward(&inputs)?;
+//!     let loss = candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)?;
+//!     losses.push(loss.to_scalar::<f32>()?);
+//!     opt.backward_step(&loss)?;
+//!     if opt.resampled() {
+//!         model = Model::new(opt.var_builder())?; // new active blocks: rebuild, no copy
+//!     }
+//! }
+//! assert_eq!(opt.active_blocks().len(), 2);
+//! assert_eq!(opt.state_bytes(), 2 * opt.trainable_bytes());
+//! assert!(losses[19] < losses[0]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![warn(missing_docs)]
+#![deny(rustdoc::broken_intra_doc_links)]
+
+mod adamw;
+pub mod config;
+pub mod error;
+pub mod layers;
+pub mod linear;
+pub mod optim;
+pub mod sampler;
+mod var_builder;
+
+pub use config::{LisaConfig, GPT2_BLOCK_PATTERN, LLAMA_BLOCK_PATTERN};
+pub use error::{LisaError, Result};
+pub use layers::{BlockPattern, LayerMap, ParamGroup};
+pub use linear::{frozen_matmul, linear, linear_b, linear_no_bias, Linear};
+pub use optim::{LisaAdamW, LisaParams, ParamState};
+pub use sampler::{BlockSampler, UniformSampler};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

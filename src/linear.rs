@@ -1,0 +1,238 @@
+//! A linear layer that computes no weight gradient when its weight is frozen.
+//!
+//! Stock candle computes and stores dW for a detached weight in the backward pass (the
+//! `Matmul` and binary-op backward always fill both operands, keyed by temporaries that
+//! [`GradStore::get`](candle_core::backprop::GradStore::get) never finds). With LISA most
+//! weights are frozen, so naive detaching costs more memory than full training. This layer
+//! sends a frozen weight through a custom op whose backward returns only dL/dx.
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::Add;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Module, Result, Shape, Tensor,
+};
+use candle_nn::VarBuilder;
+
+/// `y = x · Wᵀ (+ b)`, like [`candle_nn::Linear`], frozen-aware.
+///
+/// When the weight tracks gradients (a variable, as handed out by
+/// [`LisaAdamW::var_builder`](crate::LisaAdamW::var_builder) for trainable blocks) the layer
+/// runs candle's differentiable matmul. When it does not (a detached tensor, for frozen blocks)
+/// it runs the same backend matmul through a custom op whose backward yields dL/dx only: no dW
+/// is computed or stored. The bias follows the same rule. Inputs are made contiguous first, which
+/// also sidesteps candle 0.11.1's wrong results for non-contiguous 3-D inputs to `Linear`.
+///
+/// ```
+/// use candle_core::{Device, Module, Tensor};
+/// use candle_lisa::Linear;
+/// let dev = Device::Cpu;
+/// let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev)?; // detached: frozen
+/// let x = candle_core::Var::new(&[[1f32, 1.]], &dev)?;
+/// let y = Linear::new(w, None).forward(x.as_tensor())?;
+/// assert_eq!(y.to_vec2::<f32>()?, [[3., 7., 11.]]);
+/// let grads = y.sum_all()?.backward()?;
+/// assert_eq!(grads.get(&x).unwrap().to_vec2::<f32>()?, [[9., 12.]]);
+/// // No gradient of the weight's shape was computed or stored.
+/// assert!(grads.get_ids().filter_map(|id| grads.get_id(*id)).all(|g| g.dims() != [3, 2]));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer over `weight` of shape `(out, in)` and an optional `bias` of shape `(out,)`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The weight, `(out, in)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, `(out,)`.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let (&in_dim, batch) = dims.split_last().ok_or_else(|| {
+            candle_core::Error::msg(
+                "candle_lisa::Linear needs an input with at least one dimension",
+            )
+        })?;
+        let rows = batch.iter().product::<usize>();
+        let x2 = x.contiguous()?.reshape((rows, in_dim))?;
+        let y = if self.weight.track_op() {
+            x2.matmul(&self.weight.t()?)?
+        } else {
+            frozen_matmul(&x2, &self.weight)?
+        };
+        let y = match &self.bias {
+            None => y,
+            Some(b) if b.track_op() => y.broadcast_add(b)?,
+            Some(b) => y.apply_op2(&b.contiguous()?, FrozenBiasAdd)?,
+        };
+        let mut out = batch.to_vec();
+        out.push(y.dim(1)?);
+        y.reshape(out)
+    }
+}
+
+/// `x · wᵀ` for a 2-D `x` of shape `(rows, in)` and a `w` of shape `(out, in)` that is not
+/// trained: the backward pass returns dL/dx = g · w and nothing for `w`.
+///
+/// Use this in your own layers for frozen projections; [`Linear`] calls it when its weight does
+/// not track gradients.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (_, k) = x.dims2()?;
+    let (_, k2) = w.dims2()?;
+    if k != k2 {
+        return Err(candle_core::Error::ShapeMismatchBinaryOp {
+            lhs: x.shape().clone(),
+            rhs: w.shape().clone(),
+            op: "frozen_matmul",
+        });
+    }
+    // Backends take strided layouts, but cuBLAS rejects column-sliced weights and the CPU path
+    // is fastest on row-major rows: give both contiguous operands.
+    x.contiguous()?
+        .apply_op2(&w.detach().contiguous()?, FrozenMatmul)
+}
+
+/// `(x, w) -> x · wᵀ`; backward `(g · w, None)`.
+struct FrozenMatmul;
+
+fn matmul_fwd<S: BackendStorage>(x: &S, lx: &Layout, w: &S, lw: &Layout) -> Result<(S, Shape)> {
+    let (m, k) = lx.shape().dims2()?;
+    let (n, _) = lw.shape().dims2()?;
+    let wt = lw.transpose(0, 1)?;
+    Ok((x.matmul(w, (1, m, n, k), lx, &wt)?, Shape::from((m, n))))
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "candle-lisa-frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        matmul_fwd(s1, l1, s2, l2)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        matmul_fwd(s1, l1, s2, l2)
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        s2: &MetalStorage,
+        l2: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        matmul_fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&w.detach())?), None))
+    }
+}
+
+/// `(y, b) -> y + b` with `b` broadcast over rows; backward `(g, None)`.
+struct FrozenBiasAdd;
+
+fn bias_fwd<S: BackendStorage>(y: &S, ly: &Layout, b: &S, lb: &Layout) -> Result<(S, Shape)> {
+    let lb = lb.broadcast_as(ly.shape())?;
+    Ok((y.binary_impl::<Add>(b, ly, &lb)?, ly.shape().clone()))
+}
+
+impl CustomOp2 for FrozenBiasAdd {
+    fn name(&self) -> &'static str {
+        "candle-lisa-frozen-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bias_fwd(s1, l1, s2, l2)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        bias_fwd(s1, l1, s2, l2)
+    }
+
+    fn metal_fwd(
+        &self,
+        s1: &MetalStorage,
+        l1: &Layout,
+        s2: &MetalStorage,
+        l2: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        bias_fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), None))
+    }
+}
+
+/// A [`Linear`] with bias, initialised like [`candle_nn::linear`] when the builder creates it.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let inner = candle_nn::linear(in_dim, out_dim, vb)?;
+    Ok(Linear::new(inner.weight().clone(), inner.bias().cloned()))
+}
+
+/// A [`Linear`] without bias, initialised like [`candle_nn::linear_no_bias`].
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let inner = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
+    Ok(Linear::new(inner.weight().clone(), None))
+}
+
+/// [`linear`] or [`linear_no_bias`], as `bias` says.
+pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    if bias {
+        linear(in_dim, out_dim, vb)
+    } else {
+        linear_no_bias(in_dim, out_dim, vb)
+    }
+}

@@ -1,0 +1,491 @@
+//! [`LisaAdamW`]: AdamW over the always-trainable parameters and γ sampled blocks.
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
+
+use crate::adamw::{adamw, Moments};
+use crate::config::LisaConfig;
+use crate::error::{LisaError, Result};
+use crate::layers::{LayerMap, ParamGroup};
+use crate::sampler::{BlockSampler, UniformSampler};
+use crate::var_builder::LisaBackend;
+
+/// The configuration type of [`LisaAdamW`]'s [`Optimizer`] implementation.
+///
+/// `Optimizer::new` receives variables without names and so cannot build a `LisaAdamW`; it
+/// returns [`LisaError::UnnamedVars`]. Use [`LisaAdamW::new`] instead.
+#[derive(Clone, Debug, Default)]
+pub struct LisaParams {
+    /// AdamW hyper-parameters.
+    pub adamw: ParamsAdamW,
+    /// LISA settings.
+    pub lisa: LisaConfig,
+}
+
+/// A read-only view of one parameter's AdamW state.
+#[derive(Clone, Copy, Debug)]
+pub struct ParamState<'a> {
+    /// First moment.
+    pub m: &'a Tensor,
+    /// Second moment.
+    pub v: &'a Tensor,
+    /// Updates applied since this state was created (0 right after activation).
+    pub step: u64,
+}
+
+/// Layerwise Importance Sampled AdamW.
+///
+/// Every `period` steps it draws γ blocks to train; the parameters outside the blocks (embedding,
+/// LM head, final norm) train at every step. The update is `candle_nn::AdamW`'s, op for op
+/// (decoupled weight decay, bias correction), computed on detached tensors so that no
+/// parameter-sized temporary is attached to a graph.
+///
+/// **State Reset:** AdamW moments exist only for parameters that are trainable now. A block's
+/// moments are allocated (zeros, step counter 0) when a draw activates it and dropped when a
+/// draw leaves it out; a block drawn in two periods in a row keeps its moments. A block that
+/// comes back later therefore starts fresh, bias correction included. Always-trainable
+/// parameters keep their moments for the whole run.
+///
+/// **Rebuilding the model:** build the model from [`var_builder`](Self::var_builder), which
+/// hands out trainable parameters as tracked tensors and frozen ones as detached views of the
+/// same storage. Rebuild it after every step where [`resampled`](Self::resampled) is true (no
+/// data is copied). With [`Linear`](crate::Linear) for projections, frozen blocks then compute
+/// and store no weight gradient. A model built straight from the `VarMap` ("drop-in") also
+/// trains correctly, since only active blocks and always-trainable parameters are written, but
+/// candle computes and stores a gradient for every weight of it, so it uses about as much
+/// memory for gradients as full fine-tuning. If an active block gets no gradient at all (a
+/// model built before the last resample), [`step`](Optimizer::step) fails with
+/// [`LisaError::NoGradient`] and writes nothing.
+///
+/// Integer parameters are skipped: never trained, handed out unchanged by the builder.
+/// Parameters added to the `VarMap` after the optimizer was built are not seen by it.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{Optimizer, ParamsAdamW, VarMap};
+/// use candle_lisa::{LisaAdamW, LisaConfig};
+///
+/// let varmap = VarMap::new();
+/// let dev = Device::Cpu;
+/// for name in ["model.embed_tokens.weight", "model.layers.0.w", "model.layers.1.w", "model.layers.2.w"] {
+///     varmap.data().lock().unwrap().insert(name.into(), candle_core::Var::ones(4, DType::F32, &dev)?);
+/// }
+/// let config = LisaConfig { gamma: 1, period: 3, seed: 1, ..Default::default() };
+/// let opt = LisaAdamW::new(&varmap, ParamsAdamW::default(), config)?;
+/// assert_eq!(opt.num_blocks(), 3);
+/// assert_eq!(opt.active_blocks().len(), 1);
+/// // Moments (m and v, f32) for the embedding and one block.
+/// assert_eq!(opt.state_bytes(), 2 * 2 * 4 * 4);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct LisaAdamW {
+    map: LayerMap,
+    /// `vars[i]` is the parameter named `map.name_at(i)`.
+    vars: Vec<Var>,
+    /// Integer parameters: handed out by the builder, never trained.
+    skipped: Vec<(String, Var)>,
+    /// Invariant: `state[i].is_some()` exactly when parameter `i` is trainable now, that is its
+    /// group is `Always`, or `Block(b)` with `b` in `active`.
+    state: Vec<Option<Moments>>,
+    /// Sorted, `gamma` distinct indices below `map.num_blocks()`.
+    active: Vec<usize>,
+    sampler: Box<dyn BlockSampler>,
+    params: ParamsAdamW,
+    gamma: usize,
+    period: usize,
+    steps: u64,
+    period_index: u64,
+    resampled: bool,
+}
+
+impl std::fmt::Debug for LisaAdamW {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LisaAdamW")
+            .field("num_blocks", &self.map.num_blocks())
+            .field("active", &self.active)
+            .field("gamma", &self.gamma)
+            .field("period", &self.period)
+            .field("steps", &self.steps)
+            .field("params", &self.params)
+            .field("state_bytes", &self.state_bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_params(p: &ParamsAdamW) -> Result<()> {
+    if !p.lr.is_finite() {
+        return Err(LisaError::NonFiniteLearningRate { lr: p.lr });
+    }
+    let bad = |name, value, expected| LisaError::InvalidHyperparameter {
+        name,
+        value,
+        expected,
+    };
+    if !(0.0..1.0).contains(&p.beta1) {
+        return Err(bad("beta1", p.beta1, "in [0, 1)"));
+    }
+    if !(0.0..1.0).contains(&p.beta2) {
+        return Err(bad("beta2", p.beta2, "in [0, 1)"));
+    }
+    if !(p.eps.is_finite() && p.eps > 0.0) {
+        return Err(bad("eps", p.eps, "finite and greater than 0"));
+    }
+    if !p.weight_decay.is_finite() {
+        return Err(bad("weight_decay", p.weight_decay, "finite"));
+    }
+    Ok(())
+}
+
+impl LisaAdamW {
+    /// Builds the optimizer over every variable in `varmap`, drawing the first active blocks
+    /// with a [`UniformSampler`] seeded by `config.seed`.
+    ///
+    /// # Errors
+    /// Every configuration error of [`LisaError`]; nothing is built then.
+    ///
+    /// Cost: allocates AdamW moments (2× the parameter bytes) for the always-trainable
+    /// parameters and the γ active blocks only.
+    pub fn new(varmap: &VarMap, params: ParamsAdamW, config: LisaConfig) -> Result<Self> {
+        let vars: Vec<(String, Var)> = varmap
+            .data()
+            .lock()
+            .map_err(|_| {
+                candle_core::Error::msg(
+                    "the VarMap's lock is poisoned: a thread panicked while holding it",
+                )
+            })?
+            .iter()
+            .map(|(name, var)| (name.clone(), var.clone()))
+            .collect();
+        Self::from_named_vars(vars, params, config)
+    }
+
+    /// Builds the optimizer over named variables, for models whose variables do not live in a
+    /// `VarMap`. Same errors and costs as [`new`](Self::new).
+    pub fn from_named_vars(
+        vars: impl IntoIterator<Item = (String, Var)>,
+        params: ParamsAdamW,
+        config: LisaConfig,
+    ) -> Result<Self> {
+        let sampler = Box::new(UniformSampler::new(config.seed));
+        Self::with_sampler(vars, params, config, sampler)
+    }
+
+    /// Like [`from_named_vars`](Self::from_named_vars), drawing blocks with `sampler` instead
+    /// of the uniform one (`config.seed` is then unused).
+    pub fn with_sampler(
+        vars: impl IntoIterator<Item = (String, Var)>,
+        params: ParamsAdamW,
+        config: LisaConfig,
+        sampler: Box<dyn BlockSampler>,
+    ) -> Result<Self> {
+        check_params(&params)?;
+        if config.period == 0 {
+            return Err(LisaError::ZeroPeriod);
+        }
+        let (floats, skipped): (Vec<_>, Vec<_>) =
+            vars.into_iter().partition(|(_, v)| v.dtype().is_float());
+        let mut by_name: HashMap<String, Var> = floats.into_iter().collect();
+        let map = LayerMap::new(by_name.keys(), &config)?;
+        if config.gamma == 0 || config.gamma > map.num_blocks() {
+            return Err(LisaError::InvalidGamma {
+                gamma: config.gamma,
+                num_blocks: map.num_blocks(),
+            });
+        }
+        let vars = map
+            .iter()
+            .map(|(name, _)| by_name.remove(name).ok_or(LisaError::EmptyVarMap))
+            .collect::<Result<Vec<_>>>()?;
+        let mut opt = Self {
+            state: (0..vars.len()).map(|_| None).collect(),
+            map,
+            vars,
+            skipped,
+            active: Vec::new(),
+            sampler,
+            params,
+            gamma: config.gamma,
+            period: config.period,
+            steps: 0,
+            period_index: 0,
+            resampled: false,
+        };
+        for i in 0..opt.vars.len() {
+            if opt.map.group_at(i) == ParamGroup::Always {
+                opt.state[i] = Some(Moments::zeros_like(opt.vars[i].as_tensor())?);
+            }
+        }
+        let first = opt.draw()?;
+        opt.activate(first)?;
+        Ok(opt)
+    }
+
+    /// Draws the next active set and checks it.
+    fn draw(&mut self) -> Result<Vec<usize>> {
+        let n = self.map.num_blocks();
+        let mut draw = self.sampler.draw(n, self.gamma);
+        let bad = draw.clone();
+        draw.sort_unstable();
+        draw.dedup();
+        if draw.len() != self.gamma || bad.len() != self.gamma || draw.iter().any(|&b| b >= n) {
+            return Err(LisaError::InvalidDraw {
+                draw: bad,
+                gamma: self.gamma,
+                num_blocks: n,
+            });
+        }
+        Ok(draw)
+    }
+
+    /// Makes `next` (sorted, checked) the active set: frees the moments of blocks that leave
+    /// first, then allocates fresh ones for blocks that enter.
+    fn activate(&mut self, next: Vec<usize>) -> Result<()> {
+        for &b in self.active.iter().filter(|b| !next.contains(b)) {
+            for &i in self.map.block_indices(b) {
+                self.state[i] = None;
+            }
+        }
+        for &b in next.iter().filter(|b| !self.active.contains(b)) {
+            for &i in self.map.block_indices(b) {
+                self.state[i] = Some(Moments::zeros_like(self.vars[i].as_tensor())?);
+            }
+        }
+        self.active = next;
+        Ok(())
+    }
+
+    /// Checks `grads` against the trainable parameters without writing anything.
+    fn check_grads(&self, grads: &GradStore) -> Result<()> {
+        for &b in &self.active {
+            let block = self.map.block_indices(b);
+            if !block
+                .iter()
+                .any(|&i| grads.get(self.vars[i].as_tensor()).is_some())
+            {
+                return Err(LisaError::NoGradient {
+                    block: b,
+                    first: self.map.name_at(block[0]).to_string(),
+                });
+            }
+        }
+        for (i, var) in self.vars.iter().enumerate() {
+            if self.state[i].is_none() {
+                continue;
+            }
+            if let Some(g) = grads.get(var.as_tensor()) {
+                if g.shape() != var.shape() || g.dtype() != var.dtype() {
+                    return Err(LisaError::GradientMismatch {
+                        name: self.map.name_at(i).to_string(),
+                        expected: var.shape().clone(),
+                        got: g.shape().clone(),
+                        expected_dtype: var.dtype(),
+                        got_dtype: g.dtype(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One optimizer step with a typed error; [`Optimizer::step`] calls this.
+    ///
+    /// Updates every trainable parameter that has a gradient in `grads`; gradients of frozen
+    /// parameters are ignored. After step number `k · period` it draws the next active blocks
+    /// (see [`resampled`](Self::resampled)).
+    ///
+    /// # Errors
+    /// [`LisaError::NonFiniteLearningRate`], [`LisaError::NoGradient`],
+    /// [`LisaError::GradientMismatch`] and [`LisaError::InvalidDraw`] are detected before
+    /// anything is written: the weights, the moments, the step counter and the sampler are
+    /// then as they were. A candle error during the update itself (out of memory) can leave it
+    /// half applied.
+    pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
+        check_params(&self.params)?;
+        self.check_grads(grads)?;
+        let next = if (self.steps + 1) % self.period as u64 == 0 {
+            Some(self.draw()?)
+        } else {
+            None
+        };
+        for (var, state) in self.vars.iter().zip(self.state.iter_mut()) {
+            let (Some(st), Some(g)) = (state.as_mut(), grads.get(var.as_tensor())) else {
+                continue;
+            };
+            let t = st.step + 1;
+            let theta = var.as_tensor().detach();
+            let (theta, m, v) = adamw(&self.params, t, &theta, &g.detach(), &st.m, &st.v)?;
+            var.set(&theta)?;
+            *st = Moments { m, v, step: t };
+        }
+        self.steps += 1;
+        self.resampled = next.is_some();
+        if let Some(next) = next {
+            self.activate(next)?;
+            self.period_index += 1;
+        }
+        Ok(())
+    }
+
+    /// A `VarBuilder` for (re)building the model: trainable parameters as the variables' own
+    /// tensors, frozen ones as detached views of the same storage (no copy). Its dtype and
+    /// device are those of the first parameter by name; asking it for another dtype or device
+    /// converts, which copies.
+    ///
+    /// Call it again after every step where [`resampled`](Self::resampled) is true.
+    pub fn var_builder(&self) -> VarBuilder<'static> {
+        let mut tensors = HashMap::with_capacity(self.vars.len() + self.skipped.len());
+        for (i, var) in self.vars.iter().enumerate() {
+            let t = if self.state[i].is_some() {
+                var.as_tensor().clone()
+            } else {
+                var.as_tensor().detach()
+            };
+            tensors.insert(self.map.name_at(i).to_string(), t);
+        }
+        for (name, var) in &self.skipped {
+            tensors.insert(name.clone(), var.as_tensor().detach());
+        }
+        let (dtype, device) = self.vars.first().map_or((DType::F32, Device::Cpu), |v| {
+            (v.dtype(), v.device().clone())
+        });
+        VarBuilder::from_backend(Box::new(LisaBackend { tensors }), dtype, device)
+    }
+
+    /// The blocks trainable now, sorted.
+    pub fn active_blocks(&self) -> &[usize] {
+        &self.active
+    }
+
+    /// Whether the last step drew new active blocks, so the model must be rebuilt from
+    /// [`var_builder`](Self::var_builder) before the next forward pass.
+    pub fn resampled(&self) -> bool {
+        self.resampled
+    }
+
+    /// How many draws came after the first one: `step_count() / period`.
+    pub fn period_index(&self) -> u64 {
+        self.period_index
+    }
+
+    /// Steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.steps
+    }
+
+    /// N, the number of blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.map.num_blocks()
+    }
+
+    /// γ.
+    pub fn gamma(&self) -> usize {
+        self.gamma
+    }
+
+    /// K, the number of steps between draws.
+    pub fn period(&self) -> usize {
+        self.period
+    }
+
+    /// Which parameter is in which block.
+    pub fn layer_map(&self) -> &LayerMap {
+        &self.map
+    }
+
+    /// Bytes held by AdamW moments now: exactly 2 × [`trainable_bytes`](Self::trainable_bytes).
+    pub fn state_bytes(&self) -> usize {
+        self.state.iter().flatten().map(Moments::bytes).sum()
+    }
+
+    /// Bytes of the parameters trainable now.
+    pub fn trainable_bytes(&self) -> usize {
+        self.trainable()
+            .map(|v| v.elem_count() * v.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Number of scalars trainable now.
+    pub fn trainable_params(&self) -> usize {
+        self.trainable().map(|v| v.elem_count()).sum()
+    }
+
+    fn trainable(&self) -> impl Iterator<Item = &Var> {
+        self.vars
+            .iter()
+            .zip(&self.state)
+            .filter(|(_, s)| s.is_some())
+            .map(|(v, _)| v)
+    }
+
+    /// Whether the parameter `name` is trainable now (false for unknown names).
+    pub fn is_trainable(&self, name: &str) -> bool {
+        self.index(name).is_some_and(|i| self.state[i].is_some())
+    }
+
+    /// The AdamW state of `name`, or `None` when it is frozen or unknown.
+    pub fn param_state(&self, name: &str) -> Option<ParamState<'_>> {
+        let st = self.state[self.index(name)?].as_ref()?;
+        Some(ParamState {
+            m: &st.m,
+            v: &st.v,
+            step: st.step,
+        })
+    }
+
+    fn index(&self, name: &str) -> Option<usize> {
+        self.map.iter().position(|(n, _)| n == name)
+    }
+
+    /// The AdamW hyper-parameters.
+    pub fn params(&self) -> &ParamsAdamW {
+        &self.params
+    }
+
+    /// Replaces the AdamW hyper-parameters.
+    ///
+    /// # Errors
+    /// [`LisaError::NonFiniteLearningRate`] or [`LisaError::InvalidHyperparameter`]; the old
+    /// ones are kept then.
+    pub fn set_params(&mut self, params: ParamsAdamW) -> Result<()> {
+        check_params(&params)?;
+        self.params = params;
+        Ok(())
+    }
+
+    /// Sets the learning rate, refusing a non-finite one with
+    /// [`LisaError::NonFiniteLearningRate`] (the old rate is kept then).
+    pub fn try_set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        self.set_params(ParamsAdamW {
+            lr,
+            ..self.params.clone()
+        })
+    }
+}
+
+impl Optimizer for LisaAdamW {
+    type Config = LisaParams;
+
+    /// Always fails with [`LisaError::UnnamedVars`]: use [`LisaAdamW::new`].
+    fn new(_vars: Vec<Var>, _config: LisaParams) -> candle_core::Result<Self> {
+        Err(LisaError::UnnamedVars.into())
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        Ok(self.try_step(grads)?)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.params.lr
+    }
+
+    /// Sets the learning rate. A non-finite rate is stored as given and makes the next
+    /// [`step`](Optimizer::step) fail with [`LisaError::NonFiniteLearningRate`], writing
+    /// nothing; [`LisaAdamW::try_set_learning_rate`] refuses it at once instead.
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.params.lr = lr;
+    }
+}

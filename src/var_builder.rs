@@ -1,0 +1,71 @@
+//! The `VarBuilder` backend that [`LisaAdamW::var_builder`](crate::LisaAdamW::var_builder)
+//! hands out: trainable parameters tracked, frozen ones detached, all over the same storage.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+
+/// A snapshot of the parameters as they should be seen by a model built now.
+///
+/// Invariant: every tensor shares its storage with the optimizer's `Var` of the same name, so
+/// updates written by the optimizer (`Var::set` writes in place) are seen by the model without
+/// a copy; a trainable name maps to the `Var`'s own tensor (same id, so its gradient lands in
+/// the `GradStore` under the `Var`), a frozen one to a `detach()`ed view.
+pub(crate) struct LisaBackend {
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl LisaBackend {
+    fn lookup(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::msg(format!(
+                "the LisaAdamW VarBuilder has no parameter named {name:?}: it only hands out the \
+                 parameters the optimizer was built over, so create the model once from a \
+                 VarBuilder over the VarMap before building the optimizer"
+            ))
+        })?;
+        // Converting copies the data: the model then sees a snapshot, which is only right for
+        // frozen parameters (trainable ones still get gradients through the conversion).
+        let t = if t.dtype() == dtype {
+            t.clone()
+        } else {
+            t.to_dtype(dtype)?
+        };
+        if t.device().same_device(dev) {
+            Ok(t)
+        } else {
+            t.to_device(dev)
+        }
+    }
+}
+
+impl SimpleBackend for LisaBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let t = self.lookup(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("the model asked for {name} with a shape that differs from the optimizer's parameter"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.lookup(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
