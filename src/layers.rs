@@ -178,10 +178,11 @@ impl LayerMap {
 
     /// The group of `name`, or `None` when the map does not know the name.
     pub fn group(&self, name: &str) -> Option<ParamGroup> {
-        self.names
-            .binary_search_by(|n| n.as_str().cmp(name))
-            .ok()
-            .map(|i| self.groups[i])
+        self.index_of(name).map(|i| self.groups[i])
+    }
+
+    pub(crate) fn index_of(&self, name: &str) -> Option<usize> {
+        self.names.binary_search_by(|n| n.as_str().cmp(name)).ok()
     }
 
     /// The names of block `block`'s parameters, sorted; empty when out of range.

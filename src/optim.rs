@@ -423,21 +423,19 @@ impl LisaAdamW {
 
     /// Whether the parameter `name` is trainable now (false for unknown names).
     pub fn is_trainable(&self, name: &str) -> bool {
-        self.index(name).is_some_and(|i| self.state[i].is_some())
+        self.map
+            .index_of(name)
+            .is_some_and(|i| self.state[i].is_some())
     }
 
     /// The AdamW state of `name`, or `None` when it is frozen or unknown.
     pub fn param_state(&self, name: &str) -> Option<ParamState<'_>> {
-        let st = self.state[self.index(name)?].as_ref()?;
+        let st = self.state[self.map.index_of(name)?].as_ref()?;
         Some(ParamState {
             m: &st.m,
             v: &st.v,
             step: st.step,
         })
-    }
-
-    fn index(&self, name: &str) -> Option<usize> {
-        self.map.iter().position(|(n, _)| n == name)
     }
 
     /// The AdamW hyper-parameters.
