@@ -185,6 +185,78 @@ pub enum LisaError {
     )]
     UnnamedVars,
 
+    /// A model configuration asks for something this crate does not implement.
+    #[error("config field {field} = {value} is not supported: {hint}")]
+    UnsupportedConfig {
+        /// The `config.json` field.
+        field: &'static str,
+        /// Its value, as written.
+        value: String,
+        /// What is supported instead.
+        hint: &'static str,
+    },
+
+    /// A model configuration is inconsistent.
+    #[error("invalid model config: {0}")]
+    InvalidConfig(String),
+
+    /// A checkpoint lacks a tensor the model needs.
+    #[error(
+        "checkpoint has no tensor {name:?} (expected shape {expected:?}); the config.json does not          match the weights, or the checkpoint is not a Llama-family model"
+    )]
+    MissingTensor {
+        /// The tensor name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+    },
+
+    /// A checkpoint holds a tensor the model does not know.
+    #[error(
+        "checkpoint has an unexpected tensor {name:?} of shape {found:?}; the config.json does not          match the weights (check num_hidden_layers, tie_word_embeddings and the bias flags)"
+    )]
+    UnexpectedTensor {
+        /// The tensor name.
+        name: String,
+        /// Its shape.
+        found: Vec<usize>,
+    },
+
+    /// A checkpoint tensor has the wrong shape.
+    #[error("checkpoint tensor {name:?} has shape {found:?}, but the config implies {expected:?}")]
+    TensorShape {
+        /// The tensor name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+
+    /// Reading or writing a file failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done ("cannot read", "cannot write", ...).
+        action: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// A JSON file could not be parsed.
+    #[error("cannot parse {path}: {source}")]
+    Json {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        source: serde_json::Error,
+    },
+
+    /// The `tokenizers` crate failed.
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -7,7 +7,6 @@
 //! sends a frozen weight through a custom op whose backward returns only dL/dx.
 
 use candle_core::backend::BackendStorage;
-use candle_core::op::Add;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Module, Result, Shape, Tensor,
 };
@@ -77,7 +76,7 @@ impl Module for Linear {
         let y = match &self.bias {
             None => y,
             Some(b) if b.track_op() => y.broadcast_add(b)?,
-            Some(b) => y.apply_op2(&b.contiguous()?, FrozenBiasAdd)?,
+            Some(b) => crate::ops::add_const(&y, b)?,
         };
         let mut out = batch.to_vec();
         out.push(y.dim(1)?);
@@ -159,60 +158,6 @@ impl CustomOp2 for FrozenMatmul {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad.matmul(&w.detach())?), None))
-    }
-}
-
-/// `(y, b) -> y + b` with `b` broadcast over rows; backward `(g, None)`.
-struct FrozenBiasAdd;
-
-fn bias_fwd<S: BackendStorage>(y: &S, ly: &Layout, b: &S, lb: &Layout) -> Result<(S, Shape)> {
-    let lb = lb.broadcast_as(ly.shape())?;
-    Ok((y.binary_impl::<Add>(b, ly, &lb)?, ly.shape().clone()))
-}
-
-impl CustomOp2 for FrozenBiasAdd {
-    fn name(&self) -> &'static str {
-        "candle-lisa-frozen-bias-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bias_fwd(s1, l1, s2, l2)
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        bias_fwd(s1, l1, s2, l2)
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        bias_fwd(s1, l1, s2, l2)
-    }
-
-    fn bwd(
-        &self,
-        _y: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.clone()), None))
     }
 }
 

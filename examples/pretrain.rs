@@ -1,0 +1,257 @@
+//! Writes the bundled corpus and pretrains the bundled tiny Llama on it.
+//!
+//! `cargo run --release --example pretrain` regenerates `assets/corpus.txt` and
+//! `assets/tiny-llama/{config.json,model.safetensors}` from fixed seeds. Flags: `--steps N`
+//! (default 400), `--out DIR` (default `assets/tiny-llama`), `--corpus-only`.
+//!
+//! The corpus is synthetic: sentences drawn from a small grammar over a fixed word list, and
+//! number facts, made by this program from a ChaCha8 seed, so it is the project's own work
+//! under the project's license (MIT OR Apache-2.0). The model is a byte-level Llama (vocab 258,
+//! hidden 128, 8 blocks, 4 query / 2 key-value heads, tied embeddings, 1.5M parameters),
+//! initialised from ChaCha8 (candle cannot seed its CPU generator) and trained with
+//! `LisaAdamW` at γ = 8, that is full AdamW. Same machine and thread count, same bytes.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_lisa::tokenizer::{ByteTokenizer, TextTokenizer};
+use candle_lisa::{save_llama, LisaAdamW, LisaConfig, Llama, LlamaConfig};
+use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const NAMES: &[&str] = &[
+    "Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kit", "Lena", "Milo",
+    "Nia", "Otto", "Pia",
+];
+const VERBS: &[&str] = &[
+    "found", "painted", "carried", "lost", "fixed", "sold", "bought", "hid", "cleaned", "opened",
+    "dropped", "shared",
+];
+const ADJS: &[&str] = &[
+    "red", "small", "old", "bright", "heavy", "green", "quiet", "round", "blue", "soft", "tall",
+    "warm",
+];
+const NOUNS: &[&str] = &[
+    "box", "lamp", "boat", "key", "book", "chair", "kite", "cup", "map", "bell", "coat", "clock",
+    "drum", "shell",
+];
+const PLACES: &[&str] = &[
+    "in the garden",
+    "at the market",
+    "near the river",
+    "on the hill",
+    "by the door",
+    "in the kitchen",
+    "under the bridge",
+    "at school",
+    "in the attic",
+    "on the boat",
+];
+const TIMES: &[&str] = &[
+    "In the morning",
+    "At noon",
+    "Later",
+    "That evening",
+    "On Monday",
+    "Once",
+    "Then",
+];
+
+fn sentence(rng: &mut ChaCha8Rng) -> String {
+    let pick =
+        |rng: &mut ChaCha8Rng, list: &[&'static str]| *list.choose(rng).expect("non-empty list");
+    match rng.random_range(0..6) {
+        0 => format!(
+            "{} {} the {} {} {}.",
+            pick(rng, NAMES),
+            pick(rng, VERBS),
+            pick(rng, ADJS),
+            pick(rng, NOUNS),
+            pick(rng, PLACES)
+        ),
+        1 => format!(
+            "{}, {} {} a {} {}.",
+            pick(rng, TIMES),
+            pick(rng, NAMES),
+            pick(rng, VERBS),
+            pick(rng, ADJS),
+            pick(rng, NOUNS)
+        ),
+        2 => format!(
+            "The {} {} was {}.",
+            pick(rng, NOUNS),
+            pick(rng, PLACES),
+            pick(rng, ADJS)
+        ),
+        3 => {
+            let (a, b) = (rng.random_range(0..50u32), rng.random_range(0..50u32));
+            format!("{a} plus {b} is {}.", a + b)
+        }
+        4 => {
+            let n = rng.random_range(1..10u32);
+            format!("{} has {n} {}s.", pick(rng, NAMES), pick(rng, NOUNS))
+        }
+        _ => format!(
+            "{} and {} {} the {} together.",
+            pick(rng, NAMES),
+            pick(rng, NAMES),
+            pick(rng, VERBS),
+            pick(rng, NOUNS)
+        ),
+    }
+}
+
+/// About 240 KB of text in paragraphs of 3 to 6 sentences.
+fn corpus() -> String {
+    let mut rng = ChaCha8Rng::seed_from_u64(2024);
+    let mut text = String::new();
+    while text.len() < 240_000 {
+        let n = rng.random_range(3..7);
+        let para: Vec<String> = (0..n).map(|_| sentence(&mut rng)).collect();
+        text.push_str(&para.join(" "));
+        text.push('\n');
+    }
+    text
+}
+
+pub fn model_config() -> LlamaConfig {
+    let mut c = LlamaConfig::tiny(ByteTokenizer::VOCAB_SIZE, 128, 8, 4, 2);
+    c.intermediate_size = 352;
+    c.tie_word_embeddings = true;
+    c.max_position_embeddings = 256;
+    c.bos_token_id = Some(ByteTokenizer::BOS.into());
+    c.eos_token_id = Some(ByteTokenizer::EOS.into());
+    c
+}
+
+/// Deterministic initialisation: uniform with standard deviation 0.02 for matrices
+/// (0.02/√(2·layers) for output projections, as GPT-2 does), 1 for norm weights.
+fn init(varmap: &VarMap, layers: usize, seed: u64) -> candle_core::Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let data = varmap.data().lock().expect("fresh VarMap");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        if name.ends_with("norm.weight") {
+            var.set(&Tensor::ones(var.shape(), DType::F32, &Device::Cpu)?)?;
+            continue;
+        }
+        let std = if name.contains("o_proj") || name.contains("down_proj") {
+            0.02 / (2.0 * layers as f64).sqrt()
+        } else {
+            0.02
+        };
+        let bound = (3f64).sqrt() * std;
+        let values: Vec<f32> = (0..var.elem_count())
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu)?)?;
+    }
+    Ok(())
+}
+
+fn batch(
+    data: &[u32],
+    rng: &mut ChaCha8Rng,
+    b: usize,
+    t: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let mut ids = Vec::with_capacity(b * t);
+    for _ in 0..b {
+        let start = rng.random_range(0..data.len() - t);
+        ids.extend_from_slice(&data[start..start + t]);
+    }
+    let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
+    let labels = ids.to_dtype(DType::I64)?;
+    Ok((ids, labels))
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name}: cannot parse {v}"))
+        })
+        .unwrap_or(default)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let steps: usize = arg(&args, "--steps", 400);
+    let out: PathBuf = arg(&args, "--out", PathBuf::from("assets/tiny-llama"));
+    let text = corpus();
+    std::fs::write("assets/corpus.txt", &text)?;
+    println!("wrote assets/corpus.txt ({} bytes)", text.len());
+    if args.iter().any(|a| a == "--corpus-only") {
+        return Ok(());
+    }
+
+    let tok = ByteTokenizer;
+    let ids = tok.encode(&text)?;
+    let split = ids.len() * 95 / 100;
+    let (train, eval) = (&ids[..split], &ids[split..]);
+    let config = model_config();
+    let varmap = VarMap::new();
+    Llama::new(
+        &config,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )?;
+    init(&varmap, config.num_hidden_layers, 7)?;
+    println!("{} parameters", config.num_params());
+
+    let lr = 3e-3;
+    let params = ParamsAdamW {
+        lr,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    let full = LisaConfig {
+        gamma: config.num_hidden_layers,
+        period: usize::MAX,
+        ..Default::default()
+    };
+    let mut opt = LisaAdamW::new(&varmap, params, full)?;
+    let model = Llama::new(&config, opt.var_builder())?;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut eval_rng = ChaCha8Rng::seed_from_u64(12);
+    let eval_batches: Vec<_> = (0..4)
+        .map(|_| batch(eval, &mut eval_rng, 16, 128))
+        .collect::<candle_core::Result<_>>()?;
+    let warmup = steps / 20;
+    let started = std::time::Instant::now();
+    for step in 1..=steps {
+        // Linear warm-up, then cosine decay to a tenth.
+        let scale = if step <= warmup {
+            step as f64 / warmup as f64
+        } else {
+            let p = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
+            0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+        };
+        opt.try_set_learning_rate(lr * scale)?;
+        let (x, y) = batch(train, &mut rng, 16, 128)?;
+        let loss = model.loss(&x, &y)?;
+        opt.backward_step(&loss)?;
+        if step % 50 == 0 || step == steps {
+            let mut eval_loss = 0.0;
+            for (x, y) in &eval_batches {
+                eval_loss += model.loss(x, y)?.to_scalar::<f32>()? / eval_batches.len() as f32;
+            }
+            println!(
+                "step {step:4}  train loss {:.3}  eval loss {eval_loss:.3}  {:.0}s",
+                loss.to_scalar::<f32>()?,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    save_llama(&out, &config, &varmap, DType::F32)?;
+    println!("saved {}", out.display());
+    let prompt = tok.encode("Ada found the")?;
+    let sample = model.generate(&prompt, 60, 0.0, 0, Some(ByteTokenizer::EOS))?;
+    println!("greedy sample: Ada found the{}", tok.decode(&sample)?);
+    Ok(())
+}

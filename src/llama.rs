@@ -1,0 +1,624 @@
+//! A trainable Llama-family decoder (Llama, Mistral, Qwen2 names and configs).
+//!
+//! candle-transformers' Llama uses fused ops with no backward (`rms_norm`, `rope`,
+//! `softmax_last_dim`), so its gradients are silently dropped. This one uses only ops with a
+//! backward ([`crate::ops`]), sends every projection through the frozen-aware
+//! [`Linear`](crate::Linear), and treats masks, RoPE tables and frozen norm weights as
+//! constants, so a model built from [`LisaAdamW::var_builder`](crate::LisaAdamW::var_builder)
+//! stores gradients only for what trains.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{LisaError, Result};
+use crate::linear::{linear_b, Linear};
+use crate::ops::{add_const, causal_mask, mul_const, rms_norm, rope};
+
+/// Label value that [`causal_lm_loss`] ignores (padding, prompt tokens), as in Hugging Face.
+pub const IGNORE_INDEX: i64 = -100;
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_hidden_act() -> String {
+    "silu".to_string()
+}
+fn default_max_position_embeddings() -> usize {
+    2048
+}
+
+/// The hyper-parameters of a Llama-family model, as in a Hugging Face `config.json`.
+///
+/// Fields this crate does not read are kept in `extra` and written back on save.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// `llama`, `mistral` or `qwen2`; absent means `llama`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder blocks.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention); absent means one per query head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; absent means `hidden_size / num_attention_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// RoPE base.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    /// MLP activation; only `silu` is supported.
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    /// Whether the LM head shares the embedding matrix (then there is no `lm_head.weight`).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Longest sequence the model was trained for.
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    /// Llama's bias on q, k, v and o projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Llama's bias on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// RoPE scaling; only `null` is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Value>,
+    /// Mistral's and Qwen2's sliding attention window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Beginning-of-sequence token id(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<Value>,
+    /// End-of-sequence token id(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<Value>,
+    /// Storage dtype of the checkpoint (`float32`, `bfloat16`, `float16`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
+    /// Every other field, kept as read.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl LlamaConfig {
+    /// A small config with the given sizes and Llama defaults for the rest.
+    pub fn tiny(
+        vocab_size: usize,
+        hidden_size: usize,
+        num_hidden_layers: usize,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Self {
+        Self {
+            model_type: Some("llama".into()),
+            vocab_size,
+            hidden_size,
+            intermediate_size: hidden_size * 8 / 3,
+            num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(kv_heads),
+            head_dim: None,
+            rope_theta: default_rope_theta(),
+            rms_norm_eps: 1e-5,
+            hidden_act: default_hidden_act(),
+            tie_word_embeddings: false,
+            max_position_embeddings: 1024,
+            attention_bias: false,
+            mlp_bias: false,
+            rope_scaling: None,
+            sliding_window: None,
+            bos_token_id: None,
+            eos_token_id: None,
+            torch_dtype: None,
+            extra: Default::default(),
+        }
+    }
+
+    /// Reads and checks a `config.json`.
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| LisaError::Io {
+            action: "cannot read",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Self = serde_json::from_str(&text).map_err(|source| LisaError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that the config is consistent and asks for nothing unsupported.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(t) = self.model_type.as_deref() {
+            if !matches!(t, "llama" | "mistral" | "qwen2") {
+                return Err(LisaError::UnsupportedConfig {
+                    field: "model_type",
+                    value: t.to_string(),
+                    hint: "llama, mistral and qwen2 are supported",
+                });
+            }
+        }
+        if self.hidden_act != "silu" {
+            return Err(LisaError::UnsupportedConfig {
+                field: "hidden_act",
+                value: self.hidden_act.clone(),
+                hint: "only silu (SwiGLU) is supported",
+            });
+        }
+        if let Some(s) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            return Err(LisaError::UnsupportedConfig {
+                field: "rope_scaling",
+                value: s.to_string(),
+                hint: "only plain RoPE (rope_scaling: null) is supported",
+            });
+        }
+        let invalid = |msg: String| Err(LisaError::InvalidConfig(msg));
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return invalid(format!("{name} must be at least 1"));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return invalid(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}; give head_dim",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            return invalid(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.kv_heads()
+            ));
+        }
+        if self.head_size() % 2 != 0 || self.head_size() == 0 {
+            return invalid(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_size()
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite()
+            && self.rms_norm_eps > 0.0
+            && self.rope_theta.is_finite()
+            && self.rope_theta > 0.0)
+        {
+            return invalid("rms_norm_eps and rope_theta must be finite and positive".into());
+        }
+        Ok(())
+    }
+
+    /// Number of key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Per-head width.
+    pub fn head_size(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type.as_deref() == Some("qwen2")
+    }
+
+    /// The attention window, when the config enables one.
+    pub fn attention_window(&self) -> Option<usize> {
+        let enabled = match self.model_type.as_deref() {
+            Some("qwen2") => self
+                .extra
+                .get("use_sliding_window")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            _ => true,
+        };
+        self.sliding_window.filter(|_| enabled)
+    }
+
+    /// Every parameter the model has, with its shape, sorted by name.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let (q, kv) = (
+            self.num_attention_heads * self.head_size(),
+            self.kv_heads() * self.head_size(),
+        );
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), vec![v, h]),
+            ("model.norm.weight".to_string(), vec![h]),
+        ];
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![v, h]));
+        }
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut add = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
+            add("input_layernorm.weight", vec![h]);
+            add("post_attention_layernorm.weight", vec![h]);
+            for (name, rows, cols, bias) in [
+                ("self_attn.q_proj", q, h, self.qkv_bias()),
+                ("self_attn.k_proj", kv, h, self.qkv_bias()),
+                ("self_attn.v_proj", kv, h, self.qkv_bias()),
+                ("self_attn.o_proj", h, q, self.attention_bias),
+                ("mlp.gate_proj", i, h, self.mlp_bias),
+                ("mlp.up_proj", i, h, self.mlp_bias),
+                ("mlp.down_proj", h, i, self.mlp_bias),
+            ] {
+                add(&format!("{name}.weight"), vec![rows, cols]);
+                if bias {
+                    add(&format!("{name}.bias"), vec![rows]);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Number of scalars in the model.
+    pub fn num_params(&self) -> usize {
+        self.tensor_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(c: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, d) = (c.hidden_size, c.head_size());
+        Ok(Self {
+            q: linear_b(h, c.num_attention_heads * d, c.qkv_bias(), vb.pp("q_proj"))?,
+            k: linear_b(h, c.kv_heads() * d, c.qkv_bias(), vb.pp("k_proj"))?,
+            v: linear_b(h, c.kv_heads() * d, c.qkv_bias(), vb.pp("v_proj"))?,
+            o: linear_b(
+                c.num_attention_heads * d,
+                h,
+                c.attention_bias,
+                vb.pp("o_proj"),
+            )?,
+            heads: c.num_attention_heads,
+            kv_heads: c.kv_heads(),
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope_cs: &(Tensor, Tensor),
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, n: usize| {
+            y.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = rope(
+            &split(self.q.forward(x)?, self.heads)?,
+            &rope_cs.0,
+            &rope_cs.1,
+        )?;
+        let k = rope(
+            &split(self.k.forward(x)?, self.kv_heads)?,
+            &rope_cs.0,
+            &rope_cs.1,
+        )?;
+        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?;
+        let probs = candle_nn::ops::softmax(&add_const(&scores, mask)?, D::Minus1)?;
+        let y = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * self.head_dim))?;
+        self.o.forward(&y)
+    }
+
+    /// `(b, kv, t, d)` to `(b, heads, t, d)`, each key/value head serving `heads / kv` queries.
+    fn repeat_kv(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        let n = self.heads / self.kv_heads;
+        if n == 1 {
+            return Ok(x);
+        }
+        let (b, kv, t, d) = x.dims4()?;
+        Tensor::cat(&vec![&x; n], 2)?.reshape((b, kv * n, t, d))
+    }
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.down
+            .forward(&(self.gate.forward(x)?.silu()? * self.up.forward(x)?)?)
+    }
+}
+
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// A Llama-family decoder for training, built from a `VarBuilder`.
+///
+/// Build it from [`LisaAdamW::var_builder`](crate::LisaAdamW::var_builder) to train with LISA
+/// (frozen blocks then store no weight gradient), or from a `VarBuilder` over a `VarMap` to
+/// create fresh weights. Parameter names are Hugging Face's (`model.embed_tokens.weight`,
+/// `model.layers.{i}.self_attn.q_proj.weight`, …, `lm_head.weight`).
+pub struct Llama {
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Linear,
+    config: LlamaConfig,
+}
+
+impl Llama {
+    /// Builds the model; a builder over an empty `VarMap` creates weights initialised like
+    /// candle's layers (norm weights at 1).
+    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let norm_init = candle_nn::Init::Const(1.0);
+        let embed = vb.get_with_hints(
+            (c.vocab_size, c.hidden_size),
+            "model.embed_tokens.weight",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let blocks = (0..c.num_hidden_layers)
+            .map(|l| {
+                let vb = vb.pp(format!("model.layers.{l}"));
+                let mlp = vb.pp("mlp");
+                Ok(Block {
+                    input_norm: vb.get_with_hints(
+                        c.hidden_size,
+                        "input_layernorm.weight",
+                        norm_init,
+                    )?,
+                    attn: Attention::new(c, vb.pp("self_attn"))?,
+                    post_norm: vb.get_with_hints(
+                        c.hidden_size,
+                        "post_attention_layernorm.weight",
+                        norm_init,
+                    )?,
+                    mlp: Mlp {
+                        gate: linear_b(
+                            c.hidden_size,
+                            c.intermediate_size,
+                            c.mlp_bias,
+                            mlp.pp("gate_proj"),
+                        )?,
+                        up: linear_b(
+                            c.hidden_size,
+                            c.intermediate_size,
+                            c.mlp_bias,
+                            mlp.pp("up_proj"),
+                        )?,
+                        down: linear_b(
+                            c.intermediate_size,
+                            c.hidden_size,
+                            c.mlp_bias,
+                            mlp.pp("down_proj"),
+                        )?,
+                    },
+                })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let norm = vb.get_with_hints(c.hidden_size, "model.norm.weight", norm_init)?;
+        let lm_head = if c.tie_word_embeddings {
+            Linear::new(embed.clone(), None)
+        } else {
+            Linear::new(
+                vb.get_with_hints(
+                    (c.vocab_size, c.hidden_size),
+                    "lm_head.weight",
+                    candle_nn::init::DEFAULT_KAIMING_NORMAL,
+                )?,
+                None,
+            )
+        };
+        Ok(Self {
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            config: c.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)` (u32), with a causal mask.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if let Some(w) = self.config.attention_window().filter(|&w| t > w) {
+            return Err(LisaError::UnsupportedConfig {
+                field: "sliding_window",
+                value: w.to_string(),
+                hint:
+                    "sequences longer than the sliding window are not supported; use shorter ones",
+            });
+        }
+        let dtype = self.embed.dtype();
+        let device = self.embed.device();
+        let mut x = self
+            .embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        let rope_cs = self.rope_tables(t, dtype, device)?;
+        let mask = causal_mask(t, dtype, device)?;
+        let eps = self.config.rms_norm_eps;
+        for block in &self.blocks {
+            let h = block
+                .attn
+                .forward(&rms_norm(&x, &block.input_norm, eps)?, &rope_cs, &mask)?;
+            x = (x + h)?;
+            let h = block.mlp.forward(&rms_norm(&x, &block.post_norm, eps)?)?;
+            x = (x + h)?;
+        }
+        Ok(self.lm_head.forward(&rms_norm(&x, &self.norm, eps)?)?)
+    }
+
+    /// `(cos, sin)` of shape `(t, head_dim / 2)`.
+    fn rope_tables(
+        &self,
+        t: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let d = self.config.head_size();
+        let inv_freq: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / self.config.rope_theta.powf(2.0 * i as f64 / d as f64) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), device)?;
+        let pos = Tensor::arange(0u32, t as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((t, 1))?;
+        let freqs = pos.matmul(&inv_freq)?;
+        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    }
+
+    /// The causal-LM loss of `input_ids` against `labels` (i64, [`IGNORE_INDEX`] to skip);
+    /// see [`causal_lm_loss`].
+    pub fn loss(&self, input_ids: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        causal_lm_loss(&self.forward(input_ids)?, labels)
+    }
+
+    /// Continues `prompt` by `max_new_tokens` tokens, stopping early at `eos`. Greedy when
+    /// `temperature` is 0, else sampled from softmax(logits / temperature) with a ChaCha8
+    /// generator seeded by `seed`. Recomputes the whole sequence for each token (no KV cache):
+    /// meant for a quick look at small models.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        temperature: f64,
+        seed: u64,
+        eos: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(LisaError::InvalidConfig(format!(
+                "temperature {temperature} must be finite and at least 0"
+            )));
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut tokens = prompt.to_vec();
+        let device = self.embed.device();
+        for _ in 0..max_new_tokens {
+            let input = Tensor::new(tokens.as_slice(), device)?.unsqueeze(0)?;
+            let logits = self.forward(&input)?.detach();
+            let last = logits
+                .squeeze(0)?
+                .get(tokens.len() - 1)?
+                .to_dtype(DType::F32)?;
+            let next = if temperature == 0.0 {
+                last.argmax(0)?.to_scalar::<u32>()?
+            } else {
+                let probs =
+                    candle_nn::ops::softmax_last_dim(&(last / temperature)?)?.to_vec1::<f32>()?;
+                let mut u: f32 = rng.random();
+                let mut pick = probs.len() - 1;
+                for (i, p) in probs.iter().enumerate() {
+                    if u < *p {
+                        pick = i;
+                        break;
+                    }
+                    u -= p;
+                }
+                pick as u32
+            };
+            tokens.push(next);
+            if Some(next) == eos {
+                break;
+            }
+        }
+        Ok(tokens[prompt.len()..].to_vec())
+    }
+}
+
+/// Mean cross-entropy of next-token prediction: position `t`'s logits against label `t + 1`.
+///
+/// `logits` is `(batch, seq, vocab)`, `labels` is `(batch, seq)` of i64 with [`IGNORE_INDEX`]
+/// where no loss should be taken (padding, prompt tokens). Computed in f32 for half-precision
+/// logits, else in their dtype. Returns 0 when
+/// every label is ignored.
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let (lb, lt) = labels.dims2()?;
+    if (lb, lt) != (b, t) || t < 2 {
+        return Err(LisaError::InvalidConfig(format!(
+            "labels of shape ({lb}, {lt}) do not match logits ({b}, {t}, {v}); they must be equal and seq >= 2"
+        )));
+    }
+    let dtype = match logits.dtype() {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    };
+    let logits = logits
+        .narrow(1, 0, t - 1)?
+        .reshape((b * (t - 1), v))?
+        .to_dtype(dtype)?;
+    let labels = labels
+        .narrow(1, 1, t - 1)?
+        .flatten_all()?
+        .to_dtype(DType::I64)?;
+    let mask = labels.ge(0i64)?.to_dtype(dtype)?;
+    let safe = labels.clamp(0i64, v as i64 - 1)?.to_dtype(DType::U32)?;
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let picked = log_probs.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let count = mask
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        .max(1.0);
+    Ok((mul_const(&picked, &mask)?.sum_all()? * (-1.0 / count))?)
+}
