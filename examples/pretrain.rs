@@ -11,7 +11,7 @@
 //! initialised from ChaCha8 (candle cannot seed its CPU generator) and trained with
 //! `LisaAdamW` at γ = 8, that is full AdamW. Same machine and thread count, same bytes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_lisa::tokenizer::{ByteTokenizer, TextTokenizer};
@@ -20,6 +20,9 @@ use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+#[path = "common/mod.rs"]
+mod common;
 
 const NAMES: &[&str] = &[
     "Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kit", "Lena", "Milo",
@@ -181,12 +184,18 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    common::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
+    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
     let steps: usize = arg(&args, "--steps", 400);
-    let out: PathBuf = arg(&args, "--out", PathBuf::from("assets/tiny-llama"));
+    let out: PathBuf = arg(&args, "--out", assets.join("tiny-llama"));
     let text = corpus();
-    std::fs::write("assets/corpus.txt", &text)?;
-    println!("wrote assets/corpus.txt ({} bytes)", text.len());
+    std::fs::write(assets.join("corpus.txt"), &text)?;
+    println!(
+        "wrote {} ({} bytes)",
+        assets.join("corpus.txt").display(),
+        text.len()
+    );
     if args.iter().any(|a| a == "--corpus-only") {
         return Ok(());
     }
