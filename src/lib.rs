@@ -5,6 +5,8 @@
 //! transformer blocks that it redraws every K steps; AdamW state exists only for what is
 //! trainable now. Build the model from [`LisaAdamW::var_builder`] and use [`Linear`] for its
 //! projections, and frozen blocks cost neither weight gradients nor optimizer state.
+//! [`Llama`] is a trainable Llama-family decoder built that way, [`load_llama`] and
+//! [`save_llama`] read and write Hugging Face checkpoints.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};

@@ -122,3 +122,35 @@ fn hugging_face_tokenizer_json() -> Result<(), Box<dyn std::error::Error>> {
     assert!(err.to_string().contains("missing.json"), "{err}");
     Ok(())
 }
+
+/// Greedy generation continues the corpus's grammar; sampling is reproducible per seed.
+#[test]
+fn generation_greedy_and_sampled() -> Result<(), Box<dyn std::error::Error>> {
+    let (config, varmap) = load_llama(assets().join("tiny-llama"), DType::F32, &Device::Cpu)?;
+    let model = Llama::new(
+        &config,
+        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )?;
+    let tok = ByteTokenizer;
+    let prompt = tok.encode("Ada found the")?;
+    let greedy = tok.decode(&model.generate(&prompt, 24, 0.0, 0, Some(ByteTokenizer::EOS))?)?;
+    let nouns = [
+        "box", "lamp", "boat", "key", "book", "chair", "kite", "cup", "map", "bell", "coat",
+        "clock", "drum", "shell",
+    ];
+    let adjs = [
+        "red", "small", "old", "bright", "heavy", "green", "quiet", "round", "blue", "soft",
+        "tall", "warm",
+    ];
+    let first_word = greedy.split_whitespace().next().unwrap_or_default();
+    assert!(
+        nouns.contains(&first_word) || adjs.contains(&first_word),
+        "greedy continuation {greedy:?} does not follow the corpus"
+    );
+    let a = model.generate(&prompt, 24, 0.8, 5, None)?;
+    let b = model.generate(&prompt, 24, 0.8, 5, None)?;
+    assert_eq!(a, b);
+    assert_eq!(a.len(), 24);
+    assert!(model.generate(&prompt, 4, f64::NAN, 0, None).is_err());
+    Ok(())
+}
