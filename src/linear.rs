@@ -161,7 +161,7 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
-/// A [`Linear`] with bias, initialised like [`candle_nn::linear`] when the builder creates it.
+/// A [`Linear`] with bias, initialised like [`candle_nn::linear()`] when the builder creates it.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let inner = candle_nn::linear(in_dim, out_dim, vb)?;
     Ok(Linear::new(inner.weight().clone(), inner.bias().cloned()))

@@ -3,7 +3,7 @@
 //! candle-transformers' Llama uses fused ops with no backward (`rms_norm`, `rope`,
 //! `softmax_last_dim`), so its gradients are silently dropped. This one uses only ops with a
 //! backward ([`crate::ops`]), sends every projection through the frozen-aware
-//! [`Linear`](crate::Linear), and treats masks, RoPE tables and frozen norm weights as
+//! [`Linear`], and treats masks, RoPE tables and frozen norm weights as
 //! constants, so a model built from [`LisaAdamW::var_builder`](crate::LisaAdamW::var_builder)
 //! stores gradients only for what trains.
 
