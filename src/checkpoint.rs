@@ -17,7 +17,10 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// File name of the model configuration.
 pub const CONFIG_FILE: &str = "config.json";
 
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LisaError + 'a {
+pub(crate) fn io<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> LisaError + 'a {
     move |source| LisaError::Io {
         action,
         path: path.to_path_buf(),
@@ -151,7 +154,7 @@ fn dtype_name(dtype: DType) -> Option<&'static str> {
 /// Runs `write` on a temporary path and moves the result to `path` atomically: into a temporary file in the same
 /// directory, flushed to disk, then renamed over `path`. On error the temporary file is
 /// removed and `path` is untouched.
-fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub(crate) fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

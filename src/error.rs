@@ -253,6 +253,15 @@ pub enum LisaError {
         source: serde_json::Error,
     },
 
+    /// A saved optimizer state does not fit this optimizer.
+    #[error("cannot resume from {path}: {reason}")]
+    InvalidState {
+        /// The state directory.
+        path: std::path::PathBuf,
+        /// What does not fit.
+        reason: String,
+    },
+
     /// The `tokenizers` crate failed.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),

@@ -161,6 +161,24 @@ impl LayerMap {
         })
     }
 
+    /// A map with no blocks: every parameter is [`ParamGroup::Always`]. This is plain AdamW.
+    ///
+    /// # Errors
+    /// [`LisaError::EmptyVarMap`] for no name.
+    pub fn all_trainable<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Result<Self> {
+        let mut names: Vec<String> = names.into_iter().map(|s| s.as_ref().to_string()).collect();
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return Err(LisaError::EmptyVarMap);
+        }
+        Ok(Self {
+            groups: vec![ParamGroup::Always; names.len()],
+            names,
+            blocks: Vec::new(),
+        })
+    }
+
     /// The number of blocks, N.
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()

@@ -75,18 +75,22 @@ pub mod error;
 pub mod layers;
 pub mod linear;
 pub mod llama;
+pub mod lora;
 pub mod ops;
 pub mod optim;
 pub mod sampler;
 pub mod tokenizer;
 mod var_builder;
 
+pub use var_builder::frozen_var_builder;
+
 pub use checkpoint::{load_llama, save_llama};
 pub use config::{LisaConfig, GPT2_BLOCK_PATTERN, LLAMA_BLOCK_PATTERN};
 pub use error::{LisaError, Result};
 pub use layers::{BlockPattern, LayerMap, ParamGroup};
-pub use linear::{frozen_matmul, linear, linear_b, linear_no_bias, Linear};
+pub use linear::{frozen_matmul, linear, linear_b, linear_no_bias, Linear, LoraAdapter};
 pub use llama::{causal_lm_loss, Llama, LlamaConfig, IGNORE_INDEX};
+pub use lora::{merge_lora, LoraConfig, LORA_TARGETS};
 pub use optim::{LisaAdamW, LisaParams, ParamState};
 pub use sampler::{BlockSampler, UniformSampler};
 

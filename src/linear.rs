@@ -39,12 +39,42 @@ use candle_nn::VarBuilder;
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraAdapter>,
+}
+
+/// A LoRA adapter: `y += scale · (x · Aᵀ) · Bᵀ`, with `A` of shape `(rank, in)`, `B` of shape
+/// `(out, rank)` and `scale = alpha / rank`.
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    /// `A`, `(rank, in)`.
+    pub a: Tensor,
+    /// `B`, `(out, rank)`.
+    pub b: Tensor,
+    /// `alpha / rank`.
+    pub scale: f64,
 }
 
 impl Linear {
     /// A layer over `weight` of shape `(out, in)` and an optional `bias` of shape `(out,)`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    /// The same layer with a LoRA adapter added to its output.
+    pub fn with_lora(self, lora: LoraAdapter) -> Self {
+        Self {
+            lora: Some(lora),
+            ..self
+        }
+    }
+
+    /// The LoRA adapter, if any.
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
     }
 
     /// The weight, `(out, in)`.
@@ -77,6 +107,10 @@ impl Module for Linear {
             None => y,
             Some(b) if b.track_op() => y.broadcast_add(b)?,
             Some(b) => crate::ops::add_const(&y, b)?,
+        };
+        let y = match &self.lora {
+            None => y,
+            Some(l) => (y + (x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?,
         };
         let mut out = batch.to_vec();
         out.push(y.dim(1)?);

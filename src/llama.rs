@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::error::{LisaError, Result};
 use crate::linear::{linear_b, Linear};
+use crate::lora::LoraConfig;
 use crate::ops::{add_const, causal_mask, mul_const, rms_norm, rope};
 
 /// Label value that [`causal_lm_loss`] ignores (padding, prompt tokens), as in Hugging Face.
@@ -289,6 +290,25 @@ impl LlamaConfig {
     }
 }
 
+/// LoRA settings and the builder of the adapters' scope (e.g. `model.layers.3.self_attn`).
+type Adapters<'a> = Option<(&'a LoraConfig, &'a VarBuilder<'a>)>;
+
+/// The projection `vb.pp(name)`, with a LoRA adapter when `lora` targets it.
+fn projection(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: &VarBuilder,
+    name: &str,
+    lora: Adapters,
+) -> candle_core::Result<Linear> {
+    let layer = linear_b(in_dim, out_dim, bias, vb.pp(name))?;
+    match lora {
+        Some((config, adapters)) => config.wrap(layer, name, adapters),
+        None => Ok(layer),
+    }
+}
+
 struct Attention {
     q: Linear,
     k: Linear,
@@ -300,18 +320,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(c: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(c: &LlamaConfig, vb: VarBuilder, lora: Adapters) -> candle_core::Result<Self> {
         let (h, d) = (c.hidden_size, c.head_size());
+        let proj = |in_dim, out_dim, bias, name| projection(in_dim, out_dim, bias, &vb, name, lora);
         Ok(Self {
-            q: linear_b(h, c.num_attention_heads * d, c.qkv_bias(), vb.pp("q_proj"))?,
-            k: linear_b(h, c.kv_heads() * d, c.qkv_bias(), vb.pp("k_proj"))?,
-            v: linear_b(h, c.kv_heads() * d, c.qkv_bias(), vb.pp("v_proj"))?,
-            o: linear_b(
-                c.num_attention_heads * d,
-                h,
-                c.attention_bias,
-                vb.pp("o_proj"),
-            )?,
+            q: proj(h, c.num_attention_heads * d, c.qkv_bias(), "q_proj")?,
+            k: proj(h, c.kv_heads() * d, c.qkv_bias(), "k_proj")?,
+            v: proj(h, c.kv_heads() * d, c.qkv_bias(), "v_proj")?,
+            o: proj(c.num_attention_heads * d, h, c.attention_bias, "o_proj")?,
             heads: c.num_attention_heads,
             kv_heads: c.kv_heads(),
             head_dim: d,
@@ -400,6 +416,25 @@ impl Llama {
     /// Builds the model; a builder over an empty `VarMap` creates weights initialised like
     /// candle's layers (norm weights at 1).
     pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::build(config, vb, None)
+    }
+
+    /// Builds the model with LoRA adapters on the projections `lora.targets`. The base weights
+    /// come from `base` (use [`frozen_var_builder`](crate::frozen_var_builder) so they get no
+    /// gradient), the adapters from `adapters`, named
+    /// `model.layers.{i}.self_attn.q_proj.lora_A.weight` and so on (a builder over an empty
+    /// `VarMap` creates them: A uniform, B zero).
+    pub fn with_lora(
+        config: &LlamaConfig,
+        base: VarBuilder,
+        lora: &LoraConfig,
+        adapters: VarBuilder,
+    ) -> Result<Self> {
+        lora.validate()?;
+        Self::build(config, base, Some((lora, &adapters)))
+    }
+
+    fn build(config: &LlamaConfig, vb: VarBuilder, lora: Adapters) -> Result<Self> {
         config.validate()?;
         let c = config;
         let norm_init = candle_nn::Init::Const(1.0);
@@ -413,39 +448,26 @@ impl Llama {
         )?;
         let blocks = (0..c.num_hidden_layers)
             .map(|l| {
-                let vb = vb.pp(format!("model.layers.{l}"));
+                let prefix = format!("model.layers.{l}");
+                let vb = vb.pp(&prefix);
+                let attn_vb = lora.map(|(_, a)| a.pp(format!("{prefix}.self_attn")));
+                let mlp_vb = lora.map(|(_, a)| a.pp(format!("{prefix}.mlp")));
+                let attn_lora = lora.zip(attn_vb.as_ref()).map(|((cfg, _), a)| (cfg, a));
+                let mlp_lora = lora.zip(mlp_vb.as_ref()).map(|((cfg, _), a)| (cfg, a));
                 let mlp = vb.pp("mlp");
+                let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
                 Ok(Block {
-                    input_norm: vb.get_with_hints(
-                        c.hidden_size,
-                        "input_layernorm.weight",
-                        norm_init,
-                    )?,
-                    attn: Attention::new(c, vb.pp("self_attn"))?,
+                    input_norm: vb.get_with_hints(h, "input_layernorm.weight", norm_init)?,
+                    attn: Attention::new(c, vb.pp("self_attn"), attn_lora)?,
                     post_norm: vb.get_with_hints(
-                        c.hidden_size,
+                        h,
                         "post_attention_layernorm.weight",
                         norm_init,
                     )?,
                     mlp: Mlp {
-                        gate: linear_b(
-                            c.hidden_size,
-                            c.intermediate_size,
-                            c.mlp_bias,
-                            mlp.pp("gate_proj"),
-                        )?,
-                        up: linear_b(
-                            c.hidden_size,
-                            c.intermediate_size,
-                            c.mlp_bias,
-                            mlp.pp("up_proj"),
-                        )?,
-                        down: linear_b(
-                            c.intermediate_size,
-                            c.hidden_size,
-                            c.mlp_bias,
-                            mlp.pp("down_proj"),
-                        )?,
+                        gate: projection(h, i, bias, &mlp, "gate_proj", mlp_lora)?,
+                        up: projection(h, i, bias, &mlp, "up_proj", mlp_lora)?,
+                        down: projection(i, h, bias, &mlp, "down_proj", mlp_lora)?,
                     },
                 })
             })

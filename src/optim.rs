@@ -115,6 +115,15 @@ impl std::fmt::Debug for LisaAdamW {
     }
 }
 
+/// Float parameters by name, and the integer ones (skipped).
+fn split_vars(
+    vars: impl IntoIterator<Item = (String, Var)>,
+) -> (HashMap<String, Var>, Vec<(String, Var)>) {
+    let (floats, skipped): (Vec<_>, Vec<_>) =
+        vars.into_iter().partition(|(_, v)| v.dtype().is_float());
+    (floats.into_iter().collect(), skipped)
+}
+
 fn check_params(p: &ParamsAdamW) -> Result<()> {
     if !p.lr.is_finite() {
         return Err(LisaError::NonFiniteLearningRate { lr: p.lr });
@@ -186,9 +195,7 @@ impl LisaAdamW {
         if config.period == 0 {
             return Err(LisaError::ZeroPeriod);
         }
-        let (floats, skipped): (Vec<_>, Vec<_>) =
-            vars.into_iter().partition(|(_, v)| v.dtype().is_float());
-        let mut by_name: HashMap<String, Var> = floats.into_iter().collect();
+        let (by_name, skipped) = split_vars(vars);
         let map = LayerMap::new(by_name.keys(), &config)?;
         if config.gamma == 0 || config.gamma > map.num_blocks() {
             return Err(LisaError::InvalidGamma {
@@ -196,6 +203,46 @@ impl LisaAdamW {
                 num_blocks: map.num_blocks(),
             });
         }
+        Self::build(
+            map,
+            by_name,
+            skipped,
+            params,
+            config.gamma,
+            config.period,
+            sampler,
+        )
+    }
+
+    /// Plain AdamW over every float parameter, with this optimizer's lean update and state
+    /// accounting: the "full fine-tuning" baseline (also used for LoRA adapters).
+    pub fn all_trainable(
+        vars: impl IntoIterator<Item = (String, Var)>,
+        params: ParamsAdamW,
+    ) -> Result<Self> {
+        check_params(&params)?;
+        let (by_name, skipped) = split_vars(vars);
+        let map = LayerMap::all_trainable(by_name.keys())?;
+        Self::build(
+            map,
+            by_name,
+            skipped,
+            params,
+            0,
+            usize::MAX,
+            Box::new(UniformSampler::new(0)),
+        )
+    }
+
+    fn build(
+        map: LayerMap,
+        mut by_name: HashMap<String, Var>,
+        skipped: Vec<(String, Var)>,
+        params: ParamsAdamW,
+        gamma: usize,
+        period: usize,
+        sampler: Box<dyn BlockSampler>,
+    ) -> Result<Self> {
         let vars = map
             .iter()
             .map(|(name, _)| by_name.remove(name).ok_or(LisaError::EmptyVarMap))
@@ -208,8 +255,8 @@ impl LisaAdamW {
             active: Vec::new(),
             sampler,
             params,
-            gamma: config.gamma,
-            period: config.period,
+            gamma,
+            period,
             steps: 0,
             period_index: 0,
             resampled: false,
@@ -485,5 +532,192 @@ impl Optimizer for LisaAdamW {
     /// nothing; [`LisaAdamW::try_set_learning_rate`] refuses it at once instead.
     fn set_learning_rate(&mut self, lr: f64) {
         self.params.lr = lr;
+    }
+}
+
+/// File of the moments written by [`LisaAdamW::save_state`].
+pub const STATE_TENSORS_FILE: &str = "optimizer.safetensors";
+/// File of the counters, active blocks and sampler position written by
+/// [`LisaAdamW::save_state`].
+pub const STATE_JSON_FILE: &str = "optimizer.json";
+const STATE_FORMAT: &str = "candle-lisa-optimizer/1";
+
+impl LisaAdamW {
+    /// Saves everything a resumed run needs besides the weights: the AdamW moments and step
+    /// counter of every trainable parameter, the active blocks, the step and period counters,
+    /// the hyper-parameters and the sampler's position, as `optimizer.safetensors` and
+    /// `optimizer.json` in `dir` (created if needed), each written atomically.
+    ///
+    /// # Errors
+    /// [`LisaError::Io`] when a file cannot be written.
+    pub fn save_state(&self, dir: impl AsRef<std::path::Path>) -> Result<()> {
+        use crate::checkpoint::{atomic_write, io};
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+        let mut tensors = HashMap::new();
+        let mut steps = serde_json::Map::new();
+        for (i, st) in self.state.iter().enumerate() {
+            if let Some(st) = st {
+                let name = self.map.name_at(i);
+                tensors.insert(format!("m/{name}"), st.m.clone());
+                tensors.insert(format!("v/{name}"), st.v.clone());
+                steps.insert(name.to_string(), st.step.into());
+            }
+        }
+        let p = &self.params;
+        let json = serde_json::json!({
+            "format": STATE_FORMAT,
+            "gamma": self.gamma,
+            "period": self.period,
+            "steps": self.steps,
+            "period_index": self.period_index,
+            "resampled": self.resampled,
+            "active": self.active,
+            "params": {"lr": p.lr, "beta1": p.beta1, "beta2": p.beta2, "eps": p.eps, "weight_decay": p.weight_decay},
+            "param_steps": steps,
+            "names": self.map.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            "sampler": self.sampler.state(),
+        });
+        atomic_write(&dir.join(STATE_TENSORS_FILE), |tmp| {
+            Ok(candle_core::safetensors::save(&tensors, tmp)?)
+        })?;
+        let text = serde_json::to_string_pretty(&json).unwrap_or_default();
+        atomic_write(&dir.join(STATE_JSON_FILE), |tmp| {
+            std::fs::write(tmp, text).map_err(io("cannot write", tmp))
+        })
+    }
+
+    /// Restores a state written by [`save_state`](Self::save_state) into an optimizer built
+    /// over the same parameters with the same γ and period. With the weights of the same step
+    /// (for example from [`save_llama`](crate::save_llama)), the run then goes on exactly as if
+    /// it had not stopped: same active blocks, same moments, same future draws.
+    ///
+    /// # Errors
+    /// [`LisaError::InvalidState`] when the state does not fit (other γ or period, unknown
+    /// parameter, a moment of the wrong shape, a sampler that cannot restore), [`LisaError::Io`]
+    /// or [`LisaError::Json`] for unreadable files. Nothing is changed then.
+    pub fn load_state(&mut self, dir: impl AsRef<std::path::Path>) -> Result<()> {
+        use crate::checkpoint::io;
+        let dir = dir.as_ref();
+        let bad = |reason: String| LisaError::InvalidState {
+            path: dir.to_path_buf(),
+            reason,
+        };
+        let json_path = dir.join(STATE_JSON_FILE);
+        let text = std::fs::read_to_string(&json_path).map_err(io("cannot read", &json_path))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| LisaError::Json {
+                path: json_path.clone(),
+                source,
+            })?;
+        if json["format"] != STATE_FORMAT {
+            return Err(bad(format!(
+                "format is {}, expected {STATE_FORMAT}",
+                json["format"]
+            )));
+        }
+        let num = |key: &str| {
+            json[key]
+                .as_u64()
+                .ok_or_else(|| bad(format!("no integer {key:?}")))
+        };
+        let (gamma, period) = (num("gamma")?, num("period")?);
+        if gamma != self.gamma as u64 || period != self.period as u64 {
+            return Err(bad(format!(
+                "it was saved with gamma {gamma} and period {period}, this optimizer has gamma {} and period {}",
+                self.gamma, self.period
+            )));
+        }
+        let names: Vec<String> = serde_json::from_value(json["names"].clone())
+            .map_err(|e| bad(format!("bad \"names\": {e}")))?;
+        if !names
+            .iter()
+            .map(String::as_str)
+            .eq(self.map.iter().map(|(n, _)| n))
+        {
+            return Err(bad(format!(
+                "it was saved for {} parameters that differ from this optimizer's {}",
+                names.len(),
+                self.map.len()
+            )));
+        }
+        let active: Vec<usize> = serde_json::from_value(json["active"].clone())
+            .map_err(|e| bad(format!("bad \"active\": {e}")))?;
+        if active.len() != self.gamma || active.iter().any(|&b| b >= self.map.num_blocks()) {
+            return Err(bad(format!(
+                "active blocks {active:?} do not fit {} blocks",
+                self.map.num_blocks()
+            )));
+        }
+        let params: ParamsAdamW = {
+            let p = &json["params"];
+            let f = |k: &str| {
+                p[k].as_f64()
+                    .ok_or_else(|| bad(format!("no number params.{k}")))
+            };
+            ParamsAdamW {
+                lr: f("lr")?,
+                beta1: f("beta1")?,
+                beta2: f("beta2")?,
+                eps: f("eps")?,
+                weight_decay: f("weight_decay")?,
+            }
+        };
+        check_params(&params)?;
+        let steps = json["param_steps"]
+            .as_object()
+            .ok_or_else(|| bad("no \"param_steps\" object".into()))?;
+        let tensors_path = dir.join(STATE_TENSORS_FILE);
+        let device = self
+            .vars
+            .first()
+            .map_or(Device::Cpu, |v| v.device().clone());
+        let mut tensors = candle_core::safetensors::load(&tensors_path, &device)?;
+        let mut state: Vec<Option<Moments>> = (0..self.vars.len()).map(|_| None).collect();
+        for (i, var) in self.vars.iter().enumerate() {
+            let name = self.map.name_at(i);
+            let trainable = match self.map.group_at(i) {
+                ParamGroup::Always => true,
+                ParamGroup::Block(b) => active.contains(&b),
+                ParamGroup::Never => false,
+            };
+            if !trainable {
+                continue;
+            }
+            let step = steps.get(name).and_then(|s| s.as_u64());
+            let (m, v) = (
+                tensors.remove(&format!("m/{name}")),
+                tensors.remove(&format!("v/{name}")),
+            );
+            let (Some(step), Some(m), Some(v)) = (step, m, v) else {
+                return Err(bad(format!("no state for trainable parameter {name}")));
+            };
+            if m.shape() != var.shape() || v.shape() != var.shape() || m.dtype() != var.dtype() {
+                return Err(bad(format!(
+                    "the moments of {name} do not match its shape {:?}",
+                    var.shape()
+                )));
+            }
+            state[i] = Some(Moments { m, v, step });
+        }
+        if let Some(extra) = tensors.keys().next() {
+            return Err(bad(format!(
+                "it holds {extra}, which this optimizer does not train"
+            )));
+        }
+        let (taken, period_index) = (num("steps")?, num("period_index")?);
+        // The last fallible change: everything above left the optimizer untouched.
+        if !json["sampler"].is_null() {
+            self.sampler
+                .restore(&json["sampler"])
+                .map_err(|e| bad(format!("sampler: {e}")))?;
+        }
+        self.state = state;
+        self.active = active;
+        self.params = params;
+        self.steps = taken;
+        self.period_index = period_index;
+        self.resampled = json["resampled"].as_bool().unwrap_or(false);
+        Ok(())
     }
 }

@@ -32,6 +32,18 @@ use rand_chacha::ChaCha8Rng;
 pub trait BlockSampler: Send {
     /// Returns `gamma` distinct block indices in `0..num_blocks`, in any order.
     fn draw(&mut self, num_blocks: usize, gamma: usize) -> Vec<usize>;
+
+    /// The sampler's position, saved by [`LisaAdamW::save_state`](crate::LisaAdamW::save_state)
+    /// so a resumed run draws what the uninterrupted one would have. `None` (the default)
+    /// means it has none to save; a resumed run then goes on from the sampler as built.
+    fn state(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Restores a position returned by [`state`](BlockSampler::state); an `Err` says why not.
+    fn restore(&mut self, _state: &serde_json::Value) -> std::result::Result<(), String> {
+        Err("this sampler cannot restore a saved state".into())
+    }
 }
 
 /// The paper's sampler: γ blocks drawn uniformly at random without replacement.
@@ -49,6 +61,7 @@ pub trait BlockSampler: Send {
 /// ```
 #[derive(Clone, Debug)]
 pub struct UniformSampler {
+    seed: u64,
     rng: ChaCha8Rng,
 }
 
@@ -56,6 +69,7 @@ impl UniformSampler {
     /// A sampler seeded with `seed`.
     pub fn new(seed: u64) -> Self {
         Self {
+            seed,
             rng: ChaCha8Rng::seed_from_u64(seed),
         }
     }
@@ -69,5 +83,25 @@ impl BlockSampler for UniformSampler {
             rand::seq::index::sample(&mut self.rng, num_blocks, gamma.min(num_blocks)).into_vec();
         draw.sort_unstable();
         draw
+    }
+
+    /// `{"seed": …, "word_pos": "…"}`: the seed and the position in ChaCha8's stream.
+    fn state(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({
+            "seed": self.seed,
+            "word_pos": self.rng.get_word_pos().to_string(),
+        }))
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> std::result::Result<(), String> {
+        let seed = state["seed"].as_u64().ok_or("no integer \"seed\"")?;
+        let pos: u128 = state["word_pos"]
+            .as_str()
+            .and_then(|p| p.parse().ok())
+            .ok_or("no decimal \"word_pos\"")?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_word_pos(pos);
+        *self = Self { seed, rng };
+        Ok(())
     }
 }

@@ -69,3 +69,28 @@ impl SimpleBackend for LisaBackend {
         self.tensors.contains_key(name)
     }
 }
+
+/// A `VarBuilder` that hands out every variable of `varmap` detached: a frozen model (for a
+/// LoRA base, or evaluation) that stores no gradient. The dtype and device are those of the
+/// first variable by name (f32 on the CPU for an empty map).
+pub fn frozen_var_builder(
+    varmap: &candle_nn::VarMap,
+) -> candle_core::Result<candle_nn::VarBuilder<'static>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("the VarMap's lock is poisoned"))?;
+    let tensors: HashMap<String, Tensor> = data
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect();
+    let first = data.keys().min().and_then(|n| data.get(n));
+    let (dtype, device) = first.map_or((DType::F32, Device::Cpu), |v| {
+        (v.dtype(), v.device().clone())
+    });
+    Ok(candle_nn::VarBuilder::from_backend(
+        Box::new(LisaBackend { tensors }),
+        dtype,
+        device,
+    ))
+}
