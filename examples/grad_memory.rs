@@ -16,6 +16,9 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_lisa::{linear_no_bias, Linear, LisaAdamW, LisaConfig};
 use candle_nn::{embedding, AdamW, Embedding, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
+#[path = "common/mod.rs"]
+mod common;
+
 struct Counting;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
@@ -107,6 +110,8 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    // Not keep_freed_memory: it would not change what is counted, only the speed.
+    common::set_thread_count();
     let args: Vec<String> = std::env::args().collect();
     let s = Shape {
         blocks: arg(&args, "--blocks", 16),

@@ -184,7 +184,7 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    common::keep_freed_memory();
+    common::setup();
     let args: Vec<String> = std::env::args().collect();
     let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
     let steps: usize = arg(&args, "--steps", 400);

@@ -1,6 +1,28 @@
 //! Helpers shared by the examples.
 #![allow(dead_code)]
 
+/// Process-wide settings for CPU training; call first thing in `main`, before any thread
+/// starts.
+///
+/// - [`keep_freed_memory`].
+/// - candle 0.11.1 works out its thread count on every CPU matmul, reading `/proc/cpuinfo`
+///   each time, unless `RAYON_NUM_THREADS` is set: a quarter of the time of a small model's
+///   training step went there. Setting the variable to the machine's parallelism (when the
+///   user has not set it) skips that.
+pub fn setup() {
+    keep_freed_memory();
+    set_thread_count();
+}
+
+/// Sets `RAYON_NUM_THREADS` to the machine's parallelism unless the user set it (see
+/// [`setup`]); call before any thread starts.
+pub fn set_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 /// Keeps freed memory in the process instead of returning it to the OS.
 ///
 /// glibc's malloc serves large blocks with fresh `mmap`s and gives them back on free, so
