@@ -10,10 +10,8 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -29,24 +27,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let live = LIVE.fetch_add(layout.size(), Relaxed) + layout.size();
-        PEAK.fetch_max(live, Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "common/alloc.rs"]
+mod alloc;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -596,8 +581,7 @@ fn train(
             .join("optimizer")
             .join("optimizer.json")
             .is_file();
-    let heap_base = LIVE.load(Relaxed);
-    PEAK.store(heap_base, Relaxed);
+    let heap_base = alloc::reset_peak();
     let mut run = Run::new(
         method,
         args,
@@ -697,7 +681,7 @@ fn train(
         accuracy: last_eval.1,
         wall_seconds: started.elapsed().as_secs_f64(),
         tokens_per_second: tokens as f64 / started.elapsed().as_secs_f64(),
-        peak_bytes: PEAK.load(Relaxed) - heap_base,
+        peak_bytes: alloc::peak() - heap_base,
         trainable_params: run.opt.trainable_params(),
         state_bytes: run.opt.state_bytes(),
     };

@@ -8,9 +8,6 @@
 //! peak heap above the weights, counted by a global allocator. Each method starts from the same
 //! live heap (the weights), so the peaks compare.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_lisa::{linear_no_bias, Linear, LisaAdamW, LisaConfig};
@@ -19,24 +16,11 @@ use candle_nn::{embedding, AdamW, Embedding, Optimizer, ParamsAdamW, VarBuilder,
 #[path = "common/mod.rs"]
 mod common;
 
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let live = LIVE.fetch_add(layout.size(), Relaxed) + layout.size();
-        PEAK.fetch_max(live, Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "common/alloc.rs"]
+mod alloc;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 struct Shape {
     blocks: usize,
@@ -148,8 +132,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     for method in ["candle_nn::AdamW", "lisa drop-in", "lisa rebuilt"] {
-        let base = LIVE.load(Relaxed);
-        PEAK.store(base, Relaxed);
+        let base = alloc::reset_peak();
         let (grads, state) = match method {
             "candle_nn::AdamW" => {
                 let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW::default())?;
@@ -171,7 +154,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                 (grad_bytes(&grads), opt.state_bytes())
             }
         };
-        let peak = PEAK.load(Relaxed) - base;
+        let peak = alloc::peak() - base;
         println!(
             "{method:<22} {:>12} {:>12} {:>14}",
             mb(grads),

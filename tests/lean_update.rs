@@ -5,40 +5,21 @@
 //!
 //! This file holds a single test because the counting allocator is global to the binary.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-
 use candle_core::{DType, Device, Var};
 use candle_lisa::{LisaAdamW, LisaConfig};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let live = LIVE.fetch_add(layout.size(), Relaxed) + layout.size();
-        PEAK.fetch_max(live, Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "../examples/common/alloc.rs"]
+mod alloc;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 /// Bytes allocated on top of what was live before `f`, at the peak of `f`.
 fn transient_peak(f: impl FnOnce()) -> usize {
-    let base = LIVE.load(Relaxed);
-    PEAK.store(base, Relaxed);
+    let base = alloc::reset_peak();
     f();
-    PEAK.load(Relaxed) - base
+    alloc::peak() - base
 }
 
 const SIDE: usize = 256;
