@@ -572,6 +572,11 @@ impl Llama {
                 "temperature {temperature} must be finite and at least 0"
             )));
         }
+        if prompt.is_empty() {
+            return Err(LisaError::InvalidConfig(
+                "generate needs a prompt of at least one token (a BOS id will do)".into(),
+            ));
+        }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut tokens = prompt.to_vec();
         let device = self.embed.device();

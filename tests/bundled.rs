@@ -152,5 +152,9 @@ fn generation_greedy_and_sampled() -> Result<(), Box<dyn std::error::Error>> {
     assert_eq!(a, b);
     assert_eq!(a.len(), 24);
     assert!(model.generate(&prompt, 4, f64::NAN, 0, None).is_err());
+    assert!(
+        model.generate(&[], 4, 0.0, 0, None).is_err(),
+        "an empty prompt is an error, not a panic"
+    );
     Ok(())
 }
