@@ -524,6 +524,7 @@ struct Summary {
     wall_seconds: f64,
     tokens_per_second: f64,
     peak_bytes: usize,
+    peak_source: &'static str,
     trainable_params: usize,
     state_bytes: usize,
 }
@@ -554,6 +555,21 @@ fn truncate_metrics(path: &Path, method: &str, step: u64) -> Result<(), Error> {
         kept.join("\n") + if kept.is_empty() { "" } else { "\n" },
     )?;
     Ok(())
+}
+
+/// Device memory in use now (total − free) on a CUDA device; `None` elsewhere.
+///
+/// candle allocates CUDA memory without a caching pool, so this follows the live tensors.
+/// Not yet run on a GPU by this project.
+fn device_used(dev: &Device) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let Ok(cuda) = dev.as_cuda_device() {
+        if let Ok((free, total)) = cuda.cuda_stream().context().mem_get_info() {
+            return Some(total - free);
+        }
+    }
+    let _ = dev;
+    None
 }
 
 /// Prints above the progress bar, or plainly when there is no terminal to draw it on.
@@ -620,13 +636,17 @@ fn train(
         )?;
     }
     let (mut tokens, started) = (0usize, Instant::now());
+    let mut device_peak = device_used(dev);
     let mut last_eval = (f32::NAN, None);
     for step in start + 1..=args.steps.min(args.stop_after.unwrap_or(usize::MAX)) {
         run.opt.try_set_learning_rate(lr_at(args, step))?;
         let (ids, labels, _) = batch(data, args, step, eos, dev)?;
         let n = ids.elem_count();
         let loss = run.model.loss(&ids, &labels)?;
-        run.opt.backward_step(&loss)?;
+        let grads = loss.backward()?;
+        device_peak = device_peak.max(device_used(dev));
+        run.opt.step(&grads)?;
+        drop(grads);
         if run.opt.resampled() {
             run.rebuild()?;
         }
@@ -681,7 +701,12 @@ fn train(
         accuracy: last_eval.1,
         wall_seconds: started.elapsed().as_secs_f64(),
         tokens_per_second: tokens as f64 / started.elapsed().as_secs_f64(),
-        peak_bytes: alloc::peak() - heap_base,
+        peak_bytes: device_peak.unwrap_or(alloc::peak() - heap_base),
+        peak_source: if device_peak.is_some() {
+            "cuda device memory in use, sampled after each backward pass"
+        } else {
+            "heap above the method's start, counted by the allocator"
+        },
         trainable_params: run.opt.trainable_params(),
         state_bytes: run.opt.state_bytes(),
     };
