@@ -6,7 +6,9 @@
 //! trainable now. Build the model from [`LisaAdamW::var_builder`] and use [`Linear`] for its
 //! projections, and frozen blocks cost neither weight gradients nor optimizer state.
 //! [`Llama`] is a trainable Llama-family decoder built that way, [`load_llama`] and
-//! [`save_llama`] read and write Hugging Face checkpoints.
+//! [`save_llama`] read and write Hugging Face checkpoints, and [`LoraConfig`] with
+//! [`Llama::with_lora`] and [`LisaAdamW::all_trainable`] give the LoRA and full fine-tuning
+//! baselines LISA is compared with.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
