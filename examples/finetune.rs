@@ -538,6 +538,24 @@ fn append_metrics(path: &Path, line: serde_json::Value) -> Result<(), Error> {
     Ok(())
 }
 
+/// The train-loss and eval-loss curves of `method` in `metrics.jsonl`.
+fn curves_from_metrics(path: &Path, method: &str) -> Result<(Curve, Curve), Error> {
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for line in std::fs::read_to_string(path)?.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let Some(step) = v["step"].as_u64().filter(|_| v["method"] == method) else {
+            continue;
+        };
+        if let Some(loss) = v["loss"].as_f64() {
+            train.push((step as usize, loss as f32));
+        }
+        if let Some(loss) = v["eval_loss"].as_f64() {
+            eval.push((step as usize, loss as f32));
+        }
+    }
+    Ok((train, eval))
+}
+
 /// Keeps the lines of `metrics.jsonl` from other methods, and this method's up to `step`.
 fn truncate_metrics(path: &Path, method: &str, step: u64) -> Result<(), Error> {
     let Ok(text) = std::fs::read_to_string(path) else {
@@ -618,10 +636,9 @@ fn train(
     );
     pb.set_prefix(method.name());
     pb.set_position(start as u64);
-    let (mut train_curve, mut eval_curve, mut recent) = (Vec::new(), Vec::new(), Vec::new());
+    let mut recent = Vec::new();
     if start == 0 {
         let (loss, acc) = evaluate(&run.eval_model()?, data, args, eos, dev)?;
-        eval_curve.push((0, loss));
         let accuracy = acc.map_or(String::new(), |a| format!(", accuracy {:.1}%", 100.0 * a));
         say(
             &pb,
@@ -653,7 +670,6 @@ fn train(
         let loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         tokens += n;
         recent.push(loss);
-        train_curve.push((step, loss));
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
         let active = if method == Method::Lisa {
             format!(" blocks {:?}", run.opt.active_blocks())
@@ -669,7 +685,6 @@ fn train(
         });
         if step % args.eval_every == 0 || step == args.steps {
             last_eval = evaluate(&run.eval_model()?, data, args, eos, dev)?;
-            eval_curve.push((step, last_eval.0));
             let acc = last_eval
                 .1
                 .map_or(String::new(), |a| format!(", accuracy {:.1}%", 100.0 * a));
@@ -710,6 +725,8 @@ fn train(
         trainable_params: run.opt.trainable_params(),
         state_bytes: run.opt.state_bytes(),
     };
+    // From the file, so that a resumed run plots its whole history.
+    let (train_curve, eval_curve) = curves_from_metrics(&metrics, method.name())?;
     Ok((summary, train_curve, eval_curve))
 }
 
