@@ -17,8 +17,8 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_lisa::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
 use candle_lisa::{
-    frozen_var_builder, load_llama, merge_lora, save_llama, LisaAdamW, LisaConfig, Llama,
-    LlamaConfig, LoraConfig, IGNORE_INDEX,
+    frozen_var_builder, load_llama, merge_lora, named_vars, save_llama, LisaAdamW, LisaConfig,
+    Llama, LlamaConfig, LoraConfig, IGNORE_INDEX,
 };
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
@@ -252,7 +252,7 @@ fn batch(
     step: usize,
     eos: u32,
     dev: &Device,
-) -> candle_core::Result<(Tensor, Tensor, usize)> {
+) -> candle_core::Result<(Tensor, Tensor)> {
     let mut rng =
         ChaCha8Rng::seed_from_u64(args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64);
     let (b, t) = (args.batch_size, args.seq_len);
@@ -273,11 +273,9 @@ fn batch(
         ids.extend(i);
         labels.extend(l);
     }
-    let tokens = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
     Ok((
         Tensor::from_vec(ids, (b, t), dev)?,
         Tensor::from_vec(labels, (b, t), dev)?,
-        tokens,
     ))
 }
 
@@ -343,16 +341,6 @@ struct Run {
     model: Llama,
 }
 
-fn named(varmap: &VarMap) -> Vec<(String, Var)> {
-    varmap
-        .data()
-        .lock()
-        .expect("VarMap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
 impl Run {
     fn new(
         method: Method,
@@ -382,7 +370,7 @@ impl Run {
                 (opt, model, None)
             }
             Method::Full => {
-                let opt = LisaAdamW::all_trainable(named(&base), params)?;
+                let opt = LisaAdamW::all_trainable(named_vars(&base)?, params)?;
                 let model = Llama::new(&config, opt.var_builder())?;
                 (opt, model, None)
             }
@@ -403,7 +391,7 @@ impl Run {
                 if let Some(c) = checkpoint {
                     adapters.load(c.join("adapters.safetensors"))?;
                 }
-                let opt = LisaAdamW::all_trainable(named(&adapters), params)?;
+                let opt = LisaAdamW::all_trainable(named_vars(&adapters)?, params)?;
                 (opt, model, Some((adapters, lora)))
             }
         };
@@ -470,7 +458,7 @@ impl Run {
             None => save_llama(dir, &self.config, &self.base, dtype)?,
             Some((adapters, lora)) => {
                 let merged = VarMap::new();
-                for (name, var) in named(&self.base) {
+                for (name, var) in named_vars(&self.base)? {
                     merged
                         .data()
                         .lock()
@@ -657,7 +645,7 @@ fn train(
     let mut last_eval = (f32::NAN, None);
     for step in start + 1..=args.steps.min(args.stop_after.unwrap_or(usize::MAX)) {
         run.opt.try_set_learning_rate(lr_at(args, step))?;
-        let (ids, labels, _) = batch(data, args, step, eos, dev)?;
+        let (ids, labels) = batch(data, args, step, eos, dev)?;
         let n = ids.elem_count();
         let loss = run.model.loss(&ids, &labels)?;
         let grads = loss.backward()?;

@@ -84,7 +84,7 @@ pub mod sampler;
 pub mod tokenizer;
 mod var_builder;
 
-pub use var_builder::frozen_var_builder;
+pub use var_builder::{frozen_var_builder, named_vars};
 
 pub use checkpoint::{load_llama, save_llama};
 pub use config::{LisaConfig, GPT2_BLOCK_PATTERN, LLAMA_BLOCK_PATTERN};

@@ -7,9 +7,7 @@
 //! sends a frozen weight through a custom op whose backward returns only dL/dx.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Module, Result, Shape, Tensor,
-};
+use candle_core::{CustomOp2, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 /// `y = x · Wᵀ (+ b)`, like [`candle_nn::Linear`], frozen-aware.
@@ -154,35 +152,7 @@ impl CustomOp2 for FrozenMatmul {
         "candle-lisa-frozen-matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        matmul_fwd(s1, l1, s2, l2)
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        matmul_fwd(s1, l1, s2, l2)
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        matmul_fwd(s1, l1, s2, l2)
-    }
+    crate::ops::backend_fwd2!(matmul_fwd);
 
     fn bwd(
         &self,

@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::error::{LisaError, Result};
 use crate::linear::{linear_b, Linear};
 use crate::lora::LoraConfig;
-use crate::ops::{add_const, causal_mask, mul_const, rms_norm, rope};
+use crate::ops::{add_const, causal_mask, mul_const, rms_norm, rope_full, rope_tables_full};
 
 /// Label value that [`causal_lm_loss`] ignores (padding, prompt tokens), as in Hugging Face.
 pub const IGNORE_INDEX: i64 = -100;
@@ -346,12 +346,12 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = rope(
+        let q = rope_full(
             &split(self.q.forward(x)?, self.heads)?,
             &rope_cs.0,
             &rope_cs.1,
         )?;
-        let k = rope(
+        let k = rope_full(
             &split(self.k.forward(x)?, self.kv_heads)?,
             &rope_cs.0,
             &rope_cs.1,
@@ -530,7 +530,7 @@ impl Llama {
         Ok(self.lm_head.forward(&rms_norm(&x, &self.norm, eps)?)?)
     }
 
-    /// `(cos, sin)` of shape `(t, head_dim / 2)`.
+    /// `(cos, sin)` of shape `(t, head_dim)`, widened once per forward for every layer.
     fn rope_tables(
         &self,
         t: usize,
@@ -546,7 +546,10 @@ impl Llama {
             .to_dtype(DType::F32)?
             .reshape((t, 1))?;
         let freqs = pos.matmul(&inv_freq)?;
-        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+        rope_tables_full(
+            &freqs.cos()?.to_dtype(dtype)?,
+            &freqs.sin()?.to_dtype(dtype)?,
+        )
     }
 
     /// The causal-LM loss of `input_ids` against `labels` (i64, [`IGNORE_INDEX`] to skip);

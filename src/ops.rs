@@ -10,9 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, BinaryOpT, Mul};
 use std::marker::PhantomData;
 
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, DType, Layout, MetalStorage, Result, Shape, Tensor, D,
-};
+use candle_core::{CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
 /// `x ⊙ c` with `c` broadcast to `x`'s shape and treated as a constant (no gradient for it).
 pub fn mul_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
@@ -55,12 +53,27 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Rotary position embedding, Hugging Face's "rotate half" layout, differentiable.
 ///
-/// `x` is `(batch, heads, seq, head_dim)`; `cos` and `sin` are `(seq, head_dim / 2)`.
+/// `x` is `(batch, heads, seq, head_dim)`; `cos` and `sin` are `(seq, head_dim / 2)`, as for
+/// candle's `rope`. A model applying RoPE in every layer should call [`rope_tables_full`]
+/// once and [`rope_full`] per layer.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (_, _, seq, head_dim) = x.dims4()?;
-    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.narrow(0, 0, seq)?;
-    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.narrow(0, 0, seq)?;
-    let half = head_dim / 2;
+    let seq = x.dim(2)?;
+    let (cos, sin) = rope_tables_full(&cos.narrow(0, 0, seq)?, &sin.narrow(0, 0, seq)?)?;
+    rope_full(x, &cos, &sin)
+}
+
+/// Half-width `(seq, head_dim / 2)` tables widened to `(seq, head_dim)`, as [`rope_full`]
+/// takes them.
+pub fn rope_tables_full(cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+    Ok((
+        Tensor::cat(&[cos, cos], D::Minus1)?,
+        Tensor::cat(&[sin, sin], D::Minus1)?,
+    ))
+}
+
+/// [`rope`] with full-width `(seq, head_dim)` tables from [`rope_tables_full`].
+pub fn rope_full(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
     let rotated = Tensor::cat(
         &[
             &x.narrow(D::Minus1, half, half)?.neg()?,
@@ -68,7 +81,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         ],
         D::Minus1,
     )?;
-    mul_const(x, &cos)? + mul_const(&rotated, &sin)?
+    mul_const(x, cos)? + mul_const(&rotated, sin)?
 }
 
 /// The `(seq, seq)` additive causal mask: 0 on and below the diagonal, −∞ above.
@@ -78,6 +91,43 @@ pub fn causal_mask(seq: usize, dtype: DType, device: &candle_core::Device) -> Re
         .collect();
     Tensor::from_vec(mask, (seq, seq), device)?.to_dtype(dtype)
 }
+
+/// The `cpu_fwd`, `cuda_fwd` and `metal_fwd` of a `CustomOp2` whose forward is one function
+/// generic over `BackendStorage`: the same code runs on every device.
+macro_rules! backend_fwd2 {
+    ($($fwd:tt)+) => {
+        fn cpu_fwd(
+            &self,
+            s1: &candle_core::CpuStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CpuStorage,
+            l2: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $($fwd)+(s1, l1, s2, l2)
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $($fwd)+(s1, l1, s2, l2)
+        }
+
+        fn metal_fwd(
+            &self,
+            s1: &candle_core::MetalStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::MetalStorage,
+            l2: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
+            $($fwd)+(s1, l1, s2, l2)
+        }
+    };
+}
+pub(crate) use backend_fwd2;
 
 /// `(x, c) -> x op c` on a `c` already broadcast to `x`'s shape; backward `(∂/∂x, None)`.
 struct ConstOp<B>(PhantomData<B>);
@@ -113,35 +163,7 @@ impl<B: ConstRhs> CustomOp2 for ConstOp<B> {
         B::NAME
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        const_fwd::<B, _>(s1, l1, s2, l2)
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        const_fwd::<B, _>(s1, l1, s2, l2)
-    }
-
-    fn metal_fwd(
-        &self,
-        s1: &MetalStorage,
-        l1: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        const_fwd::<B, _>(s1, l1, s2, l2)
-    }
+    backend_fwd2!(const_fwd::<B, _>);
 
     fn bwd(
         &self,

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 use crate::adamw::{adamw, Moments};
@@ -158,17 +158,7 @@ impl LisaAdamW {
     /// Cost: allocates AdamW moments (2× the parameter bytes) for the always-trainable
     /// parameters and the γ active blocks only.
     pub fn new(varmap: &VarMap, params: ParamsAdamW, config: LisaConfig) -> Result<Self> {
-        let vars: Vec<(String, Var)> = varmap
-            .data()
-            .lock()
-            .map_err(|_| {
-                candle_core::Error::msg(
-                    "the VarMap's lock is poisoned: a thread panicked while holding it",
-                )
-            })?
-            .iter()
-            .map(|(name, var)| (name.clone(), var.clone()))
-            .collect();
+        let vars = crate::var_builder::named_vars(varmap)?;
         Self::from_named_vars(vars, params, config)
     }
 
@@ -396,10 +386,7 @@ impl LisaAdamW {
         for (name, var) in &self.skipped {
             tensors.insert(name.clone(), var.as_tensor().detach());
         }
-        let (dtype, device) = self.vars.first().map_or((DType::F32, Device::Cpu), |v| {
-            (v.dtype(), v.device().clone())
-        });
-        VarBuilder::from_backend(Box::new(LisaBackend { tensors }), dtype, device)
+        LisaBackend { tensors }.into_builder(self.vars.first())
     }
 
     /// The blocks trainable now, sorted.

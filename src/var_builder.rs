@@ -17,6 +17,15 @@ pub(crate) struct LisaBackend {
 }
 
 impl LisaBackend {
+    /// A `VarBuilder` over `tensors`, in the dtype and on the device of `first` (f32 on the CPU
+    /// when there is none).
+    pub fn into_builder(self, first: Option<&candle_core::Var>) -> candle_nn::VarBuilder<'static> {
+        let (dtype, device) = first.map_or((DType::F32, Device::Cpu), |v| {
+            (v.dtype(), v.device().clone())
+        });
+        candle_nn::VarBuilder::from_backend(Box::new(self), dtype, device)
+    }
+
     fn lookup(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
         let t = self.tensors.get(name).ok_or_else(|| {
             candle_core::Error::msg(format!(
@@ -76,21 +85,23 @@ impl SimpleBackend for LisaBackend {
 pub fn frozen_var_builder(
     varmap: &candle_nn::VarMap,
 ) -> candle_core::Result<candle_nn::VarBuilder<'static>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::msg("the VarMap's lock is poisoned"))?;
-    let tensors: HashMap<String, Tensor> = data
+    let mut vars = named_vars(varmap)?;
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let tensors = vars
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
         .collect();
-    let first = data.keys().min().and_then(|n| data.get(n));
-    let (dtype, device) = first.map_or((DType::F32, Device::Cpu), |v| {
-        (v.dtype(), v.device().clone())
-    });
-    Ok(candle_nn::VarBuilder::from_backend(
-        Box::new(LisaBackend { tensors }),
-        dtype,
-        device,
-    ))
+    Ok(LisaBackend { tensors }.into_builder(vars.first().map(|(_, v)| v)))
+}
+
+/// Every variable of `varmap` with its name, in no particular order: the input of
+/// [`LisaAdamW::from_named_vars`](crate::LisaAdamW::from_named_vars) and
+/// [`LisaAdamW::all_trainable`](crate::LisaAdamW::all_trainable).
+pub fn named_vars(
+    varmap: &candle_nn::VarMap,
+) -> candle_core::Result<Vec<(String, candle_core::Var)>> {
+    let data = varmap.data().lock().map_err(|_| {
+        candle_core::Error::msg("the VarMap's lock is poisoned: a thread panicked while holding it")
+    })?;
+    Ok(data.iter().map(|(n, v)| (n.clone(), v.clone())).collect())
 }

@@ -1,11 +1,12 @@
 //! The bundled assets: the tiny checkpoint knows the corpus, and LISA fine-tunes it.
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_lisa::tokenizer::{ByteTokenizer, TextTokenizer};
 use candle_lisa::{load_llama, LisaAdamW, LisaConfig, Llama};
-use candle_nn::{Optimizer, ParamsAdamW, VarMap};
+use candle_nn::{Optimizer, ParamsAdamW};
 
 fn assets() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
@@ -18,21 +19,6 @@ fn held_out_batch() -> candle_core::Result<Tensor> {
     let start = ids.len() - 1000;
     let rows: Vec<u32> = [&ids[start..start + 64], &ids[start + 500..start + 564]].concat();
     Tensor::from_vec(rows, (2, 64), &Device::Cpu)
-}
-
-fn snapshot(varmap: &VarMap) -> BTreeMap<String, Vec<f32>> {
-    varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.clone(),
-                v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
-            )
-        })
-        .collect()
 }
 
 #[test]
@@ -79,14 +65,14 @@ fn lisa_fine_tunes_the_bundled_checkpoint() -> Result<(), Box<dyn std::error::Er
     let model = Llama::new(&config, opt.var_builder())?;
     let batch = held_out_batch()?;
     let labels = batch.to_dtype(DType::I64)?;
-    let before = snapshot(&varmap);
+    let before = common::snapshot(&varmap);
     let first = model.loss(&batch, &labels)?.to_scalar::<f32>()?;
     for _ in 0..5 {
         opt.backward_step(&model.loss(&batch, &labels)?)?;
     }
     let last = model.loss(&batch, &labels)?.to_scalar::<f32>()?;
     assert!(last < first * 0.9, "loss {first} -> {last}");
-    let after = snapshot(&varmap);
+    let after = common::snapshot(&varmap);
     let active = opt.active_blocks().to_vec();
     assert_eq!(active.len(), 2);
     for (name, old) in &before {

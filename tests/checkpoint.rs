@@ -1,4 +1,6 @@
 //! Hugging Face checkpoint I/O: round trips, shards, dtypes, clear errors, atomic saves.
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -27,27 +29,6 @@ fn random_model(c: &LlamaConfig) -> candle_core::Result<VarMap> {
     Ok(varmap)
 }
 
-fn tensors(varmap: &VarMap) -> HashMap<String, Vec<f32>> {
-    varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.clone(),
-                v.as_tensor()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn load_save_load_is_bit_exact() -> Result<(), Box<dyn std::error::Error>> {
     let c = config(false, 2);
@@ -57,7 +38,7 @@ fn load_save_load_is_bit_exact() -> Result<(), Box<dyn std::error::Error>> {
     let (c1, m1) = load_llama(a.path(), DType::F32, &Device::Cpu)?;
     save_llama(b.path(), &c1, &m1, DType::F32)?;
     let (c2, m2) = load_llama(b.path(), DType::F32, &Device::Cpu)?;
-    assert_eq!(tensors(&original), tensors(&m2));
+    assert_eq!(common::snapshot(&original), common::snapshot(&m2));
     assert_eq!(c1, c2);
     assert_eq!(
         c2.extra["architectures"],
@@ -123,7 +104,7 @@ fn sharded_checkpoint_loads() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     std::fs::write(dir.path().join("config.json"), serde_json::to_string(&c)?)?;
     let (_, loaded) = load_llama(dir.path(), DType::F32, &Device::Cpu)?;
-    assert_eq!(tensors(&loaded), tensors(&original));
+    assert_eq!(common::snapshot(&loaded), common::snapshot(&original));
 
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors"))?;
     let err = load_err(dir.path());
@@ -241,7 +222,7 @@ fn failed_save_keeps_the_previous_checkpoint() -> Result<(), Box<dyn std::error:
     assert!(save_llama(dir.path(), &c, &second, DType::F32).is_err());
     assert_eq!(std::fs::read(dir.path().join("model.safetensors"))?, before);
     let (_, loaded) = load_llama(dir.path(), DType::F32, &Device::Cpu)?;
-    assert_eq!(tensors(&loaded), tensors(&first));
+    assert_eq!(common::snapshot(&loaded), common::snapshot(&first));
 
     // A VarMap that does not match the config is refused before anything is written.
     std::fs::remove_dir(&blocker)?;

@@ -295,13 +295,7 @@ impl BlockSampler for Broken {
 fn a_broken_sampler_is_caught_before_anything_is_written() -> candle_core::Result<()> {
     let n = 4;
     let varmap = toy_varmap(n, 14)?;
-    let vars: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let vars = candle_lisa::named_vars(&varmap)?;
     let config = LisaConfig {
         gamma: 2,
         period: 1,

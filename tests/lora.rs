@@ -80,13 +80,7 @@ fn lora_trains_adapters_only_and_merges_exactly() -> Result<(), Box<dyn std::err
         .count();
     assert_eq!(big, 0, "no gradient shaped like an MLP base weight");
 
-    let vars: Vec<_> = adapters
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let vars = candle_lisa::named_vars(&adapters)?;
     let mut opt = LisaAdamW::all_trainable(
         vars,
         ParamsAdamW {

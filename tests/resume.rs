@@ -129,13 +129,7 @@ fn all_trainable_is_plain_adamw() -> Result<(), Box<dyn std::error::Error>> {
     let n = 4;
     let a = toy_varmap(n, 23)?;
     let b = clone_varmap(&a)?;
-    let vars: Vec<_> = a
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let vars = candle_lisa::named_vars(&a)?;
     let mut full = LisaAdamW::all_trainable(vars, params())?;
     assert_eq!(full.num_blocks(), 0);
     let total: usize = a.all_vars().iter().map(|v| v.elem_count() * 4).sum();
