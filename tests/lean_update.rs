@@ -1,7 +1,7 @@
-//! The update keeps no graph-attached temporaries: its transient memory is six times the
-//! largest parameter (the new m and v, and four temporaries of the tensor-op update, freed
-//! as soon as they are read), where candle_nn::AdamW's step holds fifteen, all attached to the
-//! graph of the new value (DESIGN.md fact 2). Measured here: 6.01 and 15.01.
+//! The fused update allocates nothing parameter-sized: it writes θ, m and v in place, where
+//! candle_nn::AdamW's step holds fifteen parameter-sized temporaries, all attached to the graph
+//! of the new value (DESIGN.md fact 2). Measured here (`cargo test --test lean_update --
+//! --nocapture`): 0.07 and 15.01 parameters.
 //!
 //! This file holds a single test because the counting allocator is global to the binary.
 
@@ -46,7 +46,7 @@ fn grads(varmap: &VarMap) -> candle_core::Result<candle_core::backprop::GradStor
 }
 
 #[test]
-fn update_transient_memory_is_a_few_parameters() -> candle_core::Result<()> {
+fn update_allocates_nothing_parameter_sized() -> candle_core::Result<()> {
     let n = 6;
     let lisa_map = varmap(n)?;
     let config = LisaConfig {
@@ -72,11 +72,11 @@ fn update_transient_memory_is_a_few_parameters() -> candle_core::Result<()> {
     );
     println!("transient peak of one step, in parameters: LisaAdamW {lisa_x:.2}, candle_nn::AdamW {candle_x:.2}");
     assert!(
-        lisa_x <= 6.5,
-        "LisaAdamW's step held {lisa_x:.2} parameters at once"
+        lisa_x < 0.25,
+        "LisaAdamW's step allocated {lisa_x:.2} parameters at once"
     );
     assert!(
-        candle_x >= 2.0 * lisa_x,
+        candle_x >= 10.0,
         "candle_nn::AdamW's step held only {candle_x:.2} parameters"
     );
     Ok(())

@@ -13,7 +13,8 @@ fn params() -> ParamsAdamW {
     }
 }
 
-/// With γ = N and no resample, k steps of LisaAdamW equal k steps of candle_nn::AdamW.
+/// With γ = N and no resample, k steps of LisaAdamW equal k steps of candle_nn::AdamW, bit for
+/// bit: the fused update rounds every intermediate as candle's tensor ops do.
 #[test]
 fn all_blocks_active_matches_candle_adamw() -> candle_core::Result<()> {
     let n = 4;
@@ -43,7 +44,7 @@ fn all_blocks_active_matches_candle_adamw() -> candle_core::Result<()> {
         assert_eq!(a.len(), b.len());
         for (name, var) in a.iter() {
             let diff = max_abs_diff(var.as_tensor(), b[name].as_tensor());
-            assert!(diff <= 1e-6, "step {step}: {name} differs by {diff}");
+            assert!(diff <= 0.0, "step {step}: {name} differs by {diff}");
         }
     }
     Ok(())
@@ -84,7 +85,7 @@ fn drop_in_and_rebuilt_models_agree() -> candle_core::Result<()> {
         );
         for (name, var) in a.iter() {
             let diff = max_abs_diff(var.as_tensor(), b[name].as_tensor());
-            assert!(diff <= 1e-6, "step {step}: {name} differs by {diff}");
+            assert!(diff <= 0.0, "step {step}: {name} differs by {diff}");
         }
     }
     assert_eq!(rebuilt_opt.period_index(), 4);
