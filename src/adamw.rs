@@ -59,9 +59,9 @@ pub(crate) fn fusable(theta: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> boo
     let all = [theta, g, m, v];
     matches!(theta.device(), Device::Cpu)
         && matches!(theta.dtype(), DType::F32 | DType::F64)
-        && all.iter().all(|t| {
-            t.dtype() == theta.dtype() && t.shape() == theta.shape() && t.is_contiguous()
-        })
+        && all
+            .iter()
+            .all(|t| t.dtype() == theta.dtype() && t.shape() == theta.shape() && t.is_contiguous())
         && {
             let keys = all.map(storage_key);
             (0..keys.len()).all(|i| !keys[i + 1..].contains(&keys[i]))
@@ -335,7 +335,12 @@ mod tests {
         assert_eq!(var.as_tensor().to_vec2::<f32>()?, want.to_vec2::<f32>()?);
         assert_eq!(state.step, 1);
         // A gradient sharing θ's storage is not fused either (the kernel would alias them).
-        assert!(!fusable(var.as_tensor(), &var.as_tensor().i(..)?, &state.m, &state.v));
+        assert!(!fusable(
+            var.as_tensor(),
+            &var.as_tensor().i(..)?,
+            &state.m,
+            &state.v
+        ));
         Ok(())
     }
 }

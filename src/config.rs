@@ -31,6 +31,13 @@ pub struct LisaConfig {
     pub always_trainable: Vec<String>,
     /// Name prefixes of parameters never to train (no gradient use, no state).
     pub never_trainable: Vec<String>,
+    /// Recompute frozen blocks in the backward pass instead of keeping their activations
+    /// (default off). A model built with [`Llama::from_optimizer`](crate::Llama::from_optimizer)
+    /// then runs each frozen block through [`recompute`](crate::recompute::recompute): it keeps
+    /// only the block's input, and pays one more forward of the block in the backward pass.
+    /// Your own model reads it from
+    /// [`LisaAdamW::recompute_frozen`](crate::LisaAdamW::recompute_frozen).
+    pub recompute_frozen: bool,
 }
 
 impl Default for LisaConfig {
@@ -43,6 +50,7 @@ impl Default for LisaConfig {
             block_pattern: LLAMA_BLOCK_PATTERN.to_string(),
             always_trainable: Vec::new(),
             never_trainable: Vec::new(),
+            recompute_frozen: false,
         }
     }
 }

@@ -80,6 +80,7 @@ pub mod llama;
 pub mod lora;
 pub mod ops;
 pub mod optim;
+pub mod recompute;
 pub mod sampler;
 pub mod tokenizer;
 mod var_builder;

@@ -7,6 +7,8 @@
 //! constants, so a model built from [`LisaAdamW::var_builder`](crate::LisaAdamW::var_builder)
 //! stores gradients only for what trains.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
@@ -17,6 +19,8 @@ use crate::error::{LisaError, Result};
 use crate::linear::{linear_b, Linear};
 use crate::lora::LoraConfig;
 use crate::ops::{add_const, causal_mask, mul_const, rms_norm, rope_full, rope_tables_full};
+use crate::optim::LisaAdamW;
+use crate::recompute::recompute;
 
 /// Label value that [`causal_lm_loss`] ignores (padding, prompt tokens), as in Hugging Face.
 pub const IGNORE_INDEX: i64 = -100;
@@ -398,6 +402,38 @@ struct Block {
     mlp: Mlp,
 }
 
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope_cs: &(Tensor, Tensor),
+        mask: &Tensor,
+        eps: f64,
+    ) -> candle_core::Result<Tensor> {
+        let h = self
+            .attn
+            .forward(&rms_norm(x, &self.input_norm, eps)?, rope_cs, mask)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&rms_norm(&x, &self.post_norm, eps)?)?;
+        x + h
+    }
+
+    /// Whether no tensor of the block needs a gradient (no variable, no LoRA adapter): only
+    /// such a block may be recomputed, since recompute passes gradients to the input only.
+    fn frozen(&self) -> bool {
+        let a = &self.attn;
+        let m = &self.mlp;
+        let linears = [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down];
+        !self.input_norm.track_op()
+            && !self.post_norm.track_op()
+            && linears.iter().all(|l| {
+                l.lora().is_none()
+                    && !l.weight().track_op()
+                    && l.bias().is_none_or(|b| !b.track_op())
+            })
+    }
+}
+
 /// A Llama-family decoder for training, built from a `VarBuilder`.
 ///
 /// Build it from [`LisaAdamW::var_builder`](crate::LisaAdamW::var_builder) to train with LISA
@@ -406,7 +442,11 @@ struct Block {
 /// `model.layers.{i}.self_attn.q_proj.weight`, …, `lm_head.weight`).
 pub struct Llama {
     embed: Tensor,
-    blocks: Vec<Block>,
+    /// In `Arc`s so that a recomputed block's forward can outlive this call of `forward`.
+    blocks: Vec<Arc<Block>>,
+    /// Indices of the blocks that [`forward`](Self::forward) recomputes (frozen ones, when
+    /// recompute is on); sorted.
+    recomputed: Vec<usize>,
     norm: Tensor,
     lm_head: Linear,
     config: LlamaConfig,
@@ -456,7 +496,7 @@ impl Llama {
                 let mlp_lora = lora.zip(mlp_vb.as_ref()).map(|((cfg, _), a)| (cfg, a));
                 let mlp = vb.pp("mlp");
                 let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
-                Ok(Block {
+                Ok(Arc::new(Block {
                     input_norm: vb.get_with_hints(h, "input_layernorm.weight", norm_init)?,
                     attn: Attention::new(c, vb.pp("self_attn"), attn_lora)?,
                     post_norm: vb.get_with_hints(
@@ -469,7 +509,7 @@ impl Llama {
                         up: projection(h, i, bias, &mlp, "up_proj", mlp_lora)?,
                         down: projection(i, h, bias, &mlp, "down_proj", mlp_lora)?,
                     },
-                })
+                }))
             })
             .collect::<candle_core::Result<_>>()?;
         let norm = vb.get_with_hints(c.hidden_size, "model.norm.weight", norm_init)?;
@@ -488,10 +528,41 @@ impl Llama {
         Ok(Self {
             embed,
             blocks,
+            recomputed: Vec::new(),
             norm,
             lm_head,
             config: c.clone(),
         })
+    }
+
+    /// Builds the model from `opt`'s [`var_builder`](LisaAdamW::var_builder), recomputing
+    /// frozen blocks when `opt` was configured with
+    /// [`recompute_frozen`](crate::LisaConfig::recompute_frozen). Call it again after every
+    /// step where [`resampled`](LisaAdamW::resampled) is true: which blocks are recomputed
+    /// follows the active set.
+    pub fn from_optimizer(config: &LlamaConfig, opt: &LisaAdamW) -> Result<Self> {
+        let mut model = Self::new(config, opt.var_builder())?;
+        model.set_recompute_frozen(opt.recompute_frozen());
+        Ok(model)
+    }
+
+    /// Turns frozen-block recompute on or off (see
+    /// [`LisaConfig::recompute_frozen`](crate::LisaConfig::recompute_frozen)). A block is
+    /// frozen when none of its tensors tracks gradients, as the builder of
+    /// [`LisaAdamW::var_builder`] hands out the blocks it does not train; blocks with trainable
+    /// weights or LoRA adapters always run as usual.
+    pub fn set_recompute_frozen(&mut self, on: bool) {
+        self.recomputed = match on {
+            true => (0..self.blocks.len())
+                .filter(|&i| self.blocks[i].frozen())
+                .collect(),
+            false => Vec::new(),
+        };
+    }
+
+    /// The blocks that [`forward`](Self::forward) recomputes in the backward pass, sorted.
+    pub fn recomputed_blocks(&self) -> &[usize] {
+        &self.recomputed
     }
 
     /// The configuration.
@@ -519,13 +590,16 @@ impl Llama {
         let rope_cs = self.rope_tables(t, dtype, device)?;
         let mask = causal_mask(t, dtype, device)?;
         let eps = self.config.rms_norm_eps;
-        for block in &self.blocks {
-            let h = block
-                .attn
-                .forward(&rms_norm(&x, &block.input_norm, eps)?, &rope_cs, &mask)?;
-            x = (x + h)?;
-            let h = block.mlp.forward(&rms_norm(&x, &block.post_norm, eps)?)?;
-            x = (x + h)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = if self.recomputed.binary_search(&i).is_ok() {
+                let (block, rope_cs, mask) = (block.clone(), rope_cs.clone(), mask.clone());
+                recompute(
+                    &x,
+                    Arc::new(move |x: &Tensor| block.forward(x, &rope_cs, &mask, eps)),
+                )?
+            } else {
+                block.forward(&x, &rope_cs, &mask, eps)?
+            };
         }
         Ok(self.lm_head.forward(&rms_norm(&x, &self.norm, eps)?)?)
     }

@@ -99,6 +99,7 @@ pub struct LisaAdamW {
     params: ParamsAdamW,
     gamma: usize,
     period: usize,
+    recompute_frozen: bool,
     steps: u64,
     period_index: u64,
     resampled: bool,
@@ -196,7 +197,7 @@ impl LisaAdamW {
                 num_blocks: map.num_blocks(),
             });
         }
-        Self::build(
+        let mut opt = Self::build(
             map,
             by_name,
             skipped,
@@ -204,7 +205,9 @@ impl LisaAdamW {
             config.gamma,
             config.period,
             sampler,
-        )
+        )?;
+        opt.recompute_frozen = config.recompute_frozen;
+        Ok(opt)
     }
 
     /// Plain AdamW over every float parameter, with this optimizer's lean update and state
@@ -250,6 +253,7 @@ impl LisaAdamW {
             params,
             gamma,
             period,
+            recompute_frozen: false,
             steps: 0,
             period_index: 0,
             resampled: false,
@@ -422,6 +426,13 @@ impl LisaAdamW {
     /// K, the number of steps between draws.
     pub fn period(&self) -> usize {
         self.period
+    }
+
+    /// Whether frozen blocks should be recomputed in the backward pass
+    /// ([`LisaConfig::recompute_frozen`]); [`Llama::from_optimizer`](crate::Llama::from_optimizer)
+    /// reads it, and so can a model of your own (see [`recompute`](crate::recompute::recompute)).
+    pub fn recompute_frozen(&self) -> bool {
+        self.recompute_frozen
     }
 
     /// Which parameter is in which block.
