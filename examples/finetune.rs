@@ -103,6 +103,10 @@ struct Args {
     /// LISA: steps between two draws of the active blocks.
     #[arg(long, default_value_t = 20)]
     period: usize,
+    /// LISA: recompute frozen blocks in the backward pass instead of keeping their
+    /// activations (less memory, one more forward of each frozen block).
+    #[arg(long)]
+    recompute_frozen: bool,
     #[arg(long, default_value_t = 16)]
     lora_rank: usize,
     /// LoRA alpha (default: twice the rank).
@@ -363,10 +367,11 @@ impl Run {
                     gamma: args.gamma,
                     period: args.period,
                     seed: args.seed,
+                    recompute_frozen: args.recompute_frozen,
                     ..Default::default()
                 };
                 let opt = LisaAdamW::new(&base, params, lisa)?;
-                let model = Llama::new(&config, opt.var_builder())?;
+                let model = Llama::from_optimizer(&config, &opt)?;
                 (opt, model, None)
             }
             Method::Full => {
@@ -425,7 +430,7 @@ impl Run {
 
     fn rebuild(&mut self) -> Result<(), Error> {
         if self.method == Method::Lisa {
-            self.model = Llama::new(&self.config, self.opt.var_builder())?;
+            self.model = Llama::from_optimizer(&self.config, &self.opt)?;
         }
         Ok(())
     }

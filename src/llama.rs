@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::error::{LisaError, Result};
 use crate::linear::{linear_b, Linear};
 use crate::lora::LoraConfig;
-use crate::ops::{add_const, causal_mask, mul_const, rms_norm, rope_full, rope_tables_full};
+use crate::ops::{attach1, causal_attention, causal_mask, rms_norm, rope, swiglu};
 use crate::optim::LisaAdamW;
 use crate::recompute::recompute;
 
@@ -350,35 +350,22 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = rope_full(
+        let q = rope(
             &split(self.q.forward(x)?, self.heads)?,
             &rope_cs.0,
             &rope_cs.1,
         )?;
-        let k = rope_full(
+        let k = rope(
             &split(self.k.forward(x)?, self.kv_heads)?,
             &rope_cs.0,
             &rope_cs.1,
         )?;
         let v = split(self.v.forward(x)?, self.kv_heads)?;
-        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?;
-        let probs = candle_nn::ops::softmax(&add_const(&scores, mask)?, D::Minus1)?;
-        let y = probs
-            .matmul(&v)?
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        causal_attention(&q, &k, &v, mask, scale)?
             .transpose(1, 2)?
-            .reshape((b, t, self.heads * self.head_dim))?;
-        self.o.forward(&y)
-    }
-
-    /// `(b, kv, t, d)` to `(b, heads, t, d)`, each key/value head serving `heads / kv` queries.
-    fn repeat_kv(&self, x: Tensor) -> candle_core::Result<Tensor> {
-        let n = self.heads / self.kv_heads;
-        if n == 1 {
-            return Ok(x);
-        }
-        let (b, kv, t, d) = x.dims4()?;
-        Tensor::cat(&vec![&x; n], 2)?.reshape((b, kv * n, t, d))
+            .reshape((b, t, self.heads * self.head_dim))
+            .and_then(|y| self.o.forward(&y))
     }
 }
 
@@ -391,7 +378,7 @@ struct Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.down
-            .forward(&(self.gate.forward(x)?.silu()? * self.up.forward(x)?)?)
+            .forward(&swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?)
     }
 }
 
@@ -604,7 +591,7 @@ impl Llama {
         Ok(self.lm_head.forward(&rms_norm(&x, &self.norm, eps)?)?)
     }
 
-    /// `(cos, sin)` of shape `(t, head_dim)`, widened once per forward for every layer.
+    /// `(cos, sin)` of shape `(t, head_dim / 2)`, made once per forward for every layer.
     fn rope_tables(
         &self,
         t: usize,
@@ -620,10 +607,7 @@ impl Llama {
             .to_dtype(DType::F32)?
             .reshape((t, 1))?;
         let freqs = pos.matmul(&inv_freq)?;
-        rope_tables_full(
-            &freqs.cos()?.to_dtype(dtype)?,
-            &freqs.sin()?.to_dtype(dtype)?,
-        )
+        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
 
     /// The causal-LM loss of `input_ids` against `labels` (i64, [`IGNORE_INDEX`] to skip);
@@ -707,22 +691,42 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         DType::F16 | DType::BF16 => DType::F32,
         d => d,
     };
-    let logits = logits
-        .narrow(1, 0, t - 1)?
-        .reshape((b * (t - 1), v))?
-        .to_dtype(dtype)?;
-    let labels = labels
-        .narrow(1, 1, t - 1)?
+    // Row (i, j) of the logits predicts label (i, j + 1); the last position of each sequence
+    // predicts nothing, so its label is ignored and every row is handled alike.
+    let ignored = Tensor::full(IGNORE_INDEX, (b, 1), labels.device())?;
+    let labels = Tensor::cat(&[&labels.narrow(1, 1, t - 1)?, &ignored], 1)?
         .flatten_all()?
         .to_dtype(DType::I64)?;
-    let mask = labels.ge(0i64)?.to_dtype(dtype)?;
-    let safe = labels.clamp(0i64, v as i64 - 1)?.to_dtype(DType::U32)?;
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = log_probs.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let mask = labels.ge(0i64)?.to_dtype(dtype)?.unsqueeze(1)?;
+    let safe = labels
+        .clamp(0i64, v as i64 - 1)?
+        .to_dtype(DType::U32)?
+        .unsqueeze(1)?;
     let count = mask
         .sum_all()?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?
         .max(1.0);
-    Ok((mul_const(&picked, &mask)?.sum_all()? * (-1.0 / count))?)
+    let rows = move |logits: &Tensor| logits.detach().reshape((b * t, v))?.to_dtype(dtype);
+
+    // The graph keeps the logits and the scalar loss only: the backward pass recomputes the
+    // softmax, where candle's log_softmax would keep several logits-sized tensors alive.
+    let x = rows(logits)?;
+    let max = x.max_keepdim(1)?;
+    let log_sum_exp = (x.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max)?;
+    let picked = (x.gather(&safe, 1)? - log_sum_exp)?;
+    let loss = ((picked * &mask)?.sum_all()? * (-1.0 / count))?;
+    drop(x);
+    let out_dtype = logits.dtype();
+    Ok(attach1(
+        "lisa-causal-lm-loss",
+        logits,
+        loss,
+        move |logits, _y, g| {
+            let coef = (mask.broadcast_mul(&g.detach().to_dtype(dtype)?)? / count)?;
+            let d = candle_nn::ops::softmax_last_dim(&rows(logits)?)?.broadcast_mul(&coef)?;
+            d.scatter_add_set(&safe, &coef.neg()?, 1)?;
+            Ok(Some(d.reshape((b, t, v))?.to_dtype(out_dtype)?))
+        },
+    )?)
 }

@@ -1,16 +1,28 @@
-//! Differentiable ops for training, with constant operands that cost no gradient.
+//! Differentiable ops for training that keep little in the graph.
 //!
-//! candle's binary-op backward computes and stores a gradient for *both* operands, even for a
-//! constant (a causal mask, RoPE tables, a frozen norm weight), keyed by a broadcast temporary
-//! and kept until the `GradStore` is dropped: activation-sized memory for nothing. The ops here
-//! treat their second operand as a constant: their backward returns dL/dx only. And unlike
-//! candle's fused `rms_norm`, `rope` and `softmax_last_dim`, every op here has a backward.
+//! candle keeps every intermediate of the forward pass alive until the backward pass ends,
+//! and its binary-op backward computes and stores a gradient for *both* operands, even for a
+//! constant (a causal mask, a frozen norm weight), keyed by a broadcast temporary. The ops here
+//! avoid both:
+//! - [`mul_const`] and [`add_const`] treat their second operand as a constant: their backward
+//!   returns dL/dx only.
+//! - [`rms_norm`], [`rope`], [`causal_attention`] and [`swiglu`] compute their output with
+//!   candle's fused kernels (which have no backward) outside the graph, and attach it through a
+//!   custom op that keeps only the inputs and the output; their backward recomputes what it
+//!   needs. [`causal_attention`] keeps no `seq × seq` tensor at all.
+//!
+//! Unlike candle's fused `rms_norm`, `rope` and `softmax_last_dim`, every op here has a
+//! backward.
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, BinaryOpT, Mul};
 use std::marker::PhantomData;
 
-use candle_core::{CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{
+    CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
 
 /// `x ⊙ c` with `c` broadcast to `x`'s shape and treated as a constant (no gradient for it).
 pub fn mul_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
@@ -38,50 +50,161 @@ pub fn scale(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// RMSNorm over the last dimension, `x / √(mean(x²) + ε) ⊙ w`, differentiable, computed in
-/// f32 for half-precision inputs. A frozen `w` gets no gradient (see [`scale`]).
+/// RMSNorm over the last dimension, `x / √(mean(x²) + ε) ⊙ w`, differentiable.
+///
+/// The forward pass is candle's fused `rms_norm`; the graph keeps `x`, `w` and the output
+/// only, and the backward pass recomputes the per-row scale from `x` (in f32 for
+/// half-precision inputs). A frozen `w` (not tracking gradients) gets no gradient.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = match dtype {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
-        _ => x.clone(),
+    let y = match x.dtype() {
+        // candle's fused op has no f64 kernel.
+        DType::F64 => {
+            let x = x.detach();
+            let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+            x.broadcast_div(&r)?.broadcast_mul(&w.detach())?
+        }
+        _ => candle_nn::ops::rms_norm(&x.detach(), &w.detach(), eps as f32)?,
     };
-    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = xf.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dtype)?;
-    scale(&normed, w)
+    let w_tracks = w.track_op();
+    attach2("lisa-rms-norm", x, w, y, move |x, w, _y, g| {
+        let dtype = x.dtype();
+        let [x, w, g] = [x, w, g].map(|t| upcast(&t.detach()));
+        let (x, w, g) = (x?, w?, g?);
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        let n = x.broadcast_mul(&r)?;
+        let gw = g.broadcast_mul(&w)?;
+        let dot = (&gw * &n)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw - n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
+        let dw = match w_tracks {
+            true => {
+                let h = w.elem_count();
+                Some(
+                    (g * n)?
+                        .reshape(((), h))?
+                        .sum(0)?
+                        .reshape(w.shape())?
+                        .to_dtype(dtype)?,
+                )
+            }
+            false => None,
+        };
+        Ok((Some(dx.to_dtype(dtype)?), dw))
+    })
+}
+
+/// f32 for half-precision tensors, the tensor itself otherwise.
+fn upcast(t: &Tensor) -> Result<Tensor> {
+    match t.dtype() {
+        DType::F16 | DType::BF16 => t.to_dtype(DType::F32),
+        _ => Ok(t.clone()),
+    }
 }
 
 /// Rotary position embedding, Hugging Face's "rotate half" layout, differentiable.
 ///
 /// `x` is `(batch, heads, seq, head_dim)`; `cos` and `sin` are `(seq, head_dim / 2)`, as for
-/// candle's `rope`. A model applying RoPE in every layer should call [`rope_tables_full`]
-/// once and [`rope_full`] per layer.
+/// candle's fused `rope`, which computes the forward pass. The rotation is orthogonal, so the
+/// backward pass is the same op with `-sin`; the graph keeps only `x` and the output.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let seq = x.dim(2)?;
-    let (cos, sin) = rope_tables_full(&cos.narrow(0, 0, seq)?, &sin.narrow(0, 0, seq)?)?;
-    rope_full(x, &cos, &sin)
+    let (cos, sin) = (
+        cos.narrow(0, 0, seq)?.detach(),
+        sin.narrow(0, 0, seq)?.detach(),
+    );
+    let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, &cos, &sin)?;
+    attach1("lisa-rope", x, y, move |_x, _y, g| {
+        let neg_sin = sin.neg()?;
+        Ok(Some(candle_nn::rotary_emb::rope(
+            &g.detach().contiguous()?,
+            &cos,
+            &neg_sin,
+        )?))
+    })
 }
 
-/// Half-width `(seq, head_dim / 2)` tables widened to `(seq, head_dim)`, as [`rope_full`]
-/// takes them.
-pub fn rope_tables_full(cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
-    Ok((
-        Tensor::cat(&[cos, cos], D::Minus1)?,
-        Tensor::cat(&[sin, sin], D::Minus1)?,
-    ))
+/// Causal scaled dot-product attention, differentiable: `softmax(q·kᵀ·scale + mask)·v`.
+///
+/// `q` is `(batch, heads, seq, head_dim)`, `k` and `v` are `(batch, kv_heads, seq, head_dim)`
+/// with `heads` a multiple of `kv_heads` (grouped-query attention: query head `j` reads
+/// key/value head `j / (heads / kv_heads)`); `mask` is `(seq, seq)`, added to the scores.
+/// The graph keeps `q`, `k`, `v` and the output, not the `seq × seq` scores and
+/// probabilities: the backward pass recomputes them, as memory-efficient attention kernels do.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    if kv == 0 || h % kv != 0 || k.dims4()? != (b, kv, t, d) || v.dims4()? != (b, kv, t, d) {
+        candle_core::bail!(
+            "causal_attention: q {:?}, k {:?}, v {:?} do not fit (b, h, t, d) and (b, kv, t, d) with kv dividing h",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        )
+    }
+    // Each group of h / kv query heads becomes one tall matrix over its key/value head.
+    let n = h / kv;
+    let group = move |q: &Tensor| q.contiguous()?.reshape((b, kv, n * t, d));
+    let mask = match n {
+        1 => mask.detach(),
+        _ => mask.detach().repeat((n, 1))?,
+    };
+    let probs = {
+        let mask = mask.clone();
+        move |q: &Tensor, k: &Tensor| {
+            let scores = (group(q)?.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            candle_nn::ops::softmax_last_dim(&scores)
+        }
+    };
+    let (qd, kd, vd) = (
+        q.detach(),
+        k.detach().contiguous()?,
+        v.detach().contiguous()?,
+    );
+    let y = probs(&qd, &kd)?.matmul(&vd)?.reshape((b, h, t, d))?;
+    attach3(
+        "lisa-causal-attention",
+        q,
+        k,
+        v,
+        y,
+        move |q, k, v, _y, g| {
+            let (q, k, v) = (
+                q.detach(),
+                k.detach().contiguous()?,
+                v.detach().contiguous()?,
+            );
+            let g = group(&g.detach())?;
+            let p = probs(&q, &k)?;
+            let dv = p.t()?.matmul(&g)?;
+            let dp = g.matmul(&v.t()?)?;
+            let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+            let ds = ((dp.broadcast_sub(&row)? * p)? * scale)?;
+            let dq = ds.matmul(&k)?.reshape((b, h, t, d))?;
+            let dk = ds.t()?.matmul(&group(&q)?)?;
+            Ok((Some(dq), Some(dk), Some(dv)))
+        },
+    )
 }
 
-/// [`rope`] with full-width `(seq, head_dim)` tables from [`rope_tables_full`].
-pub fn rope_full(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let rotated = Tensor::cat(
-        &[
-            &x.narrow(D::Minus1, half, half)?.neg()?,
-            &x.narrow(D::Minus1, 0, half)?,
-        ],
-        D::Minus1,
-    )?;
-    mul_const(x, cos)? + mul_const(&rotated, sin)?
+/// `silu(gate) ⊙ up`, the SwiGLU of Llama's MLP, differentiable; the graph keeps `gate`, `up`
+/// and the output, not `silu(gate)`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let y = (gate.detach().silu()? * up.detach())?;
+    attach2("lisa-swiglu", gate, up, y, |gate, up, _y, g| {
+        let (gate, up, g) = (gate.detach(), up.detach(), g.detach());
+        let sig = candle_nn::ops::sigmoid(&gate)?;
+        let silu = (&gate * &sig)?;
+        let dup = (&g * &silu)?;
+        // silu'(x) = σ(x) + x·σ(x)·(1 − σ(x)) = σ(x)·(1 + x − silu(x))
+        let dsilu = (sig * ((gate - &silu)? + 1.0)?)?;
+        let dgate = ((g * up)? * dsilu)?;
+        Ok((Some(dgate), Some(dup)))
+    })
 }
 
 /// The `(seq, seq)` additive causal mask: 0 on and below the diagonal, −∞ above.
@@ -174,4 +297,206 @@ impl<B: ConstRhs> CustomOp2 for ConstOp<B> {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(B::dx(grad, c)?), None))
     }
+}
+
+/// The backward pass of a one-input op: `(x, output, dL/doutput) -> dL/dx`.
+pub(crate) trait Bwd1:
+    Fn(&Tensor, &Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync
+{
+}
+impl<F: Fn(&Tensor, &Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync> Bwd1 for F {}
+
+/// Two inputs: `(a, b, output, dL/doutput) -> (dL/da, dL/db)`.
+pub(crate) trait Bwd2:
+    Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync
+{
+}
+impl<F> Bwd2 for F where
+    F: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync
+{
+}
+
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// Three inputs: `(a, b, c, output, dL/doutput) -> (dL/da, dL/db, dL/dc)`.
+pub(crate) trait Bwd3:
+    Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync
+{
+}
+impl<F> Bwd3 for F where
+    F: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync
+{
+}
+
+/// A custom op whose output was computed beforehand, without a graph: the graph keeps the
+/// op's inputs and its output, none of the intermediates, and `bwd` computes the gradients.
+struct Attached<F> {
+    name: &'static str,
+    /// The output until the forward pass copies it into the graph, then `None`.
+    out: Mutex<Option<Tensor>>,
+    bwd: F,
+}
+
+impl<F> Attached<F> {
+    fn new(name: &'static str, y: Tensor, bwd: F) -> Self {
+        Self {
+            name,
+            out: Mutex::new(Some(y)),
+            bwd,
+        }
+    }
+
+    /// The output's storage, copied into a fresh one of its own layout (`to_dtype` to its own
+    /// dtype is a copy on every backend), and its shape.
+    fn take<S: BackendStorage>(
+        &self,
+        storage: impl FnOnce(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let out = self
+            .out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned lock", self.name)))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward run twice", self.name)))?;
+        let (s, l) = out.storage_and_layout();
+        let s = storage(&s).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: output on another device", self.name))
+        })?;
+        Ok((s.to_dtype(l, out.dtype())?, l.shape().clone()))
+    }
+}
+
+/// `cpu_fwd`, `cuda_fwd` and `metal_fwd` of an [`Attached`] op taking `$n` storages.
+macro_rules! attached_fwd {
+    ($($arg:ident: $layout:ident),*) => {
+        fn cpu_fwd(
+            &self,
+            $($arg: &candle_core::CpuStorage, $layout: &Layout),*
+        ) -> Result<(candle_core::CpuStorage, Shape)> {
+            self.take(|s| match s {
+                Storage::Cpu(s) => Some(s),
+                _ => None,
+            })
+        }
+
+        fn cuda_fwd(
+            &self,
+            $($arg: &candle_core::CudaStorage, $layout: &Layout),*
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            self.take(|s| match s {
+                Storage::Cuda(s) => Some(s),
+                _ => None,
+            })
+        }
+
+        fn metal_fwd(
+            &self,
+            $($arg: &candle_core::MetalStorage, $layout: &Layout),*
+        ) -> Result<(candle_core::MetalStorage, Shape)> {
+            self.take(|s| match s {
+                Storage::Metal(s) => Some(s),
+                _ => None,
+            })
+        }
+    };
+}
+
+impl<F: Bwd1> CustomOp1 for Attached<F> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    attached_fwd!(_s1: _l1);
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        (self.bwd)(x, res, grad)
+    }
+}
+
+impl<F: Bwd2> CustomOp2 for Attached<F> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    attached_fwd!(_s1: _l1, _s2: _l2);
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (da, db) = (self.bwd)(a, b, res, grad)?;
+        Ok((da.filter(|_| a.track_op()), db.filter(|_| b.track_op())))
+    }
+}
+
+impl<F: Bwd3> CustomOp3 for Attached<F> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    attached_fwd!(_s1: _l1, _s2: _l2, _s3: _l3);
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Grads3> {
+        let (da, db, dc) = (self.bwd)(a, b, c, res, grad)?;
+        Ok((
+            da.filter(|_| a.track_op()),
+            db.filter(|_| b.track_op()),
+            dc.filter(|_| c.track_op()),
+        ))
+    }
+}
+
+/// `y`, computed from `x` without a graph, as the output of an op on `x` whose backward is
+/// `bwd`; just `y` when `x` does not track gradients.
+pub(crate) fn attach1(
+    name: &'static str,
+    x: &Tensor,
+    y: Tensor,
+    bwd: impl Bwd1 + 'static,
+) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op1_arc(Arc::new(Box::new(Attached::new(name, y, bwd))))
+}
+
+/// [`attach1`] for an op on `a` and `b`; gradients go only to inputs that track them.
+pub(crate) fn attach2(
+    name: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    y: Tensor,
+    bwd: impl Bwd2 + 'static,
+) -> Result<Tensor> {
+    if !a.track_op() && !b.track_op() {
+        return Ok(y);
+    }
+    a.apply_op2_arc(b, Arc::new(Box::new(Attached::new(name, y, bwd))))
+}
+
+/// [`attach1`] for an op on `a`, `b` and `c`; gradients go only to inputs that track them.
+pub(crate) fn attach3(
+    name: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    y: Tensor,
+    bwd: impl Bwd3 + 'static,
+) -> Result<Tensor> {
+    if !a.track_op() && !b.track_op() && !c.track_op() {
+        return Ok(y);
+    }
+    a.apply_op3_arc(b, c, Arc::new(Box::new(Attached::new(name, y, bwd))))
 }

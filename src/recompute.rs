@@ -7,10 +7,11 @@
 //! op's backward runs the block again on that input, with gradient tracking, and
 //! backpropagates the incoming gradient through it. The cost is one more forward of the block.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CustomOp1, Layout, Shape, Tensor, Var};
+use candle_core::{Tensor, Var};
+
+use crate::ops::attach1;
 
 /// A block's forward: deterministic, with weights that do not change between the forward and
 /// the backward pass.
@@ -51,87 +52,10 @@ pub fn recompute(x: &Tensor, f: Arc<BlockFn>) -> candle_core::Result<Tensor> {
         return f(x);
     }
     let y = f(&x.detach())?;
-    x.apply_op1_arc(Arc::new(Box::new(Recompute {
-        f,
-        out: Mutex::new(Some(y)),
-    })))
-}
-
-/// The op in the graph: forward hands out the precomputed output (then drops it), backward
-/// reruns the block.
-struct Recompute {
-    f: Arc<BlockFn>,
-    /// The block's output until the forward pass copies it into the graph, then `None`.
-    out: Mutex<Option<Tensor>>,
-}
-
-impl Recompute {
-    /// The output's storage, copied into a fresh one of its own layout (`to_dtype` to its own
-    /// dtype is a copy on every backend).
-    fn take<S: BackendStorage>(
-        &self,
-        storage: impl FnOnce(&candle_core::Storage) -> Option<&S>,
-    ) -> candle_core::Result<(S, Shape)> {
-        let out = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("recompute: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("recompute: forward run twice".into()))?;
-        let (s, l) = out.storage_and_layout();
-        let s = storage(&s)
-            .ok_or_else(|| candle_core::Error::Msg("recompute: output on another device".into()))?;
-        Ok((s.to_dtype(l, out.dtype())?, l.shape().clone()))
-    }
-}
-
-impl CustomOp1 for Recompute {
-    fn name(&self) -> &'static str {
-        "lisa-recompute"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _s: &candle_core::CpuStorage,
-        _l: &Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
-        self.take(|s| match s {
-            candle_core::Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn cuda_fwd(
-        &self,
-        _s: &candle_core::CudaStorage,
-        _l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.take(|s| match s {
-            candle_core::Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn metal_fwd(
-        &self,
-        _s: &candle_core::MetalStorage,
-        _l: &Layout,
-    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
-        self.take(|s| match s {
-            candle_core::Storage::Metal(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let x = Var::from_tensor(&arg.detach())?;
-        let y = (self.f)(x.as_tensor())?;
-        let grads = (y * grad_res.detach())?.sum_all()?.backward()?;
+    attach1("lisa-recompute", x, y, move |x, _y, g| {
+        let x = Var::from_tensor(&x.detach())?;
+        let y = f(x.as_tensor())?;
+        let grads = (y * g.detach())?.sum_all()?.backward()?;
         Ok(grads.get(x.as_tensor()).map(Tensor::detach))
-    }
+    })
 }

@@ -271,3 +271,81 @@ fn config_errors() {
         })
     ));
 }
+
+/// The lean ops (outputs computed without a graph, custom backward) give the values and the
+/// gradients of the same math written with candle's differentiable ops.
+#[test]
+fn lean_ops_match_reference_graphs() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{what}: differs by {diff}");
+    };
+    // dL/d(inputs) of sum(out ⊙ probe) for both versions.
+    let grads = |out: &Tensor, probe: &Tensor, inputs: &[&Var]| {
+        let g = (out * probe).unwrap().sum_all().unwrap().backward().unwrap();
+        inputs
+            .iter()
+            .map(|v| g.get(v.as_tensor()).expect("gradient").clone())
+            .collect::<Vec<_>>()
+    };
+    let (b, h, kv, t, d) = (2, 6, 2, 5, 4);
+    let q = Var::randn(0f32, 1., (b, h, t, d), &dev)?;
+    let k = Var::randn(0f32, 1., (b, kv, t, d), &dev)?;
+    let v = Var::randn(0f32, 1., (b, kv, t, d), &dev)?;
+    let mask = ops::causal_mask(t, DType::F32, &dev)?;
+    let lean = ops::causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, 0.5)?;
+    let repeat = |x: &Tensor| -> candle_core::Result<Tensor> {
+        Tensor::cat(&vec![x; h / kv], 2)?.reshape((b, h, t, d))
+    };
+    let (kr, vr) = (repeat(k.as_tensor())?, repeat(v.as_tensor())?);
+    let scores = (q.as_tensor().matmul(&kr.t()?)? * 0.5)?.broadcast_add(&mask)?;
+    let reference = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&vr)?;
+    close(&lean, &reference, "attention");
+    let probe = Tensor::randn(0f32, 1., lean.shape(), &dev)?;
+    let vars = [&q, &k, &v];
+    for (a, r) in grads(&lean, &probe, &vars).iter().zip(grads(&reference, &probe, &vars)) {
+        close(a, &r, "attention gradient");
+    }
+
+    let x = Var::randn(0f32, 1., (3, 7, 8), &dev)?;
+    let w = Var::randn(1f32, 0.1, 8, &dev)?;
+    let lean = ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5)?;
+    let reference = candle_nn::ops::rms_norm_slow(x.as_tensor(), w.as_tensor(), 1e-5)?;
+    close(&lean, &reference, "rms_norm");
+    let probe = Tensor::randn(0f32, 1., lean.shape(), &dev)?;
+    for (a, r) in grads(&lean, &probe, &[&x, &w])
+        .iter()
+        .zip(grads(&reference, &probe, &[&x, &w]))
+    {
+        close(a, &r, "rms_norm gradient");
+    }
+
+    let x = Var::randn(0f32, 1., (2, 3, 5, 8), &dev)?;
+    let cos = Tensor::randn(0f32, 1., (5, 4), &dev)?;
+    let sin = Tensor::randn(0f32, 1., (5, 4), &dev)?;
+    let lean = ops::rope(x.as_tensor(), &cos, &sin)?;
+    let reference = candle_nn::rotary_emb::rope_slow(x.as_tensor(), &cos, &sin)?;
+    close(&lean, &reference, "rope");
+    let probe = Tensor::randn(0f32, 1., lean.shape(), &dev)?;
+    close(
+        &grads(&lean, &probe, &[&x])[0],
+        &grads(&reference, &probe, &[&x])[0],
+        "rope gradient",
+    );
+
+    let gate = Var::randn(0f32, 2., (4, 6), &dev)?;
+    let up = Var::randn(0f32, 1., (4, 6), &dev)?;
+    let lean = ops::swiglu(gate.as_tensor(), up.as_tensor())?;
+    let reference = (candle_nn::ops::silu(gate.as_tensor())? * up.as_tensor())?;
+    close(&lean, &reference, "swiglu");
+    let probe = Tensor::randn(0f32, 1., lean.shape(), &dev)?;
+    for (a, r) in grads(&lean, &probe, &[&gate, &up])
+        .iter()
+        .zip(grads(&reference, &probe, &[&gate, &up]))
+    {
+        close(a, &r, "swiglu gradient");
+    }
+    Ok(())
+}
