@@ -24,12 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor};
-use candle_lisa::{
-    frozen_var_builder, named_vars, LisaAdamW, LisaConfig, Llama, LlamaConfig, LoraConfig,
-};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_core::Device;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
@@ -39,25 +34,15 @@ mod common;
 #[path = "common/alloc.rs"]
 mod alloc;
 
+#[path = "common/training.rs"]
+mod training;
+
+use training::{batch, shape_config, Method, Training, Weights, METHODS};
+
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
 
 type Error = Box<dyn std::error::Error>;
-
-const SHAPES: [&str; 3] = ["smollm2-135m", "llama2-7b-scaled", "tiny"];
-const METHODS: [&str; 11] = [
-    "full",
-    "adamw-candle",
-    "lora16",
-    "lora128",
-    "lisa1",
-    "lisa2",
-    "lisa4",
-    "lisa2-dropin",
-    "lisa1-recompute",
-    "lisa2-recompute",
-    "lisa4-recompute",
-];
 
 #[derive(Parser, Debug)]
 #[command(about = "Peak memory and step time of full fine-tuning, LoRA and LISA")]
@@ -126,203 +111,36 @@ struct Record {
     device: String,
 }
 
-fn shape_config(name: &str) -> Result<LlamaConfig, Error> {
-    let mut c = match name {
-        "smollm2-135m" => {
-            let mut c = LlamaConfig::tiny(49152, 576, 30, 9, 3);
-            c.intermediate_size = 1536;
-            c.tie_word_embeddings = true;
-            c.rope_theta = 100_000.0;
-            c
-        }
-        "llama2-7b-scaled" => {
-            let mut c = LlamaConfig::tiny(4000, 512, 32, 8, 8);
-            c.intermediate_size = 1376;
-            c
-        }
-        "tiny" => {
-            let mut c = LlamaConfig::tiny(258, 128, 8, 4, 2);
-            c.intermediate_size = 352;
-            c.tie_word_embeddings = true;
-            c
-        }
-        _ => return Err(format!("unknown shape {name:?}; choose from {SHAPES:?}").into()),
-    };
-    c.max_position_embeddings = 4096;
-    Ok(c)
-}
-
-/// What a method name asks for.
-enum Method {
-    Full,
-    AdamwCandle,
-    Lora(usize),
-    Lisa {
-        gamma: usize,
-        drop_in: bool,
-        recompute: bool,
-    },
-}
-
-fn parse_method(name: &str) -> Result<Method, Error> {
-    let unknown = || format!("unknown method {name:?}; choose from {METHODS:?}");
-    Ok(match name {
-        "full" => Method::Full,
-        "adamw-candle" => Method::AdamwCandle,
-        _ => {
-            if let Some(rank) = name.strip_prefix("lora") {
-                Method::Lora(rank.parse().map_err(|_| unknown())?)
-            } else if let Some(rest) = name.strip_prefix("lisa") {
-                let (gamma, variant) = rest.split_once('-').unwrap_or((rest, ""));
-                let gamma = gamma.parse().map_err(|_| unknown())?;
-                match variant {
-                    "" | "dropin" | "recompute" => Method::Lisa {
-                        gamma,
-                        drop_in: variant == "dropin",
-                        recompute: variant == "recompute",
-                    },
-                    _ => return Err(unknown().into()),
-                }
-            } else {
-                return Err(unknown().into());
-            }
-        }
-    })
-}
-
-fn grad_bytes(grads: &GradStore) -> usize {
-    grads
-        .get_ids()
-        .filter_map(|id| grads.get_id(*id))
-        .map(|g| g.elem_count() * g.dtype().size_in_bytes())
-        .sum()
-}
-
-fn var_bytes(varmap: &VarMap) -> usize {
-    varmap
-        .all_vars()
-        .iter()
-        .map(|v| v.elem_count() * v.dtype().size_in_bytes())
-        .sum()
-}
-
-/// The optimizer of a method, and how to (re)build its model.
-enum Trainer {
-    Lean { opt: LisaAdamW, rebuild: bool },
-    Candle(AdamW),
-}
-
 /// Measures one method in this process.
-fn measure(args: &Args, shape: &str, method: &str) -> Result<Record, Error> {
+fn measure(args: &Args, shape: &str, name: &str) -> Result<Record, Error> {
     let config = shape_config(shape)?;
-    let kind = parse_method(method)?;
+    let method: Method = name.parse()?;
     let dev = Device::Cpu;
     let (b, t) = (args.batch_size, args.seq_len);
-    let ids: Vec<u32> = (0..b * t)
-        .map(|i| (i as u64 * 7919 % config.vocab_size as u64) as u32)
-        .collect();
-    let ids = Tensor::from_vec(ids, (b, t), &dev)?;
-    let labels = ids.to_dtype(DType::I64)?;
-    let params = ParamsAdamW {
-        lr: 1e-5,
-        ..Default::default()
-    };
-
-    let base = VarMap::new();
-    Llama::new(&config, VarBuilder::from_varmap(&base, DType::F32, &dev))?;
-    let adapters = VarMap::new();
-    let lora = match kind {
-        Method::Lora(rank) => {
-            let lora = LoraConfig {
-                rank,
-                alpha: 2.0 * rank as f64,
-                ..Default::default()
-            };
-            let vb = VarBuilder::from_varmap(&adapters, DType::F32, &dev);
-            Llama::with_lora(&config, frozen_var_builder(&base)?, &lora, vb)?;
-            Some(lora)
-        }
-        _ => None,
-    };
-    let weight_bytes = var_bytes(&base) + var_bytes(&adapters);
-    let total_params = weight_bytes / 4;
+    let (ids, labels) = batch(&config, b, t, &dev)?;
+    let weights = Weights::new(config, method, &dev)?;
+    let weight_bytes = weights.bytes();
 
     // Everything from here on counts: the optimizer's state is allocated in the steps' peak.
     alloc::reset_peak();
-    let mut trainer = match kind {
-        Method::Full => Trainer::Lean {
-            opt: LisaAdamW::all_trainable(named_vars(&base)?, params)?,
-            rebuild: false,
-        },
-        Method::Lora(_) => Trainer::Lean {
-            opt: LisaAdamW::all_trainable(named_vars(&adapters)?, params)?,
-            rebuild: false,
-        },
-        Method::AdamwCandle => Trainer::Candle(AdamW::new(base.all_vars(), params)?),
-        Method::Lisa {
-            gamma,
-            drop_in,
-            recompute,
-        } => {
-            let lisa = LisaConfig {
-                gamma,
-                period: 2,
-                recompute_frozen: recompute,
-                ..Default::default()
-            };
-            Trainer::Lean {
-                opt: LisaAdamW::new(&base, params, lisa)?,
-                rebuild: !drop_in,
-            }
-        }
-    };
-    let build = |trainer: &Trainer| -> Result<Llama, Error> {
-        Ok(match (trainer, &lora) {
-            (_, Some(lora)) => Llama::with_lora(
-                &config,
-                frozen_var_builder(&base)?,
-                lora,
-                VarBuilder::from_varmap(&adapters, DType::F32, &dev),
-            )?,
-            (Trainer::Lean { opt, rebuild: true }, None) => Llama::from_optimizer(&config, opt)?,
-            _ => Llama::new(&config, VarBuilder::from_varmap(&base, DType::F32, &dev))?,
-        })
-    };
-    let mut model = build(&trainer)?;
+    let mut training = Training::new(weights, method)?;
     let (mut grads_max, mut state_max, mut trainable, mut resamples) = (0, 0, 0, 0);
     let mut step_ms = Vec::new();
     for _ in 0..args.steps {
         let start = Instant::now();
-        let grads = model.loss(&ids, &labels)?.backward()?;
-        grads_max = grads_max.max(grad_bytes(&grads));
-        match &mut trainer {
-            Trainer::Lean { opt, .. } => {
-                trainable = trainable.max(opt.trainable_params());
-                opt.try_step(&grads)?;
-                state_max = state_max.max(opt.state_bytes());
-            }
-            Trainer::Candle(opt) => {
-                opt.step(&grads)?;
-                // candle_nn::AdamW holds m and v for every variable from the start.
-                trainable = total_params;
-                state_max = 2 * weight_bytes;
-            }
-        }
-        drop(grads);
-        if let Trainer::Lean { opt, .. } = &trainer {
-            if opt.resampled() {
-                resamples += 1;
-                model = build(&trainer)?;
-            }
-        }
+        trainable = trainable.max(training.trainable_params());
+        let step = training.step(&ids, &labels)?;
         step_ms.push(start.elapsed().as_secs_f64() * 1e3);
+        grads_max = grads_max.max(step.grad_bytes);
+        state_max = state_max.max(training.state_bytes());
+        resamples += usize::from(step.resampled);
     }
     let peak_bytes = alloc::peak();
     let mut timed = step_ms[1.min(step_ms.len() - 1)..].to_vec();
     timed.sort_by(f64::total_cmp);
     Ok(Record {
         shape: shape.into(),
-        method: method.into(),
+        method: name.into(),
         batch_size: b,
         seq_len: t,
         peak_bytes,
@@ -331,7 +149,7 @@ fn measure(args: &Args, shape: &str, method: &str) -> Result<Record, Error> {
         state_bytes: state_max,
         other_bytes: peak_bytes.saturating_sub(weight_bytes + grads_max + state_max),
         trainable_params: trainable,
-        total_params,
+        total_params: weight_bytes / 4,
         step_ms_median: timed[timed.len() / 2],
         step_ms,
         resamples,
@@ -418,8 +236,8 @@ fn chart(path: &Path, records: &[Record]) -> Result<(), Error> {
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     let mut shapes: Vec<&str> = records.iter().map(|r| r.shape.as_str()).collect();
     shapes.dedup();
-    let height = 120 + 34 * records.len() as u32;
-    let root = BitMapBackend::new(path, (1000, height)).into_drawing_area();
+    let root =
+        BitMapBackend::new(path, (1000, 120 + 34 * records.len() as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     let rows: Vec<usize> = shapes
         .iter()
@@ -427,8 +245,8 @@ fn chart(path: &Path, records: &[Record]) -> Result<(), Error> {
         .collect();
     let total: usize = rows.iter().sum();
     let mut rest = root.titled(
-        "peak heap per training step (CPU, f32): weights | gradients | optimizer state | activations & temporaries",
-        ("sans-serif", 15),
+        "peak heap of a training step (CPU, f32)",
+        ("sans-serif", 18),
     )?;
     let parts = [
         ("weights", RGBColor(90, 90, 90)),
@@ -436,13 +254,17 @@ fn chart(path: &Path, records: &[Record]) -> Result<(), Error> {
         ("optimizer state", RGBColor(244, 165, 130)),
         ("activations & temporaries", RGBColor(67, 147, 195)),
     ];
-    for (shape, n) in shapes.iter().zip(&rows) {
-        let panel_height = (rest.dim_in_pixel().1 as usize * n / total.max(1)) as u32;
+    let height = rest.dim_in_pixel().1 as usize;
+    for (shape, count) in shapes.iter().zip(&rows) {
+        let panel_height = (height * count / total.max(1)) as u32;
         let (panel, below) = rest.split_vertically(panel_height);
         rest = below;
         let recs: Vec<&Record> = records.iter().filter(|r| r.shape == *shape).collect();
-        let max = recs.iter().map(|r| mb(r.peak_bytes)).fold(1.0, f64::max) * 1.18;
+        let max = recs.iter().map(|r| mb(r.peak_bytes)).fold(1.0, f64::max) * 1.5;
         let r0 = recs[0];
+        let n = recs.len();
+        // The first method on top.
+        let row = |i: usize| n - 1 - i;
         let mut chart = ChartBuilder::on(&panel)
             .caption(
                 format!("{shape}, B = {}, T = {}", r0.batch_size, r0.seq_len),
@@ -451,38 +273,61 @@ fn chart(path: &Path, records: &[Record]) -> Result<(), Error> {
             .margin(8)
             .x_label_area_size(28)
             .y_label_area_size(140)
-            .build_cartesian_2d(0f64..max, (0..recs.len()).into_segmented())?;
+            .build_cartesian_2d(0f64..max, (0..n).into_segmented())?;
         chart
             .configure_mesh()
             .disable_y_mesh()
+            .light_line_style(WHITE)
             .x_desc("MB")
             .y_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) => {
-                    recs.get(*i).map_or(String::new(), |r| r.method.clone())
-                }
+                SegmentValue::CenterOf(i) if *i < n => recs[row(*i)].method.clone(),
                 _ => String::new(),
             })
-            .y_labels(recs.len())
+            .y_labels(n)
             .draw()?;
-        for (i, r) in recs.iter().enumerate() {
-            let sizes = [r.weight_bytes, r.grad_bytes, r.state_bytes, r.other_bytes].map(mb);
-            let mut x = 0.0;
-            for ((_, color), size) in parts.iter().zip(sizes) {
-                let bar = Rectangle::new(
+        let sizes: Vec<[f64; 4]> = recs
+            .iter()
+            .map(|r| [r.weight_bytes, r.grad_bytes, r.state_bytes, r.other_bytes].map(mb))
+            .collect();
+        for (part, (label, color)) in parts.iter().enumerate() {
+            let bars = sizes.iter().enumerate().map(|(i, s)| {
+                let x0: f64 = s[..part].iter().sum();
+                let mut bar = Rectangle::new(
                     [
-                        (x, SegmentValue::Exact(i)),
-                        (x + size, SegmentValue::Exact(i + 1)),
+                        (x0, SegmentValue::Exact(row(i))),
+                        (x0 + s[part], SegmentValue::Exact(row(i) + 1)),
                     ],
                     color.filled(),
                 );
-                chart.draw_series(std::iter::once(bar))?;
-                x += size;
+                bar.set_margin(3, 3, 0, 0);
+                bar
+            });
+            let series = chart.draw_series(bars)?;
+            if Some(shape) == shapes.first() {
+                let color = *color;
+                series.label(*label).legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                });
             }
-            chart.draw_series(std::iter::once(Text::new(
+        }
+        chart.draw_series(recs.iter().enumerate().map(|(i, r)| {
+            Text::new(
                 format!("{:.0} MB", mb(r.peak_bytes)),
-                (x + max * 0.01, SegmentValue::CenterOf(i)),
+                (
+                    mb(r.peak_bytes) + max * 0.01,
+                    SegmentValue::CenterOf(row(i)),
+                ),
                 ("sans-serif", 13),
-            )))?;
+            )
+        }))?;
+        if Some(shape) == shapes.first() {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.9))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 13))
+                .draw()?;
         }
     }
     root.present()?;
@@ -518,7 +363,7 @@ fn main() -> Result<(), Error> {
                 shape_config(shape)?;
             }
             for method in &methods {
-                parse_method(method)?;
+                method.parse::<Method>()?;
             }
             let mut records = Vec::new();
             for shape in &args.shape {

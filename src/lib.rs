@@ -8,7 +8,11 @@
 //! [`Llama`] is a trainable Llama-family decoder built that way, [`load_llama`] and
 //! [`save_llama`] read and write Hugging Face checkpoints, and [`LoraConfig`] with
 //! [`Llama::with_lora`] and [`LisaAdamW::all_trainable`] give the LoRA and full fine-tuning
-//! baselines LISA is compared with.
+//! baselines LISA is compared with. With
+//! [`LisaConfig::recompute_frozen`](crate::LisaConfig::recompute_frozen), frozen blocks keep
+//! no activations either: [`recompute`](crate::recompute::recompute) runs them again in the
+//! backward pass. The model's attention, norms, RoPE, SwiGLU and loss ([`ops`]) keep only
+//! their inputs and outputs in the graph.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};

@@ -284,7 +284,12 @@ fn lean_ops_match_reference_graphs() -> candle_core::Result<()> {
     };
     // dL/d(inputs) of sum(out ⊙ probe) for both versions.
     let grads = |out: &Tensor, probe: &Tensor, inputs: &[&Var]| {
-        let g = (out * probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = (out * probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         inputs
             .iter()
             .map(|v| g.get(v.as_tensor()).expect("gradient").clone())
@@ -305,7 +310,10 @@ fn lean_ops_match_reference_graphs() -> candle_core::Result<()> {
     close(&lean, &reference, "attention");
     let probe = Tensor::randn(0f32, 1., lean.shape(), &dev)?;
     let vars = [&q, &k, &v];
-    for (a, r) in grads(&lean, &probe, &vars).iter().zip(grads(&reference, &probe, &vars)) {
+    for (a, r) in grads(&lean, &probe, &vars)
+        .iter()
+        .zip(grads(&reference, &probe, &vars))
+    {
         close(a, &r, "attention gradient");
     }
 
@@ -341,9 +349,10 @@ fn lean_ops_match_reference_graphs() -> candle_core::Result<()> {
     let reference = (candle_nn::ops::silu(gate.as_tensor())? * up.as_tensor())?;
     close(&lean, &reference, "swiglu");
     let probe = Tensor::randn(0f32, 1., lean.shape(), &dev)?;
-    for (a, r) in grads(&lean, &probe, &[&gate, &up])
-        .iter()
-        .zip(grads(&reference, &probe, &[&gate, &up]))
+    for (a, r) in
+        grads(&lean, &probe, &[&gate, &up])
+            .iter()
+            .zip(grads(&reference, &probe, &[&gate, &up]))
     {
         close(a, &r, "swiglu gradient");
     }

@@ -1,0 +1,57 @@
+//! A frozen projection, forward and backward, at SmolLM2-135M's shapes (B = 1, T = 256): the
+//! crate's frozen-aware `Linear` (no weight gradient) against candle's stock `Linear` over the
+//! same detached weight (which computes and stores one anyway).
+//!
+//! `cargo bench --bench frozen_linear`
+
+mod common;
+
+use std::time::Duration;
+
+use candle_core::{Module, Tensor, Var};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+fn frozen_linear(c: &mut Criterion) {
+    common::setup();
+    let (dev, name) = common::device();
+    let mut group = c.benchmark_group(format!("frozen_linear/{name}"));
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let rows = 256;
+    for (proj, inp, out) in [
+        ("q_o_576x576", 576, 576),
+        ("k_v_576x192", 576, 192),
+        ("gate_up_576x1536", 576, 1536),
+        ("down_1536x576", 1536, 576),
+    ] {
+        let x = Var::randn(0f32, 1., (1, rows, inp), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.02, (out, inp), &dev).unwrap();
+        // Forward and backward: 2 · rows · in · out FLOPs each for y and dx.
+        group.throughput(Throughput::Elements((4 * rows * inp * out) as u64));
+        let lisa = candle_lisa::Linear::new(w.clone(), None);
+        let stock = candle_nn::Linear::new(w, None);
+        let run = |layer: &dyn Module| {
+            let grads = layer
+                .forward(x.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            dev.synchronize().unwrap();
+            grads
+        };
+        group.bench_function(BenchmarkId::new("lisa_frozen", proj), |b| {
+            b.iter(|| run(&lisa))
+        });
+        group.bench_function(BenchmarkId::new("candle_linear", proj), |b| {
+            b.iter(|| run(&stock))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, frozen_linear);
+criterion_main!(benches);

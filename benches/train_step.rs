@@ -1,0 +1,42 @@
+//! One whole training step (forward, backward, optimizer step) of the SmolLM2-135M shape at
+//! B = 1, T = 128: full fine-tuning, LoRA rank 16 and LISA γ = 2 (which redraws its blocks
+//! every 2 steps, so resamples are part of the measurement).
+//!
+//! `cargo bench --bench train_step`
+
+mod common;
+
+#[path = "../examples/common/training.rs"]
+mod training;
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use training::{batch, shape_config, Method, Training, Weights};
+
+fn train_step(c: &mut Criterion) {
+    common::setup();
+    let (dev, name) = common::device();
+    let mut group = c.benchmark_group(format!("train_step/{name}/smollm2-135m/T128"));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(3))
+        .measurement_time(Duration::from_secs(20));
+    let config = shape_config("smollm2-135m").unwrap();
+    let (ids, labels) = batch(&config, 1, 128, &dev).unwrap();
+    for method in ["full", "lora16", "lisa2"] {
+        let kind: Method = method.parse().unwrap();
+        let weights = Weights::new(config.clone(), kind, &dev).unwrap();
+        let mut training = Training::new(weights, kind).unwrap();
+        group.bench_function(method, |b| {
+            b.iter(|| {
+                training.step(&ids, &labels).unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, train_step);
+criterion_main!(benches);

@@ -1,0 +1,293 @@
+//! The model shapes and training methods compared by the memory report and the benches.
+#![allow(dead_code)]
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Result, Tensor};
+use candle_lisa::{
+    frozen_var_builder, named_vars, LisaAdamW, LisaConfig, Llama, LlamaConfig, LoraConfig,
+};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+
+/// Shape names: SmolLM2-135M; LLaMA-2-7B's proportions at a CPU-friendly size (embedding and
+/// head about 4% of the parameters, as in the real model); a tiny one for smoke tests.
+pub const SHAPES: [&str; 3] = ["smollm2-135m", "llama2-7b-scaled", "tiny"];
+
+/// Method names, in report order.
+pub const METHODS: [&str; 11] = [
+    "full",
+    "adamw-candle",
+    "lora16",
+    "lora128",
+    "lisa1",
+    "lisa2",
+    "lisa4",
+    "lisa2-dropin",
+    "lisa1-recompute",
+    "lisa2-recompute",
+    "lisa4-recompute",
+];
+
+/// The Llama config of a shape name.
+pub fn shape_config(name: &str) -> std::result::Result<LlamaConfig, String> {
+    let mut c = match name {
+        "smollm2-135m" => {
+            let mut c = LlamaConfig::tiny(49152, 576, 30, 9, 3);
+            c.intermediate_size = 1536;
+            c.tie_word_embeddings = true;
+            c.rope_theta = 100_000.0;
+            c
+        }
+        "llama2-7b-scaled" => {
+            let mut c = LlamaConfig::tiny(4000, 512, 32, 8, 8);
+            c.intermediate_size = 1376;
+            c
+        }
+        "tiny" => {
+            let mut c = LlamaConfig::tiny(258, 128, 8, 4, 2);
+            c.intermediate_size = 352;
+            c.tie_word_embeddings = true;
+            c
+        }
+        _ => return Err(format!("unknown shape {name:?}; choose from {SHAPES:?}")),
+    };
+    c.max_position_embeddings = 4096;
+    Ok(c)
+}
+
+/// What a method name asks for.
+#[derive(Clone, Copy, Debug)]
+pub enum Method {
+    /// The crate's lean AdamW over every parameter.
+    Full,
+    /// `candle_nn::AdamW` over every parameter, the model built from the `VarMap`.
+    AdamwCandle,
+    /// LoRA of this rank on all seven projections, α = 2 × rank.
+    Lora(usize),
+    /// LISA with γ = `gamma`, redrawing every 2 steps.
+    Lisa {
+        gamma: usize,
+        /// The model is built from the `VarMap`, not from the optimizer.
+        drop_in: bool,
+        /// Frozen blocks are recomputed in the backward pass.
+        recompute: bool,
+    },
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+
+    fn from_str(name: &str) -> std::result::Result<Self, String> {
+        let unknown = || format!("unknown method {name:?}; choose from {METHODS:?}");
+        if name == "full" {
+            return Ok(Method::Full);
+        }
+        if name == "adamw-candle" {
+            return Ok(Method::AdamwCandle);
+        }
+        if let Some(rank) = name.strip_prefix("lora") {
+            return rank.parse().map(Method::Lora).map_err(|_| unknown());
+        }
+        let rest = name.strip_prefix("lisa").ok_or_else(unknown)?;
+        let (gamma, variant) = rest.split_once('-').unwrap_or((rest, ""));
+        let gamma = gamma.parse().map_err(|_| unknown())?;
+        match variant {
+            "" | "dropin" | "recompute" => Ok(Method::Lisa {
+                gamma,
+                drop_in: variant == "dropin",
+                recompute: variant == "recompute",
+            }),
+            _ => Err(unknown()),
+        }
+    }
+}
+
+/// Randomly initialised weights of a shape, with LoRA adapters when the method has them.
+pub struct Weights {
+    pub config: LlamaConfig,
+    pub base: VarMap,
+    pub adapters: VarMap,
+    pub lora: Option<LoraConfig>,
+    pub device: Device,
+}
+
+impl Weights {
+    pub fn new(config: LlamaConfig, method: Method, device: &Device) -> Result<Self> {
+        let base = VarMap::new();
+        Llama::new(&config, VarBuilder::from_varmap(&base, DType::F32, device))?;
+        let adapters = VarMap::new();
+        let lora = match method {
+            Method::Lora(rank) => {
+                let lora = LoraConfig {
+                    rank,
+                    alpha: 2.0 * rank as f64,
+                    ..Default::default()
+                };
+                let vb = VarBuilder::from_varmap(&adapters, DType::F32, device);
+                Llama::with_lora(&config, frozen_var_builder(&base)?, &lora, vb)?;
+                Some(lora)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            config,
+            base,
+            adapters,
+            lora,
+            device: device.clone(),
+        })
+    }
+
+    /// Bytes of the weights and adapters.
+    pub fn bytes(&self) -> usize {
+        [&self.base, &self.adapters]
+            .iter()
+            .flat_map(|m| m.all_vars())
+            .map(|v| v.elem_count() * v.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+enum Optim {
+    Lean { opt: LisaAdamW, rebuild: bool },
+    Candle(AdamW),
+}
+
+/// A model and its optimizer, ready to step.
+pub struct Training {
+    weights: Weights,
+    optim: Optim,
+    model: Llama,
+}
+
+/// What one step left behind.
+pub struct Step {
+    /// Bytes of the gradients the backward pass stored.
+    pub grad_bytes: usize,
+    /// Whether LISA drew new blocks (and the model was rebuilt).
+    pub resampled: bool,
+}
+
+impl Training {
+    /// Builds the optimizer (allocating its state) and the model. Learning rate 1e-5.
+    pub fn new(weights: Weights, method: Method) -> Result<Self> {
+        let params = ParamsAdamW {
+            lr: 1e-5,
+            ..Default::default()
+        };
+        let optim = match method {
+            Method::Full => Optim::Lean {
+                opt: LisaAdamW::all_trainable(named_vars(&weights.base)?, params)?,
+                rebuild: false,
+            },
+            Method::Lora(_) => Optim::Lean {
+                opt: LisaAdamW::all_trainable(named_vars(&weights.adapters)?, params)?,
+                rebuild: false,
+            },
+            Method::AdamwCandle => Optim::Candle(AdamW::new(weights.base.all_vars(), params)?),
+            Method::Lisa {
+                gamma,
+                drop_in,
+                recompute,
+            } => {
+                let config = LisaConfig {
+                    gamma,
+                    period: 2,
+                    recompute_frozen: recompute,
+                    ..Default::default()
+                };
+                Optim::Lean {
+                    opt: LisaAdamW::new(&weights.base, params, config)?,
+                    rebuild: !drop_in,
+                }
+            }
+        };
+        let model = build(&weights, &optim)?;
+        Ok(Self {
+            weights,
+            optim,
+            model,
+        })
+    }
+
+    /// Forward, backward, optimizer step; rebuilds the model after a LISA resample.
+    pub fn step(&mut self, ids: &Tensor, labels: &Tensor) -> Result<Step> {
+        let grads = self.model.loss(ids, labels)?.backward()?;
+        let grad_bytes = grad_bytes(&grads);
+        let resampled = match &mut self.optim {
+            Optim::Lean { opt, .. } => {
+                opt.try_step(&grads)?;
+                opt.resampled()
+            }
+            Optim::Candle(opt) => {
+                opt.step(&grads)?;
+                false
+            }
+        };
+        drop(grads);
+        if resampled {
+            self.model = build(&self.weights, &self.optim)?;
+        }
+        Ok(Step {
+            grad_bytes,
+            resampled,
+        })
+    }
+
+    /// Bytes of optimizer state now (candle_nn::AdamW holds m and v for every variable).
+    pub fn state_bytes(&self) -> usize {
+        match &self.optim {
+            Optim::Lean { opt, .. } => opt.state_bytes(),
+            Optim::Candle(_) => 2 * self.weights.bytes(),
+        }
+    }
+
+    /// Parameters trainable now.
+    pub fn trainable_params(&self) -> usize {
+        match &self.optim {
+            Optim::Lean { opt, .. } => opt.trainable_params(),
+            Optim::Candle(_) => self.weights.bytes() / 4,
+        }
+    }
+
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+}
+
+fn build(w: &Weights, optim: &Optim) -> Result<Llama> {
+    let vb = |m: &VarMap| VarBuilder::from_varmap(m, DType::F32, &w.device);
+    Ok(match (optim, &w.lora) {
+        (_, Some(lora)) => Llama::with_lora(
+            &w.config,
+            frozen_var_builder(&w.base)?,
+            lora,
+            vb(&w.adapters),
+        )?,
+        (Optim::Lean { opt, rebuild: true }, None) => Llama::from_optimizer(&w.config, opt)?,
+        _ => Llama::new(&w.config, vb(&w.base))?,
+    })
+}
+
+/// Bytes of every gradient in the store.
+pub fn grad_bytes(grads: &GradStore) -> usize {
+    grads
+        .get_ids()
+        .filter_map(|id| grads.get_id(*id))
+        .map(|g| g.elem_count() * g.dtype().size_in_bytes())
+        .sum()
+}
+
+/// A batch of `b` sequences of `t` token ids spread over the vocabulary, and its labels.
+pub fn batch(
+    config: &LlamaConfig,
+    b: usize,
+    t: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| (i as u64 * 7919 % config.vocab_size as u64) as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, (b, t), device)?;
+    let labels = ids.to_dtype(DType::I64)?;
+    Ok((ids, labels))
+}
