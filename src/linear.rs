@@ -97,7 +97,7 @@ impl Module for Linear {
         let rows = batch.iter().product::<usize>();
         let x2 = x.contiguous()?.reshape((rows, in_dim))?;
         let y = if self.weight.track_op() {
-            x2.matmul(&self.weight.t()?)?
+            trained_matmul(&x2, &self.weight)?
         } else {
             frozen_matmul(&x2, &self.weight)?
         };
@@ -134,11 +134,14 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     // Backends take strided layouts, but cuBLAS rejects column-sliced weights and the CPU path
     // is fastest on row-major rows: give both contiguous operands.
     x.contiguous()?
-        .apply_op2(&w.detach().contiguous()?, FrozenMatmul)
+        .apply_op2(&w.detach().contiguous()?, LinearMatmul)
 }
 
-/// `(x, w) -> x · wᵀ`; backward `(g · w, None)`.
-struct FrozenMatmul;
+/// `(x, w) -> x · wᵀ`; backward `(g · w, gᵀ · x)`, each only for an operand that tracks
+/// gradients. With `w` frozen that is dx alone; with `w` trained, dW comes out in `w`'s own
+/// layout, where candle's `x.matmul(&w.t())` would accumulate it for the transposed view first
+/// and then once more for `w` (two more weight-sized buffers at the peak of the backward pass).
+struct LinearMatmul;
 
 fn matmul_fwd<S: BackendStorage>(x: &S, lx: &Layout, w: &S, lw: &Layout) -> Result<(S, Shape)> {
     let (m, k) = lx.shape().dims2()?;
@@ -147,22 +150,37 @@ fn matmul_fwd<S: BackendStorage>(x: &S, lx: &Layout, w: &S, lw: &Layout) -> Resu
     Ok((x.matmul(w, (1, m, n, k), lx, &wt)?, Shape::from((m, n))))
 }
 
-impl CustomOp2 for FrozenMatmul {
+impl CustomOp2 for LinearMatmul {
     fn name(&self) -> &'static str {
-        "candle-lisa-frozen-matmul"
+        "candle-lisa-linear-matmul"
     }
 
     crate::ops::backend_fwd2!(matmul_fwd);
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&w.detach())?), None))
+        let grad = grad.detach();
+        let dx = match x.track_op() {
+            true => Some(grad.matmul(&w.detach())?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(grad.t()?.matmul(&x.detach())?),
+            false => None,
+        };
+        Ok((dx, dw))
     }
+}
+
+/// `x · wᵀ` for a 2-D `x` of shape `(rows, in)` and a trained `w` of shape `(out, in)`, with
+/// dW computed in `w`'s layout (see [`Linear`]).
+fn trained_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, LinearMatmul)
 }
 
 /// A [`Linear`] with bias, initialised like [`candle_nn::linear()`] when the builder creates it.
