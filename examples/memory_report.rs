@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run --release --example memory_report -- --json [--shape NAME[,NAME]] [--methods LIST]
-//!     [--seq-len 256] [--batch-size 1] [--steps 5] [--recompute-frozen] [--chart PATH]
+//!     [--seq-len 256] [--batch-size 1] [--steps 5] [--rounds 1] [--recompute-frozen]
+//!     [--chart PATH]
 //! cargo run --release --example memory_report -- --from results.jsonl [--chart PATH]
 //! ```
 //!
@@ -13,6 +14,7 @@
 //! it prints one JSON object per method on stdout; it always prints a table on stderr, with the
 //! breakdown of the peak (weights, gradients, optimizer state, and the rest: activations and
 //! temporaries) and the ratios to `full`. `--chart` draws the peaks as a bar chart (PNG).
+//! It runs on the CPU only: the peak is the process heap, in f32.
 //!
 //! Methods: `full` (lean AdamW over everything), `lora16`, `lora128` (all seven projections),
 //! `lisa1`, `lisa2`, `lisa4` (γ = 1, 2, 4 on a model rebuilt from the optimizer), their
@@ -69,6 +71,11 @@ struct Args {
     /// Training steps per method; the step time is the median of all but the first.
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Run every method this many times, in turn, and take the step time as the median over
+    /// all rounds: on a shared machine, speed drifts over minutes, and interleaving the methods
+    /// spreads the drift over all of them. Memory comes out the same in every round.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Run every LISA method with frozen-block recompute (lisa2 becomes lisa2-recompute).
     #[arg(long)]
     recompute_frozen: bool,
@@ -104,11 +111,19 @@ struct Record {
     other_bytes: usize,
     trainable_params: usize,
     total_params: usize,
+    /// Median of the steps after the first of each round.
     step_ms_median: f64,
+    /// Every step, round after round.
     step_ms: Vec<f64>,
+    #[serde(default = "one")]
+    rounds: usize,
     resamples: usize,
     threads: usize,
     device: String,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Measures one method in this process.
@@ -152,6 +167,7 @@ fn measure(args: &Args, shape: &str, name: &str) -> Result<Record, Error> {
         total_params: weight_bytes / 4,
         step_ms_median: timed[timed.len() / 2],
         step_ms,
+        rounds: 1,
         resamples,
         threads: candle_core::utils::get_num_threads(),
         device: "cpu".into(),
@@ -171,6 +187,32 @@ fn spawn(args: &Args, shape: &str, method: &str) -> Result<Record, Error> {
         return Err(format!("{shape} {method}: the measuring process failed").into());
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// One record from several rounds of the same method: the largest memory figures (they are
+/// equal unless the allocator's timing differs), every timed step, and their median.
+fn merge_rounds(runs: &[&Record]) -> Record {
+    let mut merged = runs[0].clone();
+    merged.step_ms = runs
+        .iter()
+        .flat_map(|r| r.step_ms.iter().copied())
+        .collect();
+    let mut timed: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r.step_ms[1.min(r.step_ms.len() - 1)..].iter().copied())
+        .collect();
+    timed.sort_by(f64::total_cmp);
+    merged.step_ms_median = timed[timed.len() / 2];
+    for r in &runs[1..] {
+        merged.peak_bytes = merged.peak_bytes.max(r.peak_bytes);
+        merged.grad_bytes = merged.grad_bytes.max(r.grad_bytes);
+        merged.state_bytes = merged.state_bytes.max(r.state_bytes);
+    }
+    merged.other_bytes = merged
+        .peak_bytes
+        .saturating_sub(merged.weight_bytes + merged.grad_bytes + merged.state_bytes);
+    merged.rounds = runs.len();
+    merged
 }
 
 fn mb(bytes: usize) -> f64 {
@@ -337,6 +379,9 @@ fn chart(path: &Path, records: &[Record]) -> Result<(), Error> {
 fn main() -> Result<(), Error> {
     common::setup();
     let args = Args::parse();
+    if args.steps < 2 {
+        return Err("--steps must be at least 2 (the first step is not timed; LISA resamples after the second)".into());
+    }
     if args.child {
         let (shape, method) = (&args.shape[0], &args.methods[0]);
         let record = measure(&args, shape, method)?;
@@ -367,9 +412,18 @@ fn main() -> Result<(), Error> {
             }
             let mut records = Vec::new();
             for shape in &args.shape {
-                for method in &methods {
-                    eprint!("\r{shape}: {method}...{:20}", "");
-                    let record = spawn(&args, shape, method)?;
+                let mut rounds: Vec<Vec<Record>> = Vec::new();
+                for round in 0..args.rounds.max(1) {
+                    let mut this_round = Vec::new();
+                    for method in &methods {
+                        eprint!("\r{shape}: {method} (round {})...{:20}", round + 1, "");
+                        this_round.push(spawn(&args, shape, method)?);
+                    }
+                    rounds.push(this_round);
+                }
+                for i in 0..methods.len() {
+                    let runs: Vec<&Record> = rounds.iter().map(|r| &r[i]).collect();
+                    let record = merge_rounds(&runs);
                     if args.json {
                         println!("{}", serde_json::to_string(&record)?);
                         std::io::stdout().flush()?;

@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::error::{LisaError, Result};
 use crate::linear::{linear_b, Linear};
 use crate::lora::LoraConfig;
-use crate::ops::{attach1, causal_attention, causal_mask, rms_norm, rope, swiglu};
+use crate::ops::{attach1, attach2, causal_attention, causal_mask, rms_norm, rope, swiglu};
 use crate::optim::LisaAdamW;
 use crate::recompute::recompute;
 
@@ -557,8 +557,9 @@ impl Llama {
         &self.config
     }
 
-    /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)` (u32), with a causal mask.
-    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+    /// The final hidden states `(batch, seq, hidden)`, after the last norm, for token ids
+    /// `(batch, seq)` (u32), with a causal mask.
+    pub fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if let Some(w) = self.config.attention_window().filter(|&w| t > w) {
             return Err(LisaError::UnsupportedConfig {
@@ -588,7 +589,12 @@ impl Llama {
                 block.forward(&x, &rope_cs, &mask, eps)?
             };
         }
-        Ok(self.lm_head.forward(&rms_norm(&x, &self.norm, eps)?)?)
+        Ok(rms_norm(&x, &self.norm, eps)?)
+    }
+
+    /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)` (u32), with a causal mask.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(&self.hidden_states(input_ids)?)?)
     }
 
     /// `(cos, sin)` of shape `(t, head_dim / 2)`, made once per forward for every layer.
@@ -610,10 +616,16 @@ impl Llama {
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
 
-    /// The causal-LM loss of `input_ids` against `labels` (i64, [`IGNORE_INDEX`] to skip);
-    /// see [`causal_lm_loss`].
+    /// The causal-LM loss of `input_ids` against `labels` (i64, [`IGNORE_INDEX`] to skip):
+    /// the value of [`causal_lm_loss`] on [`forward`](Self::forward)'s logits, but the
+    /// `(batch, seq, vocab)` logits are never kept: the LM head and the loss are one op whose
+    /// backward recomputes them (see [`head_loss`]).
     pub fn loss(&self, input_ids: &Tensor, labels: &Tensor) -> Result<Tensor> {
-        causal_lm_loss(&self.forward(input_ids)?, labels)
+        let hidden = self.hidden_states(input_ids)?;
+        match (self.lm_head.bias(), self.lm_head.lora()) {
+            (None, None) => head_loss(&hidden, self.lm_head.weight(), labels),
+            _ => causal_lm_loss(&self.lm_head.forward(&hidden)?, labels),
+        }
     }
 
     /// Continues `prompt` by `max_new_tokens` tokens, stopping early at `eos`. Greedy when
@@ -677,56 +689,124 @@ impl Llama {
 ///
 /// `logits` is `(batch, seq, vocab)`, `labels` is `(batch, seq)` of i64 with [`IGNORE_INDEX`]
 /// where no loss should be taken (padding, prompt tokens). Computed in f32 for half-precision
-/// logits, else in their dtype. Returns 0 when
-/// every label is ignored.
+/// logits, else in their dtype. Returns 0 when every label is ignored. The graph keeps the
+/// logits and the scalar loss only: the backward pass recomputes the softmax, where candle's
+/// `log_softmax` would keep several logits-sized tensors alive.
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    let (lb, lt) = labels.dims2()?;
-    if (lb, lt) != (b, t) || t < 2 {
-        return Err(LisaError::InvalidConfig(format!(
-            "labels of shape ({lb}, {lt}) do not match logits ({b}, {t}, {v}); they must be equal and seq >= 2"
-        )));
-    }
-    let dtype = match logits.dtype() {
-        DType::F16 | DType::BF16 => DType::F32,
-        d => d,
-    };
-    // Row (i, j) of the logits predicts label (i, j + 1); the last position of each sequence
-    // predicts nothing, so its label is ignored and every row is handled alike.
-    let ignored = Tensor::full(IGNORE_INDEX, (b, 1), labels.device())?;
-    let labels = Tensor::cat(&[&labels.narrow(1, 1, t - 1)?, &ignored], 1)?
-        .flatten_all()?
-        .to_dtype(DType::I64)?;
-    let mask = labels.ge(0i64)?.to_dtype(dtype)?.unsqueeze(1)?;
-    let safe = labels
-        .clamp(0i64, v as i64 - 1)?
-        .to_dtype(DType::U32)?
-        .unsqueeze(1)?;
-    let count = mask
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?
-        .max(1.0);
-    let rows = move |logits: &Tensor| logits.detach().reshape((b * t, v))?.to_dtype(dtype);
-
-    // The graph keeps the logits and the scalar loss only: the backward pass recomputes the
-    // softmax, where candle's log_softmax would keep several logits-sized tensors alive.
-    let x = rows(logits)?;
-    let max = x.max_keepdim(1)?;
-    let log_sum_exp = (x.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max)?;
-    let picked = (x.gather(&safe, 1)? - log_sum_exp)?;
-    let loss = ((picked * &mask)?.sum_all()? * (-1.0 / count))?;
-    drop(x);
+    let targets = Targets::new(labels, b, t, v, logits.dtype())?;
+    let rows = move |logits: &Tensor| logits.detach().reshape((b * t, v));
+    let loss = targets.loss(&rows(logits)?)?;
     let out_dtype = logits.dtype();
     Ok(attach1(
         "lisa-causal-lm-loss",
         logits,
         loss,
         move |logits, _y, g| {
-            let coef = (mask.broadcast_mul(&g.detach().to_dtype(dtype)?)? / count)?;
-            let d = candle_nn::ops::softmax_last_dim(&rows(logits)?)?.broadcast_mul(&coef)?;
-            d.scatter_add_set(&safe, &coef.neg()?, 1)?;
+            let d = targets.dlogits(&rows(logits)?, g)?;
             Ok(Some(d.reshape((b, t, v))?.to_dtype(out_dtype)?))
         },
     )?)
+}
+
+/// [`causal_lm_loss`] of the logits `hidden · wᵀ` (an LM head without bias), as one op that
+/// never keeps the `(batch, seq, vocab)` logits: the forward pass drops them once the loss is
+/// computed, and the backward pass recomputes them to get dL/dhidden and, when `w` tracks
+/// gradients, dL/dw. At a large vocabulary the logits are the largest activations of a
+/// training step, and their gradient one more tensor of the same size.
+pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (b, t, h) = hidden.dims3()?;
+    let (v, wh) = w.dims2()?;
+    if wh != h {
+        return Err(LisaError::InvalidConfig(format!(
+            "head_loss: hidden states ({b}, {t}, {h}) do not match the head weight ({v}, {wh})"
+        )));
+    }
+    let targets = Targets::new(labels, b, t, v, hidden.dtype())?;
+    let rows = move |x: &Tensor| x.detach().reshape((b * t, h));
+    let logits = move |x: &Tensor, w: &Tensor| rows(x)?.matmul(&w.detach().t()?);
+    let loss = targets.loss(&logits(hidden, w)?)?;
+    Ok(attach2(
+        "lisa-head-loss",
+        hidden,
+        w,
+        loss,
+        move |x, w, _y, g| {
+            let d = targets.dlogits(&logits(x, w)?, g)?.to_dtype(x.dtype())?;
+            let dx = d.matmul(&w.detach())?.reshape((b, t, h))?;
+            let dw = match w.track_op() {
+                true => Some(d.t()?.matmul(&rows(x)?)?),
+                false => None,
+            };
+            Ok((Some(dx), dw))
+        },
+    )?)
+}
+
+/// The labels of a causal-LM loss, one per logits row: row `(i, j)` predicts label
+/// `(i, j + 1)`; the last position of each sequence predicts nothing and is ignored, so every
+/// row is handled alike.
+struct Targets {
+    /// `(rows, 1)`, 1 where a label counts, 0 where it is ignored; in `dtype`.
+    mask: Tensor,
+    /// `(rows, 1)` u32, the label clamped into the vocabulary (ignored rows point at 0).
+    safe: Tensor,
+    /// How many labels count, at least 1.
+    count: f64,
+    /// f32 for half-precision logits, else their dtype.
+    dtype: DType,
+}
+
+impl Targets {
+    fn new(labels: &Tensor, b: usize, t: usize, v: usize, dtype: DType) -> Result<Self> {
+        let (lb, lt) = labels.dims2()?;
+        if (lb, lt) != (b, t) || t < 2 {
+            return Err(LisaError::InvalidConfig(format!(
+                "labels of shape ({lb}, {lt}) do not match logits ({b}, {t}, {v}); they must be equal and seq >= 2"
+            )));
+        }
+        let dtype = match dtype {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        };
+        let ignored = Tensor::full(IGNORE_INDEX, (b, 1), labels.device())?;
+        let labels = Tensor::cat(&[&labels.narrow(1, 1, t - 1)?, &ignored], 1)?
+            .flatten_all()?
+            .to_dtype(DType::I64)?;
+        let mask = labels.ge(0i64)?.to_dtype(dtype)?.unsqueeze(1)?;
+        let safe = labels
+            .clamp(0i64, v as i64 - 1)?
+            .to_dtype(DType::U32)?
+            .unsqueeze(1)?;
+        let count = mask
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?
+            .max(1.0);
+        Ok(Self {
+            mask,
+            safe,
+            count,
+            dtype,
+        })
+    }
+
+    /// The mean loss of `(rows, vocab)` logits, a scalar in `self.dtype`.
+    fn loss(&self, logits: &Tensor) -> candle_core::Result<Tensor> {
+        let x = logits.to_dtype(self.dtype)?;
+        let max = x.max_keepdim(1)?;
+        let log_sum_exp = (x.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max)?;
+        let picked = (x.gather(&self.safe, 1)? - log_sum_exp)?;
+        (picked * &self.mask)?.sum_all()? * (-1.0 / self.count)
+    }
+
+    /// dL/dlogits for the incoming gradient `g` of the loss: `(softmax - one-hot) · g / count`
+    /// on counted rows, 0 elsewhere; in `self.dtype`.
+    fn dlogits(&self, logits: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        let coef = (self.mask.broadcast_mul(&g.detach().to_dtype(self.dtype)?)? / self.count)?;
+        let p = candle_nn::ops::softmax_last_dim(&logits.to_dtype(self.dtype)?)?;
+        let d = p.broadcast_mul(&coef)?;
+        d.scatter_add_set(&self.safe, &coef.neg()?, 1)?;
+        Ok(d)
+    }
 }

@@ -358,3 +358,28 @@ fn lean_ops_match_reference_graphs() -> candle_core::Result<()> {
     }
     Ok(())
 }
+
+/// `Llama::loss` (head and loss as one op, logits never kept) gives the value and the
+/// gradients of `causal_lm_loss` on `forward`'s logits.
+#[test]
+fn fused_head_loss_matches_loss_on_logits() -> Result<(), Box<dyn std::error::Error>> {
+    for tied in [false, true] {
+        let c = config(tied, 4, 2);
+        let (varmap, model) = build(&c, DType::F32)?;
+        let (ids, labels) = batch()?;
+        let fused = model.loss(&ids, &labels)?;
+        let plain = causal_lm_loss(&model.forward(&ids)?, &labels)?;
+        let (a, b) = (fused.to_scalar::<f32>()?, plain.to_scalar::<f32>()?);
+        assert!((a - b).abs() < 1e-6, "loss {a} vs {b}");
+        let (g_fused, g_plain) = (fused.backward()?, plain.backward()?);
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            let (x, y) = (
+                g_fused.get(var.as_tensor()).expect("fused gradient"),
+                g_plain.get(var.as_tensor()).expect("plain gradient"),
+            );
+            let diff = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "tied {tied}: {name} differs by {diff}");
+        }
+    }
+    Ok(())
+}
