@@ -26,6 +26,10 @@ pub struct LisaParams {
 }
 
 /// A read-only view of one parameter's AdamW state.
+///
+/// The tensors are the optimizer's own: the fused CPU update writes them in place, so a clone
+/// of `m` or `v` (which shares their storage) changes with the next step. Use
+/// `Tensor::copy` to keep a snapshot.
 #[derive(Clone, Copy, Debug)]
 pub struct ParamState<'a> {
     /// First moment.
