@@ -365,7 +365,7 @@ fn chart(path: &Path, records: &[Record]) -> Result<(), Error> {
         if Some(shape) == shapes.first() {
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
+                .position(SeriesLabelPosition::LowerRight)
                 .background_style(WHITE.mix(0.9))
                 .border_style(BLACK)
                 .label_font(("sans-serif", 13))
