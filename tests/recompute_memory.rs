@@ -53,8 +53,8 @@ fn recomputed_intermediates_are_not_alive_after_the_forward_pass() -> candle_cor
     assert_eq!(g_plain.to_vec1::<f32>()?, g_re.to_vec1::<f32>()?);
 
     // A Llama with one block of six training: with recompute, the forward pass keeps at least
-    // the attention scores and probabilities of each frozen block fewer (2 x heads x T x T
-    // floats a block), less the copy of its output it keeps instead.
+    // the MLP's gate and up projections and their SwiGLU product of each frozen block fewer
+    // (3 x T x intermediate floats a block), less the copy of its output it keeps instead.
     let mut c = LlamaConfig::tiny(64, 64, 6, 4, 4);
     c.intermediate_size = 160;
     let varmap = VarMap::new();
@@ -79,7 +79,7 @@ fn recomputed_intermediates_are_not_alive_after_the_forward_pass() -> candle_cor
     let (on, on_bytes) = retained(|| model.forward(&ids));
     drop(on);
     println!("Llama, 5 frozen blocks: plain keeps {off_bytes} B, recompute keeps {on_bytes} B");
-    let per_block = 2 * c.num_attention_heads * t * t * F32 - t * c.hidden_size * F32;
+    let per_block = 3 * t * c.intermediate_size * F32 - t * c.hidden_size * F32;
     assert!(off_bytes >= on_bytes + 5 * per_block);
     Ok(())
 }
