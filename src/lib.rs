@@ -96,7 +96,7 @@ pub use config::{LisaConfig, GPT2_BLOCK_PATTERN, LLAMA_BLOCK_PATTERN};
 pub use error::{LisaError, Result};
 pub use layers::{BlockPattern, LayerMap, ParamGroup};
 pub use linear::{frozen_matmul, linear, linear_b, linear_no_bias, Linear, LoraAdapter};
-pub use llama::{causal_lm_loss, Llama, LlamaConfig, IGNORE_INDEX};
+pub use llama::{causal_lm_loss, head_loss, Llama, LlamaConfig, IGNORE_INDEX};
 pub use lora::{merge_lora, LoraConfig, LORA_TARGETS};
 pub use optim::{LisaAdamW, LisaParams, ParamState};
 pub use sampler::{BlockSampler, UniformSampler};
