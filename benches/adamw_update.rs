@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use candle_core::{backprop::GradStore, Device, Tensor, Var};
 use candle_lisa::LisaAdamW;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
@@ -26,13 +24,7 @@ fn param(n: usize, dev: &Device) -> candle_core::Result<(Var, GradStore)> {
 }
 
 fn update(c: &mut Criterion) {
-    common::setup();
-    let (dev, name) = common::device();
-    let mut group = c.benchmark_group(format!("adamw_update/{name}"));
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(4));
+    let (dev, mut group) = common::group(c, "adamw_update", 10, 1, 4);
     for millions in [1usize, 4, 16, 64] {
         let n = millions << 20;
         group.throughput(Throughput::Bytes(BYTES_PER_PARAM * n as u64));

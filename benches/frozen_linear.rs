@@ -6,19 +6,11 @@
 
 mod common;
 
-use std::time::Duration;
-
 use candle_core::{Module, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn frozen_linear(c: &mut Criterion) {
-    common::setup();
-    let (dev, name) = common::device();
-    let mut group = c.benchmark_group(format!("frozen_linear/{name}"));
-    group
-        .sample_size(20)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    let (dev, mut group) = common::group(c, "frozen_linear", 20, 1, 3);
     let rows = 256;
     for (proj, inp, out) in [
         ("q_o_576x576", 576, 576),

@@ -9,19 +9,11 @@ mod common;
 #[path = "../examples/common/training.rs"]
 mod training;
 
-use std::time::Duration;
-
 use criterion::{criterion_group, criterion_main, Criterion};
 use training::{batch, shape_config, Method, Training, Weights};
 
 fn train_step(c: &mut Criterion) {
-    common::setup();
-    let (dev, name) = common::device();
-    let mut group = c.benchmark_group(format!("train_step/{name}/smollm2-135m/T128"));
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(3))
-        .measurement_time(Duration::from_secs(20));
+    let (dev, mut group) = common::group(c, "train_step/smollm2-135m/T128", 10, 3, 20);
     let config = shape_config("smollm2-135m").unwrap();
     let (ids, labels) = batch(&config, 1, 128, &dev).unwrap();
     for method in ["full", "lora16", "lisa2"] {

@@ -435,13 +435,17 @@ impl Run {
         Ok(())
     }
 
-    /// Weights, adapters and optimizer state, each file written atomically.
-    fn save_checkpoint(&self, dir: &Path) -> Result<(), Error> {
-        let dtype = self
-            .base
+    /// The dtype the base weights are held in.
+    fn dtype(&self) -> DType {
+        self.base
             .all_vars()
             .first()
-            .map_or(DType::F32, |v| v.dtype());
+            .map_or(DType::F32, |v| v.dtype())
+    }
+
+    /// Weights, adapters and optimizer state, each file written atomically.
+    fn save_checkpoint(&self, dir: &Path) -> Result<(), Error> {
+        let dtype = self.dtype();
         save_llama(dir.join("model"), &self.config, &self.base, dtype)?;
         if let Some((adapters, _)) = &self.adapters {
             let tmp = dir.join(".adapters.safetensors.tmp");
@@ -454,11 +458,7 @@ impl Run {
 
     /// The fine-tuned model in the Hugging Face layout (LoRA merged into a copy of the base).
     fn save_model(&self, dir: &Path) -> Result<(), Error> {
-        let dtype = self
-            .base
-            .all_vars()
-            .first()
-            .map_or(DType::F32, |v| v.dtype());
+        let dtype = self.dtype();
         match &self.adapters {
             None => save_llama(dir, &self.config, &self.base, dtype)?,
             Some((adapters, lora)) => {

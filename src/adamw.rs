@@ -193,6 +193,24 @@ fn kernel<T: Real>(c: &Coefficients, theta: &mut [T], g: &[T], m: &mut [T], v: &
         });
 }
 
+/// [`kernel`] on the elements each operand's contiguous layout covers.
+fn on_layouts<T: Real>(
+    c: &Coefficients,
+    (theta, lt): (&mut [T], &Layout),
+    (g, lg): (&[T], &Layout),
+    (m, lm): (&mut [T], &Layout),
+    (v, lv): (&mut [T], &Layout),
+) -> Result<()> {
+    kernel(
+        c,
+        range_mut(theta, lt)?,
+        range(g, lg)?,
+        range_mut(m, lm)?,
+        range_mut(v, lv)?,
+    );
+    Ok(())
+}
+
 /// The elements a contiguous layout covers.
 fn range<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     let (start, end) = contiguous(l)?;
@@ -255,20 +273,12 @@ pub(crate) fn adamw_in_place(
             with_storage_mut(v, |vs, vl| {
                 use CpuStorage::{F32, F64};
                 match (ts, g_storage, ms, vs) {
-                    (F32(th), F32(gs), F32(ms), F32(vs)) => kernel(
-                        &c,
-                        range_mut(th, tl)?,
-                        range(gs, g_layout)?,
-                        range_mut(ms, ml)?,
-                        range_mut(vs, vl)?,
-                    ),
-                    (F64(th), F64(gs), F64(ms), F64(vs)) => kernel(
-                        &c,
-                        range_mut(th, tl)?,
-                        range(gs, g_layout)?,
-                        range_mut(ms, ml)?,
-                        range_mut(vs, vl)?,
-                    ),
+                    (F32(th), F32(gs), F32(ms), F32(vs)) => {
+                        on_layouts(&c, (th, tl), (gs, g_layout), (ms, ml), (vs, vl))?
+                    }
+                    (F64(th), F64(gs), F64(ms), F64(vs)) => {
+                        on_layouts(&c, (th, tl), (gs, g_layout), (ms, ml), (vs, vl))?
+                    }
                     _ => candle_core::bail!("fused AdamW: operands of different dtypes"),
                 }
                 Ok(())

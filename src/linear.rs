@@ -4,7 +4,8 @@
 //! `Matmul` and binary-op backward always fill both operands, keyed by temporaries that
 //! [`GradStore::get`](candle_core::backprop::GradStore::get) never finds). With LISA most
 //! weights are frozen, so naive detaching costs more memory than full training. This layer
-//! sends a frozen weight through a custom op whose backward returns only dL/dx.
+//! sends its weight through a custom op whose backward returns dL/dx, and dW only for a
+//! trained weight.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CustomOp2, Layout, Module, Result, Shape, Tensor};
@@ -12,11 +13,13 @@ use candle_nn::VarBuilder;
 
 /// `y = x · Wᵀ (+ b)`, like [`candle_nn::Linear`], frozen-aware.
 ///
-/// When the weight tracks gradients (a variable, as handed out by
-/// [`LisaAdamW::var_builder`](crate::LisaAdamW::var_builder) for trainable blocks) the layer
-/// runs candle's differentiable matmul. When it does not (a detached tensor, for frozen blocks)
-/// it runs the same backend matmul through a custom op whose backward yields dL/dx only: no dW
-/// is computed or stored. The bias follows the same rule. Inputs are made contiguous first, which
+/// The matmul is one custom op over the backend matmul whose backward computes a gradient only
+/// for an operand that tracks gradients. For a frozen weight (a detached tensor, as
+/// [`LisaAdamW::var_builder`](crate::LisaAdamW::var_builder) hands out for frozen blocks) that
+/// is dL/dx alone: no dW is computed or stored. For a trained weight (a variable) dW comes out
+/// in the weight's own layout, where candle's `x.matmul(&w.t())` accumulates it once for the
+/// transposed view and once more for `w`. A frozen bias is a constant operand, a trained one
+/// gets its gradient. Inputs are made contiguous first, which
 /// also sidesteps candle 0.11.1's wrong results for non-contiguous 3-D inputs to `Linear`.
 ///
 /// ```
@@ -96,11 +99,7 @@ impl Module for Linear {
         })?;
         let rows = batch.iter().product::<usize>();
         let x2 = x.contiguous()?.reshape((rows, in_dim))?;
-        let y = if self.weight.track_op() {
-            trained_matmul(&x2, &self.weight)?
-        } else {
-            frozen_matmul(&x2, &self.weight)?
-        };
+        let y = linear_matmul(&x2, &self.weight, "Linear")?;
         let y = match &self.bias {
             None => y,
             Some(b) if b.track_op() => y.broadcast_add(b)?,
@@ -119,22 +118,27 @@ impl Module for Linear {
 /// `x · wᵀ` for a 2-D `x` of shape `(rows, in)` and a `w` of shape `(out, in)` that is not
 /// trained: the backward pass returns dL/dx = g · w and nothing for `w`.
 ///
-/// Use this in your own layers for frozen projections; [`Linear`] calls it when its weight does
-/// not track gradients.
+/// Use this in your own layers for frozen projections; [`Linear`] runs every weight, trained or
+/// frozen, through the same op.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    linear_matmul(x, &w.detach(), "frozen_matmul")
+}
+
+/// `x · wᵀ` through [`LinearMatmul`], for a trained `w` as for a frozen one; `op` names the
+/// caller in a shape error.
+fn linear_matmul(x: &Tensor, w: &Tensor, op: &'static str) -> Result<Tensor> {
     let (_, k) = x.dims2()?;
     let (_, k2) = w.dims2()?;
     if k != k2 {
         return Err(candle_core::Error::ShapeMismatchBinaryOp {
             lhs: x.shape().clone(),
             rhs: w.shape().clone(),
-            op: "frozen_matmul",
+            op,
         });
     }
     // Backends take strided layouts, but cuBLAS rejects column-sliced weights and the CPU path
     // is fastest on row-major rows: give both contiguous operands.
-    x.contiguous()?
-        .apply_op2(&w.detach().contiguous()?, LinearMatmul)
+    x.contiguous()?.apply_op2(&w.contiguous()?, LinearMatmul)
 }
 
 /// `(x, w) -> x · wᵀ`; backward `(g · w, gᵀ · x)`, each only for an operand that tracks
@@ -155,7 +159,7 @@ impl CustomOp2 for LinearMatmul {
         "candle-lisa-linear-matmul"
     }
 
-    crate::ops::backend_fwd2!(matmul_fwd);
+    crate::ops::backend_fwd!(self, |x, lx, w, lw| matmul_fwd(x, lx, w, lw));
 
     fn bwd(
         &self,
@@ -175,12 +179,6 @@ impl CustomOp2 for LinearMatmul {
         };
         Ok((dx, dw))
     }
-}
-
-/// `x · wᵀ` for a 2-D `x` of shape `(rows, in)` and a trained `w` of shape `(out, in)`, with
-/// dW computed in `w`'s layout (see [`Linear`]).
-fn trained_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, LinearMatmul)
 }
 
 /// A [`Linear`] with bias, initialised like [`candle_nn::linear()`] when the builder creates it.

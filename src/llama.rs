@@ -18,7 +18,9 @@ use serde_json::Value;
 use crate::error::{LisaError, Result};
 use crate::linear::{linear_b, Linear};
 use crate::lora::LoraConfig;
-use crate::ops::{attach1, attach2, causal_attention, causal_mask, rms_norm, rope, swiglu};
+use crate::ops::{
+    attach1, attach2, causal_attention, causal_mask, compute_dtype, rms_norm, rope, swiglu,
+};
 use crate::optim::LisaAdamW;
 use crate::recompute::recompute;
 
@@ -765,10 +767,7 @@ impl Targets {
                 "labels of shape ({lb}, {lt}) do not match logits ({b}, {t}, {v}); they must be equal and seq >= 2"
             )));
         }
-        let dtype = match dtype {
-            DType::F16 | DType::BF16 => DType::F32,
-            d => d,
-        };
+        let dtype = compute_dtype(dtype);
         let ignored = Tensor::full(IGNORE_INDEX, (b, 1), labels.device())?;
         let labels = Tensor::cat(&[&labels.narrow(1, 1, t - 1)?, &ignored], 1)?
             .flatten_all()?

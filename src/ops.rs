@@ -40,16 +40,6 @@ pub fn add_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
     )
 }
 
-/// `x ⊙ w`, `w` broadcast over the leading dimensions: differentiable in `w` when `w` tracks
-/// gradients (a trainable weight), a constant otherwise (a frozen weight).
-pub fn scale(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if w.track_op() {
-        x.broadcast_mul(w)
-    } else {
-        mul_const(x, w)
-    }
-}
-
 /// RMSNorm over the last dimension, `x / √(mean(x²) + ε) ⊙ w`, differentiable.
 ///
 /// The forward pass is candle's fused `rms_norm`; the graph keeps `x`, `w` and the output
@@ -92,12 +82,17 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     })
 }
 
-/// f32 for half-precision tensors, the tensor itself otherwise.
-fn upcast(t: &Tensor) -> Result<Tensor> {
-    match t.dtype() {
-        DType::F16 | DType::BF16 => t.to_dtype(DType::F32),
-        _ => Ok(t.clone()),
+/// The dtype the ops compute in: f32 for half precision, the dtype itself otherwise.
+pub(crate) fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
     }
+}
+
+/// `t` in [`compute_dtype`] (the tensor itself, not a copy, when that is its dtype).
+fn upcast(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(compute_dtype(t.dtype()))
 }
 
 /// Rotary position embedding, Hugging Face's "rotate half" layout, differentiable.
@@ -215,42 +210,66 @@ pub fn causal_mask(seq: usize, dtype: DType, device: &candle_core::Device) -> Re
     Tensor::from_vec(mask, (seq, seq), device)?.to_dtype(dtype)
 }
 
-/// The `cpu_fwd`, `cuda_fwd` and `metal_fwd` of a `CustomOp2` whose forward is one function
-/// generic over `BackendStorage`: the same code runs on every device.
-macro_rules! backend_fwd2 {
-    ($($fwd:tt)+) => {
+/// The `cpu_fwd`, `cuda_fwd` and `metal_fwd` of a custom op whose forward is one expression
+/// generic over the backend storage: `backend_fwd!(self, |s1, l1, s2, l2| f(s1, l1, s2, l2))`
+/// names the receiver and the (storage, layout) arguments; the same code runs on every device.
+macro_rules! backend_fwd {
+    ($this:tt, |$($s:ident, $l:ident),*| $body:expr) => {
         fn cpu_fwd(
-            &self,
-            s1: &candle_core::CpuStorage,
-            l1: &candle_core::Layout,
-            s2: &candle_core::CpuStorage,
-            l2: &candle_core::Layout,
+            &$this,
+            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),*
         ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            $($fwd)+(s1, l1, s2, l2)
+            $body
         }
 
         fn cuda_fwd(
-            &self,
-            s1: &candle_core::CudaStorage,
-            l1: &candle_core::Layout,
-            s2: &candle_core::CudaStorage,
-            l2: &candle_core::Layout,
+            &$this,
+            $($s: &candle_core::CudaStorage, $l: &candle_core::Layout),*
         ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-            $($fwd)+(s1, l1, s2, l2)
+            $body
         }
 
         fn metal_fwd(
-            &self,
-            s1: &candle_core::MetalStorage,
-            l1: &candle_core::Layout,
-            s2: &candle_core::MetalStorage,
-            l2: &candle_core::Layout,
+            &$this,
+            $($s: &candle_core::MetalStorage, $l: &candle_core::Layout),*
         ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
-            $($fwd)+(s1, l1, s2, l2)
+            $body
         }
     };
 }
-pub(crate) use backend_fwd2;
+pub(crate) use backend_fwd;
+
+/// A backend's storage type, and how to find it inside a [`Storage`].
+trait BackendOf: BackendStorage {
+    fn of(storage: &Storage) -> Option<&Self>;
+}
+
+impl BackendOf for candle_core::CpuStorage {
+    fn of(storage: &Storage) -> Option<&Self> {
+        match storage {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl BackendOf for candle_core::CudaStorage {
+    fn of(storage: &Storage) -> Option<&Self> {
+        match storage {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl BackendOf for candle_core::MetalStorage {
+    fn of(storage: &Storage) -> Option<&Self> {
+        match storage {
+            Storage::Metal(s) => Some(s),
+            _ => None,
+        }
+    }
+}
 
 /// `(x, c) -> x op c` on a `c` already broadcast to `x`'s shape; backward `(∂/∂x, None)`.
 struct ConstOp<B>(PhantomData<B>);
@@ -286,7 +305,7 @@ impl<B: ConstRhs> CustomOp2 for ConstOp<B> {
         B::NAME
     }
 
-    backend_fwd2!(const_fwd::<B, _>);
+    backend_fwd!(self, |x, lx, c, lc| const_fwd::<B, _>(x, lx, c, lc));
 
     fn bwd(
         &self,
@@ -350,10 +369,7 @@ impl<F> Attached<F> {
 
     /// The output's storage, copied into a fresh one of its own layout (`to_dtype` to its own
     /// dtype is a copy on every backend), and its shape.
-    fn take<S: BackendStorage>(
-        &self,
-        storage: impl FnOnce(&Storage) -> Option<&S>,
-    ) -> Result<(S, Shape)> {
+    fn take<S: BackendOf>(&self) -> Result<(S, Shape)> {
         let out = self
             .out
             .lock()
@@ -361,46 +377,11 @@ impl<F> Attached<F> {
             .take()
             .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward run twice", self.name)))?;
         let (s, l) = out.storage_and_layout();
-        let s = storage(&s).ok_or_else(|| {
+        let s = S::of(&s).ok_or_else(|| {
             candle_core::Error::Msg(format!("{}: output on another device", self.name))
         })?;
         Ok((s.to_dtype(l, out.dtype())?, l.shape().clone()))
     }
-}
-
-/// `cpu_fwd`, `cuda_fwd` and `metal_fwd` of an [`Attached`] op taking `$n` storages.
-macro_rules! attached_fwd {
-    ($($arg:ident: $layout:ident),*) => {
-        fn cpu_fwd(
-            &self,
-            $($arg: &candle_core::CpuStorage, $layout: &Layout),*
-        ) -> Result<(candle_core::CpuStorage, Shape)> {
-            self.take(|s| match s {
-                Storage::Cpu(s) => Some(s),
-                _ => None,
-            })
-        }
-
-        fn cuda_fwd(
-            &self,
-            $($arg: &candle_core::CudaStorage, $layout: &Layout),*
-        ) -> Result<(candle_core::CudaStorage, Shape)> {
-            self.take(|s| match s {
-                Storage::Cuda(s) => Some(s),
-                _ => None,
-            })
-        }
-
-        fn metal_fwd(
-            &self,
-            $($arg: &candle_core::MetalStorage, $layout: &Layout),*
-        ) -> Result<(candle_core::MetalStorage, Shape)> {
-            self.take(|s| match s {
-                Storage::Metal(s) => Some(s),
-                _ => None,
-            })
-        }
-    };
 }
 
 impl<F: Bwd1> CustomOp1 for Attached<F> {
@@ -408,7 +389,7 @@ impl<F: Bwd1> CustomOp1 for Attached<F> {
         self.name
     }
 
-    attached_fwd!(_s1: _l1);
+    backend_fwd!(self, |_s1, _l1| self.take());
 
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         (self.bwd)(x, res, grad)
@@ -420,7 +401,7 @@ impl<F: Bwd2> CustomOp2 for Attached<F> {
         self.name
     }
 
-    attached_fwd!(_s1: _l1, _s2: _l2);
+    backend_fwd!(self, |_s1, _l1, _s2, _l2| self.take());
 
     fn bwd(
         &self,
@@ -439,7 +420,7 @@ impl<F: Bwd3> CustomOp3 for Attached<F> {
         self.name
     }
 
-    attached_fwd!(_s1: _l1, _s2: _l2, _s3: _l3);
+    backend_fwd!(self, |_s1, _l1, _s2, _l2, _s3, _l3| self.take());
 
     fn bwd(
         &self,

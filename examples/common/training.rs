@@ -248,10 +248,6 @@ impl Training {
             Optim::Candle(_) => self.weights.bytes() / 4,
         }
     }
-
-    pub fn weights(&self) -> &Weights {
-        &self.weights
-    }
 }
 
 fn build(w: &Weights, optim: &Optim) -> Result<Llama> {
