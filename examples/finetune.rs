@@ -652,15 +652,17 @@ fn train(
         run.opt.try_set_learning_rate(lr_at(args, step))?;
         let (ids, labels) = batch(data, args, step, eos, dev)?;
         let n = ids.elem_count();
-        let loss = run.model.loss(&ids, &labels)?;
-        let grads = loss.backward()?;
+        let loss_t = run.model.loss(&ids, &labels)?;
+        let loss = loss_t.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let grads = loss_t.backward()?;
         device_peak = device_peak.max(device_used(dev));
+        // The loss holds the whole graph: free the activations before the optimizer step.
+        drop(loss_t);
         run.opt.step(&grads)?;
         drop(grads);
         if run.opt.resampled() {
             run.rebuild()?;
         }
-        let loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         tokens += n;
         recent.push(loss);
         let tps = tokens as f64 / started.elapsed().as_secs_f64();
