@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_lisa::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
+use candle_lisa::models::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
 use candle_lisa::{
     frozen_var_builder, load_llama, merge_lora, named_vars, save_llama, LisaAdamW, LisaConfig,
     Llama, LlamaConfig, LoraConfig, IGNORE_INDEX,
@@ -371,7 +371,7 @@ impl Run {
                     ..Default::default()
                 };
                 let opt = LisaAdamW::new(&base, params, lisa)?;
-                let model = Llama::from_optimizer(&config, &opt)?;
+                let model = Llama::from_plan(&config, &opt.plan())?;
                 (opt, model, None)
             }
             Method::Full => {
@@ -430,7 +430,7 @@ impl Run {
 
     fn rebuild(&mut self) -> Result<(), Error> {
         if self.method == Method::Lisa {
-            self.model = Llama::from_optimizer(&self.config, &self.opt)?;
+            self.model = Llama::from_plan(&self.config, &self.opt.plan())?;
         }
         Ok(())
     }

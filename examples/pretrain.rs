@@ -14,8 +14,8 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_lisa::tokenizer::{ByteTokenizer, TextTokenizer};
-use candle_lisa::{save_llama, LisaAdamW, LisaConfig, Llama, LlamaConfig};
+use candle_lisa::models::tokenizer::{ByteTokenizer, TextTokenizer};
+use candle_lisa::{named_vars, save_llama, LisaAdamW, Llama, LlamaConfig};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -219,12 +219,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         weight_decay: 0.01,
         ..Default::default()
     };
-    let full = LisaConfig {
-        gamma: config.num_hidden_layers,
-        period: usize::MAX,
-        ..Default::default()
-    };
-    let mut opt = LisaAdamW::new(&varmap, params, full)?;
+    let mut opt = LisaAdamW::all_trainable(named_vars(&varmap)?, params)?;
     let model = Llama::new(&config, opt.var_builder())?;
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut eval_rng = ChaCha8Rng::seed_from_u64(12);

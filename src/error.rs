@@ -163,6 +163,39 @@ pub enum LisaError {
         got_dtype: candle_core::DType,
     },
 
+    /// A trainable parameter's gradient holds NaN or infinity, and the optimizer is set to fail.
+    #[error(
+        "the gradient of {name:?} holds NaN or infinity, so the step wrote nothing; lower the \
+         learning rate or clip gradients, set a LossScaler for f16 training \
+         (LisaAdamW::set_loss_scaler), or skip such steps with \
+         LisaAdamW::set_non_finite(NonFinite::Skip)"
+    )]
+    NonFiniteGradient {
+        /// The first parameter whose gradient is not finite.
+        name: String,
+    },
+
+    /// A model asked the optimizer's `VarBuilder` for a trainable parameter in another dtype or
+    /// on another device, which would hand it a copy that the optimizer never updates.
+    #[error(
+        "the model asked for trainable parameter {name:?} as {wanted_dtype:?} on {wanted_device}, \
+         but it is {dtype:?} on {device}: a converted copy would train while the optimizer \
+         updates the original; load the weights in the dtype and on the device you compute in \
+         (e.g. load_llama(dir, DType::BF16, &device)) instead of converting in the VarBuilder"
+    )]
+    TrainableConversion {
+        /// The parameter name.
+        name: String,
+        /// The parameter's dtype.
+        dtype: candle_core::DType,
+        /// The dtype the model asked for.
+        wanted_dtype: candle_core::DType,
+        /// The parameter's device.
+        device: String,
+        /// The device the model asked for.
+        wanted_device: String,
+    },
+
     /// A sampler returned a draw that is not γ distinct blocks in range.
     #[error(
         "the block sampler drew {draw:?}, but LISA needs {gamma} distinct block indices below \

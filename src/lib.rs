@@ -10,9 +10,17 @@
 //! [`Llama::with_lora`] and [`LisaAdamW::all_trainable`] give the LoRA and full fine-tuning
 //! baselines LISA is compared with. With
 //! [`LisaConfig::recompute_frozen`](crate::LisaConfig::recompute_frozen), frozen blocks keep
-//! no activations either: [`recompute`](crate::recompute::recompute) runs them again in the
-//! backward pass. The model's attention, norms, RoPE, SwiGLU and loss ([`ops`]) keep only
-//! their inputs and outputs in the graph.
+//! no activations either: [`recompute`](crate::nn::recompute::recompute) runs them again in
+//! the backward pass. The model's attention, norms, RoPE, SwiGLU and loss ([`nn::ops`]) keep
+//! only their inputs and outputs in the graph.
+//!
+//! The crate has three layers, and dependencies point one way:
+//! - [`optim`]: [`LisaAdamW`], its update, samplers, layer map and state I/O;
+//! - [`nn`]: building blocks ([`Linear`], lean ops, recompute, LoRA) and the
+//!   [`TrainingPlan`] a model is built from, which [`LisaAdamW::plan`] produces;
+//! - [`models`]: model families, Hugging Face checkpoint I/O and tokenizers.
+//!
+//! Models and building blocks never name the optimizer type.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
@@ -74,32 +82,24 @@
 #![warn(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
-mod adamw;
-pub mod checkpoint;
-pub mod config;
 pub mod error;
-pub mod layers;
-pub mod linear;
-pub mod llama;
-pub mod lora;
-pub mod ops;
+pub mod io;
+pub mod models;
+pub mod nn;
 pub mod optim;
-pub mod recompute;
-pub mod sampler;
-pub mod tokenizer;
-mod var_builder;
 
-pub use var_builder::{frozen_var_builder, named_vars};
-
-pub use checkpoint::{load_llama, save_llama};
-pub use config::{LisaConfig, GPT2_BLOCK_PATTERN, LLAMA_BLOCK_PATTERN};
 pub use error::{LisaError, Result};
-pub use layers::{BlockPattern, LayerMap, ParamGroup};
-pub use linear::{frozen_matmul, linear, linear_b, linear_no_bias, Linear, LoraAdapter};
-pub use llama::{causal_lm_loss, head_loss, Llama, LlamaConfig, IGNORE_INDEX};
-pub use lora::{merge_lora, LoraConfig, LORA_TARGETS};
-pub use optim::{LisaAdamW, LisaParams, ParamState};
-pub use sampler::{BlockSampler, UniformSampler};
+pub use models::{
+    causal_lm_loss, head_loss, load_llama, save_llama, Llama, LlamaConfig, IGNORE_INDEX,
+};
+pub use nn::{
+    frozen_matmul, frozen_var_builder, linear, linear_b, linear_no_bias, merge_lora, named_vars,
+    Linear, LoraAdapter, LoraConfig, TrainingPlan, LORA_TARGETS,
+};
+pub use optim::{
+    BlockPattern, BlockSampler, LayerMap, LisaAdamW, LisaConfig, LisaParams, LossScaler, Mode,
+    NonFinite, ParamGroup, ParamState, UniformSampler, GPT2_BLOCK_PATTERN, LLAMA_BLOCK_PATTERN,
+};
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

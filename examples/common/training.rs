@@ -148,7 +148,7 @@ impl Weights {
 }
 
 enum Optim {
-    Lean { opt: LisaAdamW, rebuild: bool },
+    Lean { opt: Box<LisaAdamW>, rebuild: bool },
     Candle(AdamW),
 }
 
@@ -176,11 +176,17 @@ impl Training {
         };
         let optim = match method {
             Method::Full => Optim::Lean {
-                opt: LisaAdamW::all_trainable(named_vars(&weights.base)?, params)?,
+                opt: Box::new(LisaAdamW::all_trainable(
+                    named_vars(&weights.base)?,
+                    params,
+                )?),
                 rebuild: false,
             },
             Method::Lora(_) => Optim::Lean {
-                opt: LisaAdamW::all_trainable(named_vars(&weights.adapters)?, params)?,
+                opt: Box::new(LisaAdamW::all_trainable(
+                    named_vars(&weights.adapters)?,
+                    params,
+                )?),
                 rebuild: false,
             },
             Method::AdamwCandle => Optim::Candle(AdamW::new(weights.base.all_vars(), params)?),
@@ -196,7 +202,7 @@ impl Training {
                     ..Default::default()
                 };
                 Optim::Lean {
-                    opt: LisaAdamW::new(&weights.base, params, config)?,
+                    opt: Box::new(LisaAdamW::new(&weights.base, params, config)?),
                     rebuild: !drop_in,
                 }
             }
@@ -259,7 +265,7 @@ fn build(w: &Weights, optim: &Optim) -> Result<Llama> {
             lora,
             vb(&w.adapters),
         )?,
-        (Optim::Lean { opt, rebuild: true }, None) => Llama::from_optimizer(&w.config, opt)?,
+        (Optim::Lean { opt, rebuild: true }, None) => Llama::from_plan(&w.config, &opt.plan())?,
         _ => Llama::new(&w.config, vb(&w.base))?,
     })
 }

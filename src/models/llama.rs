@@ -1,0 +1,811 @@
+//! A trainable Llama-family decoder (Llama, Mistral, Qwen2 names and configs).
+//!
+//! candle-transformers' Llama uses fused ops with no backward (`rms_norm`, `rope`,
+//! `softmax_last_dim`), so its gradients are silently dropped. This one uses only ops with a
+//! backward ([`crate::nn::ops`]), sends every projection through the frozen-aware
+//! [`Linear`], and treats masks, RoPE tables and frozen norm weights as
+//! constants, so a model built from [`LisaAdamW::var_builder`](crate::LisaAdamW::var_builder)
+//! stores gradients only for what trains.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{LisaError, Result};
+use crate::nn::linear::{linear_b, Linear};
+use crate::nn::lora::LoraConfig;
+use crate::nn::ops::{
+    attach1, attach2, causal_attention, causal_mask, compute_dtype, rms_norm, rope, swiglu,
+};
+use crate::nn::recompute::recompute;
+use crate::nn::TrainingPlan;
+
+/// Label value that [`causal_lm_loss`] ignores (padding, prompt tokens), as in Hugging Face.
+pub const IGNORE_INDEX: i64 = -100;
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_hidden_act() -> String {
+    "silu".to_string()
+}
+fn default_max_position_embeddings() -> usize {
+    2048
+}
+
+/// The hyper-parameters of a Llama-family model, as in a Hugging Face `config.json`.
+///
+/// Fields this crate does not read are kept in `extra` and written back on save.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// `llama`, `mistral` or `qwen2`; absent means `llama`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder blocks.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention); absent means one per query head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; absent means `hidden_size / num_attention_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// RoPE base.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    /// MLP activation; only `silu` is supported.
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    /// Whether the LM head shares the embedding matrix (then there is no `lm_head.weight`).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Longest sequence the model was trained for.
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    /// Llama's bias on q, k, v and o projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Llama's bias on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// RoPE scaling; only `null` is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Value>,
+    /// Mistral's and Qwen2's sliding attention window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Beginning-of-sequence token id(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<Value>,
+    /// End-of-sequence token id(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<Value>,
+    /// Storage dtype of the checkpoint (`float32`, `bfloat16`, `float16`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
+    /// Every other field, kept as read.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl LlamaConfig {
+    /// A small config with the given sizes and Llama defaults for the rest.
+    pub fn tiny(
+        vocab_size: usize,
+        hidden_size: usize,
+        num_hidden_layers: usize,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Self {
+        Self {
+            model_type: Some("llama".into()),
+            vocab_size,
+            hidden_size,
+            intermediate_size: hidden_size * 8 / 3,
+            num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(kv_heads),
+            head_dim: None,
+            rope_theta: default_rope_theta(),
+            rms_norm_eps: 1e-5,
+            hidden_act: default_hidden_act(),
+            tie_word_embeddings: false,
+            max_position_embeddings: 1024,
+            attention_bias: false,
+            mlp_bias: false,
+            rope_scaling: None,
+            sliding_window: None,
+            bos_token_id: None,
+            eos_token_id: None,
+            torch_dtype: None,
+            extra: Default::default(),
+        }
+    }
+
+    /// Reads and checks a `config.json`.
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| LisaError::Io {
+            action: "cannot read",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Self = serde_json::from_str(&text).map_err(|source| LisaError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that the config is consistent and asks for nothing unsupported.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(t) = self.model_type.as_deref() {
+            if !matches!(t, "llama" | "mistral" | "qwen2") {
+                return Err(LisaError::UnsupportedConfig {
+                    field: "model_type",
+                    value: t.to_string(),
+                    hint: "llama, mistral and qwen2 are supported",
+                });
+            }
+        }
+        if self.hidden_act != "silu" {
+            return Err(LisaError::UnsupportedConfig {
+                field: "hidden_act",
+                value: self.hidden_act.clone(),
+                hint: "only silu (SwiGLU) is supported",
+            });
+        }
+        if let Some(s) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            return Err(LisaError::UnsupportedConfig {
+                field: "rope_scaling",
+                value: s.to_string(),
+                hint: "only plain RoPE (rope_scaling: null) is supported",
+            });
+        }
+        let invalid = |msg: String| Err(LisaError::InvalidConfig(msg));
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return invalid(format!("{name} must be at least 1"));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return invalid(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}; give head_dim",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            return invalid(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.kv_heads()
+            ));
+        }
+        if self.head_size() % 2 != 0 || self.head_size() == 0 {
+            return invalid(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_size()
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite()
+            && self.rms_norm_eps > 0.0
+            && self.rope_theta.is_finite()
+            && self.rope_theta > 0.0)
+        {
+            return invalid("rms_norm_eps and rope_theta must be finite and positive".into());
+        }
+        Ok(())
+    }
+
+    /// Number of key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Per-head width.
+    pub fn head_size(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type.as_deref() == Some("qwen2")
+    }
+
+    /// The attention window, when the config enables one.
+    pub fn attention_window(&self) -> Option<usize> {
+        let enabled = match self.model_type.as_deref() {
+            Some("qwen2") => self
+                .extra
+                .get("use_sliding_window")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            _ => true,
+        };
+        self.sliding_window.filter(|_| enabled)
+    }
+
+    /// Every parameter the model has, with its shape, sorted by name.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let (q, kv) = (
+            self.num_attention_heads * self.head_size(),
+            self.kv_heads() * self.head_size(),
+        );
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), vec![v, h]),
+            ("model.norm.weight".to_string(), vec![h]),
+        ];
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![v, h]));
+        }
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut add = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
+            add("input_layernorm.weight", vec![h]);
+            add("post_attention_layernorm.weight", vec![h]);
+            for (name, rows, cols, bias) in [
+                ("self_attn.q_proj", q, h, self.qkv_bias()),
+                ("self_attn.k_proj", kv, h, self.qkv_bias()),
+                ("self_attn.v_proj", kv, h, self.qkv_bias()),
+                ("self_attn.o_proj", h, q, self.attention_bias),
+                ("mlp.gate_proj", i, h, self.mlp_bias),
+                ("mlp.up_proj", i, h, self.mlp_bias),
+                ("mlp.down_proj", h, i, self.mlp_bias),
+            ] {
+                add(&format!("{name}.weight"), vec![rows, cols]);
+                if bias {
+                    add(&format!("{name}.bias"), vec![rows]);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Number of scalars in the model.
+    pub fn num_params(&self) -> usize {
+        self.tensor_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+}
+
+/// LoRA settings and the builder of the adapters' scope (e.g. `model.layers.3.self_attn`).
+type Adapters<'a> = Option<(&'a LoraConfig, &'a VarBuilder<'a>)>;
+
+/// The projection `vb.pp(name)`, with a LoRA adapter when `lora` targets it.
+fn projection(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: &VarBuilder,
+    name: &str,
+    lora: Adapters,
+) -> candle_core::Result<Linear> {
+    let layer = linear_b(in_dim, out_dim, bias, vb.pp(name))?;
+    match lora {
+        Some((config, adapters)) => config.wrap(layer, name, adapters),
+        None => Ok(layer),
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(c: &LlamaConfig, vb: VarBuilder, lora: Adapters) -> candle_core::Result<Self> {
+        let (h, d) = (c.hidden_size, c.head_size());
+        let proj = |in_dim, out_dim, bias, name| projection(in_dim, out_dim, bias, &vb, name, lora);
+        Ok(Self {
+            q: proj(h, c.num_attention_heads * d, c.qkv_bias(), "q_proj")?,
+            k: proj(h, c.kv_heads() * d, c.qkv_bias(), "k_proj")?,
+            v: proj(h, c.kv_heads() * d, c.qkv_bias(), "v_proj")?,
+            o: proj(c.num_attention_heads * d, h, c.attention_bias, "o_proj")?,
+            heads: c.num_attention_heads,
+            kv_heads: c.kv_heads(),
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope_cs: &(Tensor, Tensor),
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, n: usize| {
+            y.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = rope(
+            &split(self.q.forward(x)?, self.heads)?,
+            &rope_cs.0,
+            &rope_cs.1,
+        )?;
+        let k = rope(
+            &split(self.k.forward(x)?, self.kv_heads)?,
+            &rope_cs.0,
+            &rope_cs.1,
+        )?;
+        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        causal_attention(&q, &k, &v, mask, scale)?
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * self.head_dim))
+            .and_then(|y| self.o.forward(&y))
+    }
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.down
+            .forward(&swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?)
+    }
+}
+
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope_cs: &(Tensor, Tensor),
+        mask: &Tensor,
+        eps: f64,
+    ) -> candle_core::Result<Tensor> {
+        let h = self
+            .attn
+            .forward(&rms_norm(x, &self.input_norm, eps)?, rope_cs, mask)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&rms_norm(&x, &self.post_norm, eps)?)?;
+        x + h
+    }
+
+    /// Whether no tensor of the block needs a gradient (no variable, no LoRA adapter): only
+    /// such a block may be recomputed, since recompute passes gradients to the input only.
+    fn frozen(&self) -> bool {
+        let a = &self.attn;
+        let m = &self.mlp;
+        let linears = [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down];
+        !self.input_norm.track_op()
+            && !self.post_norm.track_op()
+            && linears.iter().all(|l| {
+                l.lora().is_none()
+                    && !l.weight().track_op()
+                    && l.bias().is_none_or(|b| !b.track_op())
+            })
+    }
+}
+
+/// A Llama-family decoder for training, built from a `VarBuilder`.
+///
+/// Build it from [`LisaAdamW::var_builder`](crate::LisaAdamW::var_builder) to train with LISA
+/// (frozen blocks then store no weight gradient), or from a `VarBuilder` over a `VarMap` to
+/// create fresh weights. Parameter names are Hugging Face's (`model.embed_tokens.weight`,
+/// `model.layers.{i}.self_attn.q_proj.weight`, …, `lm_head.weight`).
+pub struct Llama {
+    embed: Tensor,
+    /// In `Arc`s so that a recomputed block's forward can outlive this call of `forward`.
+    blocks: Vec<Arc<Block>>,
+    /// Indices of the blocks that [`forward`](Self::forward) recomputes (frozen ones, when
+    /// recompute is on); sorted.
+    recomputed: Vec<usize>,
+    norm: Tensor,
+    lm_head: Linear,
+    config: LlamaConfig,
+}
+
+impl Llama {
+    /// Builds the model; a builder over an empty `VarMap` creates weights initialised like
+    /// candle's layers (norm weights at 1).
+    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::build(config, vb, None)
+    }
+
+    /// Builds the model with LoRA adapters on the projections `lora.targets`. The base weights
+    /// come from `base` (use [`frozen_var_builder`](crate::frozen_var_builder) so they get no
+    /// gradient), the adapters from `adapters`, named
+    /// `model.layers.{i}.self_attn.q_proj.lora_A.weight` and so on (a builder over an empty
+    /// `VarMap` creates them: A uniform, B zero).
+    pub fn with_lora(
+        config: &LlamaConfig,
+        base: VarBuilder,
+        lora: &LoraConfig,
+        adapters: VarBuilder,
+    ) -> Result<Self> {
+        lora.validate()?;
+        Self::build(config, base, Some((lora, &adapters)))
+    }
+
+    fn build(config: &LlamaConfig, vb: VarBuilder, lora: Adapters) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let norm_init = candle_nn::Init::Const(1.0);
+        let embed = vb.get_with_hints(
+            (c.vocab_size, c.hidden_size),
+            "model.embed_tokens.weight",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let blocks = (0..c.num_hidden_layers)
+            .map(|l| {
+                let prefix = format!("model.layers.{l}");
+                let vb = vb.pp(&prefix);
+                let attn_vb = lora.map(|(_, a)| a.pp(format!("{prefix}.self_attn")));
+                let mlp_vb = lora.map(|(_, a)| a.pp(format!("{prefix}.mlp")));
+                let attn_lora = lora.zip(attn_vb.as_ref()).map(|((cfg, _), a)| (cfg, a));
+                let mlp_lora = lora.zip(mlp_vb.as_ref()).map(|((cfg, _), a)| (cfg, a));
+                let mlp = vb.pp("mlp");
+                let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+                Ok(Arc::new(Block {
+                    input_norm: vb.get_with_hints(h, "input_layernorm.weight", norm_init)?,
+                    attn: Attention::new(c, vb.pp("self_attn"), attn_lora)?,
+                    post_norm: vb.get_with_hints(
+                        h,
+                        "post_attention_layernorm.weight",
+                        norm_init,
+                    )?,
+                    mlp: Mlp {
+                        gate: projection(h, i, bias, &mlp, "gate_proj", mlp_lora)?,
+                        up: projection(h, i, bias, &mlp, "up_proj", mlp_lora)?,
+                        down: projection(i, h, bias, &mlp, "down_proj", mlp_lora)?,
+                    },
+                }))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let norm = vb.get_with_hints(c.hidden_size, "model.norm.weight", norm_init)?;
+        let lm_head = if c.tie_word_embeddings {
+            Linear::new(embed.clone(), None)
+        } else {
+            Linear::new(
+                vb.get_with_hints(
+                    (c.vocab_size, c.hidden_size),
+                    "lm_head.weight",
+                    candle_nn::init::DEFAULT_KAIMING_NORMAL,
+                )?,
+                None,
+            )
+        };
+        Ok(Self {
+            embed,
+            blocks,
+            recomputed: Vec::new(),
+            norm,
+            lm_head,
+            config: c.clone(),
+        })
+    }
+
+    /// Builds the model for training as `plan` says: parameters from its builder, frozen
+    /// blocks recomputed when [`TrainingPlan::recompute_frozen`] is true. With
+    /// [`LisaAdamW::plan`](crate::LisaAdamW::plan), build it again after every step where
+    /// [`resampled`](crate::LisaAdamW::resampled) is true: which blocks are recomputed follows
+    /// the active set.
+    pub fn from_plan(config: &LlamaConfig, plan: &TrainingPlan) -> Result<Self> {
+        let mut model = Self::new(config, plan.var_builder())?;
+        model.set_recompute_frozen(plan.recompute_frozen());
+        Ok(model)
+    }
+
+    /// Turns frozen-block recompute on or off (see
+    /// [`LisaConfig::recompute_frozen`](crate::LisaConfig::recompute_frozen)). A block is
+    /// frozen when none of its tensors tracks gradients, as the builder of a
+    /// [`TrainingPlan`] hands out the blocks it does not train; blocks with trainable
+    /// weights or LoRA adapters always run as usual.
+    pub fn set_recompute_frozen(&mut self, on: bool) {
+        self.recomputed = match on {
+            true => (0..self.blocks.len())
+                .filter(|&i| self.blocks[i].frozen())
+                .collect(),
+            false => Vec::new(),
+        };
+    }
+
+    /// The blocks that [`forward`](Self::forward) recomputes in the backward pass, sorted.
+    pub fn recomputed_blocks(&self) -> &[usize] {
+        &self.recomputed
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The final hidden states `(batch, seq, hidden)`, after the last norm, for token ids
+    /// `(batch, seq)` (u32), with a causal mask.
+    pub fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if let Some(w) = self.config.attention_window().filter(|&w| t > w) {
+            return Err(LisaError::UnsupportedConfig {
+                field: "sliding_window",
+                value: w.to_string(),
+                hint:
+                    "sequences longer than the sliding window are not supported; use shorter ones",
+            });
+        }
+        let dtype = self.embed.dtype();
+        let device = self.embed.device();
+        let mut x = self
+            .embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        let rope_cs = self.rope_tables(t, dtype, device)?;
+        let mask = causal_mask(t, dtype, device)?;
+        let eps = self.config.rms_norm_eps;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = if self.recomputed.binary_search(&i).is_ok() {
+                let (block, rope_cs, mask) = (block.clone(), rope_cs.clone(), mask.clone());
+                recompute(
+                    &x,
+                    Arc::new(move |x: &Tensor| block.forward(x, &rope_cs, &mask, eps)),
+                )?
+            } else {
+                block.forward(&x, &rope_cs, &mask, eps)?
+            };
+        }
+        Ok(rms_norm(&x, &self.norm, eps)?)
+    }
+
+    /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)` (u32), with a causal mask.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(&self.hidden_states(input_ids)?)?)
+    }
+
+    /// `(cos, sin)` of shape `(t, head_dim / 2)`, made once per forward for every layer.
+    fn rope_tables(
+        &self,
+        t: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let d = self.config.head_size();
+        let inv_freq: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / self.config.rope_theta.powf(2.0 * i as f64 / d as f64) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), device)?;
+        let pos = Tensor::arange(0u32, t as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((t, 1))?;
+        let freqs = pos.matmul(&inv_freq)?;
+        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    }
+
+    /// The causal-LM loss of `input_ids` against `labels` (i64, [`IGNORE_INDEX`] to skip):
+    /// the value of [`causal_lm_loss`] on [`forward`](Self::forward)'s logits, but the
+    /// `(batch, seq, vocab)` logits are never kept: the LM head and the loss are one op whose
+    /// backward recomputes them (see [`head_loss`]).
+    pub fn loss(&self, input_ids: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids)?;
+        match (self.lm_head.bias(), self.lm_head.lora()) {
+            (None, None) => head_loss(&hidden, self.lm_head.weight(), labels),
+            _ => causal_lm_loss(&self.lm_head.forward(&hidden)?, labels),
+        }
+    }
+
+    /// Continues `prompt` by `max_new_tokens` tokens, stopping early at `eos`. Greedy when
+    /// `temperature` is 0, else sampled from softmax(logits / temperature) with a ChaCha8
+    /// generator seeded by `seed`. Recomputes the whole sequence for each token (no KV cache):
+    /// meant for a quick look at small models.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        temperature: f64,
+        seed: u64,
+        eos: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(LisaError::InvalidConfig(format!(
+                "temperature {temperature} must be finite and at least 0"
+            )));
+        }
+        if prompt.is_empty() {
+            return Err(LisaError::InvalidConfig(
+                "generate needs a prompt of at least one token (a BOS id will do)".into(),
+            ));
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut tokens = prompt.to_vec();
+        let device = self.embed.device();
+        for _ in 0..max_new_tokens {
+            let input = Tensor::new(tokens.as_slice(), device)?.unsqueeze(0)?;
+            let logits = self.forward(&input)?.detach();
+            let last = logits
+                .squeeze(0)?
+                .get(tokens.len() - 1)?
+                .to_dtype(DType::F32)?;
+            let next = if temperature == 0.0 {
+                last.argmax(0)?.to_scalar::<u32>()?
+            } else {
+                let probs =
+                    candle_nn::ops::softmax_last_dim(&(last / temperature)?)?.to_vec1::<f32>()?;
+                let mut u: f32 = rng.random();
+                let mut pick = probs.len() - 1;
+                for (i, p) in probs.iter().enumerate() {
+                    if u < *p {
+                        pick = i;
+                        break;
+                    }
+                    u -= p;
+                }
+                pick as u32
+            };
+            tokens.push(next);
+            if Some(next) == eos {
+                break;
+            }
+        }
+        Ok(tokens[prompt.len()..].to_vec())
+    }
+}
+
+/// Mean cross-entropy of next-token prediction: position `t`'s logits against label `t + 1`.
+///
+/// `logits` is `(batch, seq, vocab)`, `labels` is `(batch, seq)` of i64 with [`IGNORE_INDEX`]
+/// where no loss should be taken (padding, prompt tokens). Computed in f32 for half-precision
+/// logits, else in their dtype. Returns 0 when every label is ignored. The graph keeps the
+/// logits and the scalar loss only: the backward pass recomputes the softmax, where candle's
+/// `log_softmax` would keep several logits-sized tensors alive.
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let targets = Targets::new(labels, b, t, v, logits.dtype())?;
+    let rows = move |logits: &Tensor| logits.detach().reshape((b * t, v));
+    let loss = targets.loss(&rows(logits)?)?;
+    let out_dtype = logits.dtype();
+    Ok(attach1(
+        "lisa-causal-lm-loss",
+        logits,
+        loss,
+        move |logits, _y, g| {
+            let d = targets.dlogits(&rows(logits)?, g)?;
+            Ok(Some(d.reshape((b, t, v))?.to_dtype(out_dtype)?))
+        },
+    )?)
+}
+
+/// [`causal_lm_loss`] of the logits `hidden · wᵀ` (an LM head without bias), as one op that
+/// never keeps the `(batch, seq, vocab)` logits: the forward pass drops them once the loss is
+/// computed, and the backward pass recomputes them to get dL/dhidden and, when `w` tracks
+/// gradients, dL/dw. At a large vocabulary the logits are the largest activations of a
+/// training step, and their gradient one more tensor of the same size.
+pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (b, t, h) = hidden.dims3()?;
+    let (v, wh) = w.dims2()?;
+    if wh != h {
+        return Err(LisaError::InvalidConfig(format!(
+            "head_loss: hidden states ({b}, {t}, {h}) do not match the head weight ({v}, {wh})"
+        )));
+    }
+    let targets = Targets::new(labels, b, t, v, hidden.dtype())?;
+    let rows = move |x: &Tensor| x.detach().reshape((b * t, h));
+    let logits = move |x: &Tensor, w: &Tensor| rows(x)?.matmul(&w.detach().t()?);
+    let loss = targets.loss(&logits(hidden, w)?)?;
+    Ok(attach2(
+        "lisa-head-loss",
+        hidden,
+        w,
+        loss,
+        move |x, w, _y, g| {
+            let d = targets.dlogits(&logits(x, w)?, g)?.to_dtype(x.dtype())?;
+            let dx = d.matmul(&w.detach())?.reshape((b, t, h))?;
+            let dw = match w.track_op() {
+                true => Some(d.t()?.matmul(&rows(x)?)?),
+                false => None,
+            };
+            Ok((Some(dx), dw))
+        },
+    )?)
+}
+
+/// The labels of a causal-LM loss, one per logits row: row `(i, j)` predicts label
+/// `(i, j + 1)`; the last position of each sequence predicts nothing and is ignored, so every
+/// row is handled alike.
+struct Targets {
+    /// `(rows, 1)`, 1 where a label counts, 0 where it is ignored; in `dtype`.
+    mask: Tensor,
+    /// `(rows, 1)` u32, the label clamped into the vocabulary (ignored rows point at 0).
+    safe: Tensor,
+    /// How many labels count, at least 1.
+    count: f64,
+    /// f32 for half-precision logits, else their dtype.
+    dtype: DType,
+}
+
+impl Targets {
+    fn new(labels: &Tensor, b: usize, t: usize, v: usize, dtype: DType) -> Result<Self> {
+        let (lb, lt) = labels.dims2()?;
+        if (lb, lt) != (b, t) || t < 2 {
+            return Err(LisaError::InvalidConfig(format!(
+                "labels of shape ({lb}, {lt}) do not match logits ({b}, {t}, {v}); they must be equal and seq >= 2"
+            )));
+        }
+        let dtype = compute_dtype(dtype);
+        let ignored = Tensor::full(IGNORE_INDEX, (b, 1), labels.device())?;
+        let labels = Tensor::cat(&[&labels.narrow(1, 1, t - 1)?, &ignored], 1)?
+            .flatten_all()?
+            .to_dtype(DType::I64)?;
+        let mask = labels.ge(0i64)?.to_dtype(dtype)?.unsqueeze(1)?;
+        let safe = labels
+            .clamp(0i64, v as i64 - 1)?
+            .to_dtype(DType::U32)?
+            .unsqueeze(1)?;
+        let count = mask
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?
+            .max(1.0);
+        Ok(Self {
+            mask,
+            safe,
+            count,
+            dtype,
+        })
+    }
+
+    /// The mean loss of `(rows, vocab)` logits, a scalar in `self.dtype`.
+    fn loss(&self, logits: &Tensor) -> candle_core::Result<Tensor> {
+        let x = logits.to_dtype(self.dtype)?;
+        let max = x.max_keepdim(1)?;
+        let log_sum_exp = (x.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max)?;
+        let picked = (x.gather(&self.safe, 1)? - log_sum_exp)?;
+        (picked * &self.mask)?.sum_all()? * (-1.0 / self.count)
+    }
+
+    /// dL/dlogits for the incoming gradient `g` of the loss: `(softmax - one-hot) · g / count`
+    /// on counted rows, 0 elsewhere; in `self.dtype`.
+    fn dlogits(&self, logits: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        let coef = (self.mask.broadcast_mul(&g.detach().to_dtype(self.dtype)?)? / self.count)?;
+        let p = candle_nn::ops::softmax_last_dim(&logits.to_dtype(self.dtype)?)?;
+        let d = p.broadcast_mul(&coef)?;
+        d.scatter_add_set(&self.safe, &coef.neg()?, 1)?;
+        Ok(d)
+    }
+}

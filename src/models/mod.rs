@@ -1,0 +1,9 @@
+//! Model families with Hugging Face names and checkpoint I/O, built from a
+//! [`TrainingPlan`](crate::nn::TrainingPlan), and tokenizers.
+
+pub mod checkpoint;
+pub mod llama;
+pub mod tokenizer;
+
+pub use checkpoint::{load_llama, save_llama};
+pub use llama::{causal_lm_loss, head_loss, Llama, LlamaConfig, IGNORE_INDEX};

@@ -1,0 +1,203 @@
+//! A linear layer that computes no weight gradient when its weight is frozen.
+//!
+//! Stock candle computes and stores dW for a detached weight in the backward pass (the
+//! `Matmul` and binary-op backward always fill both operands, keyed by temporaries that
+//! [`GradStore::get`](candle_core::backprop::GradStore::get) never finds). With LISA most
+//! weights are frozen, so naive detaching costs more memory than full training. This layer
+//! sends its weight through a custom op whose backward returns dL/dx, and dW only for a
+//! trained weight.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CustomOp2, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+
+/// `y = x · Wᵀ (+ b)`, like [`candle_nn::Linear`], frozen-aware.
+///
+/// The matmul is one custom op over the backend matmul whose backward computes a gradient only
+/// for an operand that tracks gradients. For a frozen weight (a detached tensor, as
+/// [`LisaAdamW::var_builder`](crate::LisaAdamW::var_builder) hands out for frozen blocks) that
+/// is dL/dx alone: no dW is computed or stored. For a trained weight (a variable) dW comes out
+/// in the weight's own layout, where candle's `x.matmul(&w.t())` accumulates it once for the
+/// transposed view and once more for `w`. A frozen bias is a constant operand, a trained one
+/// gets its gradient. Inputs are made contiguous first, which
+/// also sidesteps candle 0.11.1's wrong results for non-contiguous 3-D inputs to `Linear`.
+///
+/// ```
+/// use candle_core::{Device, Module, Tensor};
+/// use candle_lisa::Linear;
+/// let dev = Device::Cpu;
+/// let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev)?; // detached: frozen
+/// let x = candle_core::Var::new(&[[1f32, 1.]], &dev)?;
+/// let y = Linear::new(w, None).forward(x.as_tensor())?;
+/// assert_eq!(y.to_vec2::<f32>()?, [[3., 7., 11.]]);
+/// let grads = y.sum_all()?.backward()?;
+/// assert_eq!(grads.get(&x).unwrap().to_vec2::<f32>()?, [[9., 12.]]);
+/// // No gradient of the weight's shape was computed or stored.
+/// assert!(grads.get_ids().filter_map(|id| grads.get_id(*id)).all(|g| g.dims() != [3, 2]));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    lora: Option<LoraAdapter>,
+}
+
+/// A LoRA adapter: `y += scale · (x · Aᵀ) · Bᵀ`, with `A` of shape `(rank, in)`, `B` of shape
+/// `(out, rank)` and `scale = alpha / rank`.
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    /// `A`, `(rank, in)`.
+    pub a: Tensor,
+    /// `B`, `(out, rank)`.
+    pub b: Tensor,
+    /// `alpha / rank`.
+    pub scale: f64,
+}
+
+impl Linear {
+    /// A layer over `weight` of shape `(out, in)` and an optional `bias` of shape `(out,)`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    /// The same layer with a LoRA adapter added to its output.
+    pub fn with_lora(self, lora: LoraAdapter) -> Self {
+        Self {
+            lora: Some(lora),
+            ..self
+        }
+    }
+
+    /// The LoRA adapter, if any.
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
+    /// The weight, `(out, in)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, `(out,)`.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let (&in_dim, batch) = dims.split_last().ok_or_else(|| {
+            candle_core::Error::msg(
+                "candle_lisa::Linear needs an input with at least one dimension",
+            )
+        })?;
+        let rows = batch.iter().product::<usize>();
+        let x2 = x.contiguous()?.reshape((rows, in_dim))?;
+        let y = linear_matmul(&x2, &self.weight, "Linear")?;
+        let y = match &self.bias {
+            None => y,
+            Some(b) if b.track_op() => y.broadcast_add(b)?,
+            Some(b) => crate::nn::ops::add_const(&y, b)?,
+        };
+        let y = match &self.lora {
+            None => y,
+            Some(l) => (y + (x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?,
+        };
+        let mut out = batch.to_vec();
+        out.push(y.dim(1)?);
+        y.reshape(out)
+    }
+}
+
+/// `x · wᵀ` for a 2-D `x` of shape `(rows, in)` and a `w` of shape `(out, in)` that is not
+/// trained: the backward pass returns dL/dx = g · w and nothing for `w`.
+///
+/// Use this in your own layers for frozen projections; [`Linear`] runs every weight, trained or
+/// frozen, through the same op.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    linear_matmul(x, &w.detach(), "frozen_matmul")
+}
+
+/// `x · wᵀ` through [`LinearMatmul`], for a trained `w` as for a frozen one; `op` names the
+/// caller in a shape error.
+fn linear_matmul(x: &Tensor, w: &Tensor, op: &'static str) -> Result<Tensor> {
+    let (_, k) = x.dims2()?;
+    let (_, k2) = w.dims2()?;
+    if k != k2 {
+        return Err(candle_core::Error::ShapeMismatchBinaryOp {
+            lhs: x.shape().clone(),
+            rhs: w.shape().clone(),
+            op,
+        });
+    }
+    // Backends take strided layouts, but cuBLAS rejects column-sliced weights and the CPU path
+    // is fastest on row-major rows: give both contiguous operands.
+    x.contiguous()?.apply_op2(&w.contiguous()?, LinearMatmul)
+}
+
+/// `(x, w) -> x · wᵀ`; backward `(g · w, gᵀ · x)`, each only for an operand that tracks
+/// gradients. With `w` frozen that is dx alone; with `w` trained, dW comes out in `w`'s own
+/// layout, where candle's `x.matmul(&w.t())` would accumulate it for the transposed view first
+/// and then once more for `w` (two more weight-sized buffers at the peak of the backward pass).
+struct LinearMatmul;
+
+fn matmul_fwd<S: BackendStorage>(x: &S, lx: &Layout, w: &S, lw: &Layout) -> Result<(S, Shape)> {
+    let (m, k) = lx.shape().dims2()?;
+    let (n, _) = lw.shape().dims2()?;
+    let wt = lw.transpose(0, 1)?;
+    Ok((x.matmul(w, (1, m, n, k), lx, &wt)?, Shape::from((m, n))))
+}
+
+impl CustomOp2 for LinearMatmul {
+    fn name(&self) -> &'static str {
+        "candle-lisa-linear-matmul"
+    }
+
+    crate::nn::ops::backend_fwd!(self, |x, lx, w, lw| matmul_fwd(x, lx, w, lw));
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.detach();
+        let dx = match x.track_op() {
+            true => Some(grad.matmul(&w.detach())?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(grad.t()?.matmul(&x.detach())?),
+            false => None,
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// A [`Linear`] with bias, initialised like [`candle_nn::linear()`] when the builder creates it.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let inner = candle_nn::linear(in_dim, out_dim, vb)?;
+    Ok(Linear::new(inner.weight().clone(), inner.bias().cloned()))
+}
+
+/// A [`Linear`] without bias, initialised like [`candle_nn::linear_no_bias`].
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let inner = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
+    Ok(Linear::new(inner.weight().clone(), None))
+}
+
+/// [`linear`] or [`linear_no_bias`], as `bias` says.
+pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    if bias {
+        linear(in_dim, out_dim, vb)
+    } else {
+        linear_no_bias(in_dim, out_dim, vb)
+    }
+}

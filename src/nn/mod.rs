@@ -1,0 +1,19 @@
+//! Building blocks for models that train with LISA: the frozen-aware [`Linear`], lean
+//! differentiable [`ops`], frozen-block [`recompute`], LoRA adapters, and the
+//! [`TrainingPlan`] a model is built from.
+//!
+//! Nothing here names an optimizer: a model learns which parameters train from the builder
+//! of its [`TrainingPlan`].
+
+pub mod linear;
+pub mod lora;
+pub mod ops;
+mod plan;
+pub mod recompute;
+mod var_builder;
+
+pub use linear::{frozen_matmul, linear, linear_b, linear_no_bias, Linear, LoraAdapter};
+pub use lora::{merge_lora, LoraConfig, LORA_TARGETS};
+pub use plan::TrainingPlan;
+pub(crate) use var_builder::LisaBackend;
+pub use var_builder::{frozen_var_builder, named_vars};

@@ -1,0 +1,140 @@
+//! A toy decoder with Hugging Face names, shared by the integration tests.
+
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use candle_lisa::{linear, linear_no_bias, Linear};
+use candle_nn::{embedding, Embedding, VarBuilder, VarMap};
+
+pub const VOCAB: usize = 16;
+pub const HIDDEN: usize = 12;
+pub const FFN: usize = 20;
+
+/// Embedding, `n` residual MLP blocks (`up` with bias, `down` without), a final scale and an
+/// untied LM head: `model.embed_tokens`, `model.layers.{i}.mlp.{up,down}_proj`, `model.norm`,
+/// `lm_head`.
+pub struct Toy {
+    embed: Embedding,
+    pub blocks: Vec<(Linear, Linear)>,
+    norm: Tensor,
+    head: Linear,
+}
+
+impl Toy {
+    pub fn new(n: usize, vb: VarBuilder) -> Result<Self> {
+        let embed = embedding(VOCAB, HIDDEN, vb.pp("model.embed_tokens"))?;
+        let blocks = (0..n)
+            .map(|i| {
+                let vb = vb.pp(format!("model.layers.{i}.mlp"));
+                Ok((
+                    linear(HIDDEN, FFN, vb.pp("up_proj"))?,
+                    linear_no_bias(FFN, HIDDEN, vb.pp("down_proj"))?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let norm = vb.get_with_hints(HIDDEN, "model.norm.weight", candle_nn::Init::Const(1.0))?;
+        let head = linear_no_bias(HIDDEN, VOCAB, vb.pp("lm_head"))?;
+        Ok(Self {
+            embed,
+            blocks,
+            norm,
+            head,
+        })
+    }
+
+    pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        let mut x = self.embed.forward(tokens)?;
+        for (up, down) in &self.blocks {
+            x = (&x + down.forward(&up.forward(&x)?.silu()?)?)?;
+        }
+        self.head.forward(&x.broadcast_mul(&self.norm)?)
+    }
+
+    pub fn loss(&self, batch: &Tensor) -> Result<Tensor> {
+        let t = batch.dim(1)?;
+        let logits = self.forward(&batch.narrow(1, 0, t - 1)?)?;
+        let targets = batch.narrow(1, 1, t - 1)?;
+        candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
+    }
+}
+
+/// A VarMap holding a toy model with `n` blocks, initialised from `seed` (candle cannot seed
+/// its CPU generator, so the values come from ChaCha8: uniform in ±1/√fan-in).
+pub fn toy_varmap(n: usize, seed: u64) -> Result<VarMap> {
+    use rand::{Rng, SeedableRng};
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    Toy::new(n, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let data = varmap.data().lock().unwrap();
+    let mut names: Vec<_> = data.keys().cloned().collect();
+    names.sort();
+    for name in names {
+        let var = &data[&name];
+        let bound = 1.0 / (*var.dims().last().unwrap() as f32).sqrt();
+        let values: Vec<f32> = (0..var.elem_count())
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        var.set(&Tensor::from_vec(values, var.shape(), &dev)?)?;
+    }
+    drop(data);
+    Ok(varmap)
+}
+
+/// A deep copy of `varmap` (new storage).
+pub fn clone_varmap(varmap: &VarMap) -> Result<VarMap> {
+    let copy = VarMap::new();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        copy.data()
+            .lock()
+            .unwrap()
+            .insert(name.clone(), Var::from_tensor(&var.as_tensor().copy()?)?);
+    }
+    Ok(copy)
+}
+
+/// A fixed batch of 2 sequences of 6 tokens (10 prediction rows).
+pub fn batch() -> Result<Tensor> {
+    Tensor::new(&[[1u32, 5, 2, 7, 3, 9], [4, 4, 8, 1, 0, 15]], &Device::Cpu)
+}
+
+/// Every parameter's values, by name.
+pub fn snapshot(varmap: &VarMap) -> std::collections::BTreeMap<String, Vec<f32>> {
+    varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// The block index of a toy parameter name, if any.
+pub fn block_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}

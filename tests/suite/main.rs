@@ -1,0 +1,19 @@
+//! The integration tests, in one binary: each test binary links candle, which takes a while.
+
+#![allow(dead_code)]
+
+mod common;
+
+mod bundled;
+mod checkpoint;
+mod errors;
+mod freezing;
+mod frozen_linear;
+mod layer_map;
+mod llama;
+mod lora;
+mod parity;
+mod recompute;
+mod resume;
+mod sampler;
+mod state;
