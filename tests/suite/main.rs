@@ -13,6 +13,7 @@ mod layer_map;
 mod llama;
 mod lora;
 mod parity;
+mod precision;
 mod recompute;
 mod resume;
 mod sampler;
