@@ -4,21 +4,25 @@
 //! `cargo bench --bench adamw_update`; throughput is in bytes: AdamW reads θ, g, m and v and
 //! writes θ, m and v (28 bytes per f32 parameter), so every variant is credited with those
 //! 28 bytes per parameter and the copy moves exactly that many (14 read, 14 written).
+//! `lisa_fused_bf16` is the update of a bf16 parameter with its f32 master copy and f32
+//! moments: it reads θ and g (2 bytes each) and master, m, v (4 each), and writes θ, master, m
+//! and v, so it is credited with 30 bytes per parameter.
 
 mod common;
 
-use candle_core::{backprop::GradStore, Device, Tensor, Var};
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use candle_lisa::LisaAdamW;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rayon::prelude::*;
 
 const BYTES_PER_PARAM: u64 = 28;
+const BYTES_PER_BF16_PARAM: u64 = 30;
 
-/// A parameter of `n` elements and a GradStore holding its gradient.
-fn param(n: usize, dev: &Device) -> candle_core::Result<(Var, GradStore)> {
-    let var = Var::randn(0f32, 1., n, dev)?;
-    let c = Tensor::randn(0f32, 1e-3, n, dev)?;
+/// A parameter of `n` elements in `dtype` and a GradStore holding its gradient.
+fn param(n: usize, dtype: DType, dev: &Device) -> candle_core::Result<(Var, GradStore)> {
+    let var = Var::from_tensor(&Tensor::randn(0f32, 1., n, dev)?.to_dtype(dtype)?)?;
+    let c = Tensor::randn(0f32, 1e-3, n, dev)?.to_dtype(dtype)?;
     let grads = (var.as_tensor() * c)?.sum_all()?.backward()?;
     Ok((var, grads))
 }
@@ -30,7 +34,7 @@ fn update(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(BYTES_PER_PARAM * n as u64));
         let id = |what: &str| BenchmarkId::new(what, format!("{millions}M"));
 
-        let (var, grads) = param(n, &dev).unwrap();
+        let (var, grads) = param(n, DType::F32, &dev).unwrap();
         let mut fused =
             LisaAdamW::all_trainable([("w".to_string(), var)], ParamsAdamW::default()).unwrap();
         group.bench_function(id("lisa_fused"), |b| {
@@ -41,7 +45,20 @@ fn update(c: &mut Criterion) {
         });
         drop((fused, grads));
 
-        let (var, grads) = param(n, &dev).unwrap();
+        group.throughput(Throughput::Bytes(BYTES_PER_BF16_PARAM * n as u64));
+        let (var, grads) = param(n, DType::BF16, &dev).unwrap();
+        let mut fused =
+            LisaAdamW::all_trainable([("w".to_string(), var)], ParamsAdamW::default()).unwrap();
+        group.bench_function(id("lisa_fused_bf16"), |b| {
+            b.iter(|| {
+                fused.try_step(&grads).unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
+        drop((fused, grads));
+        group.throughput(Throughput::Bytes(BYTES_PER_PARAM * n as u64));
+
+        let (var, grads) = param(n, DType::F32, &dev).unwrap();
         let mut candle = AdamW::new(vec![var], ParamsAdamW::default()).unwrap();
         group.bench_function(id("candle_adamw"), |b| {
             b.iter(|| {

@@ -18,7 +18,7 @@ fn train_step(c: &mut Criterion) {
     let (ids, labels) = batch(&config, 1, 128, &dev).unwrap();
     for method in ["full", "lora16", "lisa2"] {
         let kind: Method = method.parse().unwrap();
-        let weights = Weights::new(config.clone(), kind, &dev).unwrap();
+        let weights = Weights::new(config.clone(), kind, &dev, candle_core::DType::F32).unwrap();
         let mut training = Training::new(weights, kind).unwrap();
         group.bench_function(method, |b| {
             b.iter(|| {

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_lisa::models::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
 use candle_lisa::{
     frozen_var_builder, load_llama, merge_lora, named_vars, save_llama, LisaAdamW, LisaConfig,
-    Llama, LlamaConfig, LoraConfig, IGNORE_INDEX,
+    Llama, LlamaConfig, LoraConfig, LossScaler, IGNORE_INDEX,
 };
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
@@ -400,6 +400,11 @@ impl Run {
                 (opt, model, Some((adapters, lora)))
             }
         };
+        let mut opt = opt;
+        if dtype == DType::F16 {
+            // f16 gradients underflow and overflow without dynamic loss scaling.
+            opt.set_loss_scaler(Some(LossScaler::default()));
+        }
         let mut run = Run {
             method,
             config,
@@ -520,6 +525,8 @@ struct Summary {
     peak_source: &'static str,
     trainable_params: usize,
     state_bytes: usize,
+    /// Steps skipped for a non-finite gradient (f16 loss scaling backing off).
+    skipped_steps: u64,
 }
 
 fn append_metrics(path: &Path, line: serde_json::Value) -> Result<(), Error> {
@@ -654,7 +661,7 @@ fn train(
         let n = ids.elem_count();
         let loss_t = run.model.loss(&ids, &labels)?;
         let loss = loss_t.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let grads = loss_t.backward()?;
+        let grads = run.opt.scale_loss(&loss_t)?.backward()?;
         device_peak = device_peak.max(device_used(dev));
         // The loss holds the whole graph: free the activations before the optimizer step.
         drop(loss_t);
@@ -676,6 +683,7 @@ fn train(
         let mut line = json!({
             "method": method.name(), "step": step, "loss": loss, "lr": lr_at(args, step),
             "active_blocks": run.opt.active_blocks(), "state_bytes": run.opt.state_bytes(),
+            "skipped_steps": run.opt.skipped_steps(),
             "elapsed_s": started.elapsed().as_secs_f64(),
         });
         if step % args.eval_every == 0 || step == args.steps {
@@ -719,6 +727,7 @@ fn train(
         },
         trainable_params: run.opt.trainable_params(),
         state_bytes: run.opt.state_bytes(),
+        skipped_steps: run.opt.skipped_steps(),
     };
     // From the file, so that a resumed run plots its whole history.
     let (train_curve, eval_curve) = curves_from_metrics(&metrics, method.name())?;

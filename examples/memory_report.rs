@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example memory_report -- --json [--shape NAME[,NAME]] [--methods LIST]
 //!     [--seq-len 256] [--batch-size 1] [--steps 5] [--rounds 1] [--recompute-frozen]
-//!     [--chart PATH]
+//!     [--dtype f32|bf16|f16] [--chart PATH]
 //! cargo run --release --example memory_report -- --from results.jsonl [--chart PATH]
 //! ```
 //!
@@ -14,7 +14,10 @@
 //! it prints one JSON object per method on stdout; it always prints a table on stderr, with the
 //! breakdown of the peak (weights, gradients, optimizer state, and the rest: activations and
 //! temporaries) and the ratios to `full`. `--chart` draws the peaks as a bar chart (PNG).
-//! It runs on the CPU only: the peak is the process heap, in f32.
+//! It runs on the CPU only: the peak is the process heap. With `--dtype bf16` or `f16` the
+//! weights, activations and gradients are half precision and the crate's optimizer keeps f32
+//! master weights and f32 moments for what trains (`adamw-candle` keeps its state in the
+//! weights' dtype, as candle does).
 //!
 //! Methods: `full` (lean AdamW over everything), `lora16`, `lora128` (all seven projections),
 //! `lisa1`, `lisa2`, `lisa4` (γ = 1, 2, 4 on a model rebuilt from the optimizer), their
@@ -79,6 +82,9 @@ struct Args {
     /// Run every LISA method with frozen-block recompute (lisa2 becomes lisa2-recompute).
     #[arg(long)]
     recompute_frozen: bool,
+    /// The dtype of weights, activations and gradients: f32, bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    dtype: String,
     /// Draw the peaks as a bar chart into this PNG.
     #[arg(long)]
     chart: Option<PathBuf>,
@@ -120,10 +126,17 @@ struct Record {
     resamples: usize,
     threads: usize,
     device: String,
+    /// The dtype of weights, activations and gradients.
+    #[serde(default = "f32_name")]
+    dtype: String,
 }
 
 fn one() -> usize {
     1
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 /// Measures one method in this process.
@@ -133,7 +146,9 @@ fn measure(args: &Args, shape: &str, name: &str) -> Result<Record, Error> {
     let dev = Device::Cpu;
     let (b, t) = (args.batch_size, args.seq_len);
     let (ids, labels) = batch(&config, b, t, &dev)?;
-    let weights = Weights::new(config, method, &dev)?;
+    let dtype = args.dtype.parse::<candle_core::DType>()?;
+    let weights = Weights::new(config, method, &dev, dtype)?;
+    let total_params = weights.params();
     let weight_bytes = weights.bytes();
 
     // Everything from here on counts: the optimizer's state is allocated in the steps' peak.
@@ -164,13 +179,14 @@ fn measure(args: &Args, shape: &str, name: &str) -> Result<Record, Error> {
         state_bytes: state_max,
         other_bytes: peak_bytes.saturating_sub(weight_bytes + grads_max + state_max),
         trainable_params: trainable,
-        total_params: weight_bytes / 4,
+        total_params,
         step_ms_median: timed[timed.len() / 2],
         step_ms,
         rounds: 1,
         resamples,
         threads: candle_core::utils::get_num_threads(),
         device: "cpu".into(),
+        dtype: args.dtype.clone(),
     })
 }
 
@@ -181,6 +197,7 @@ fn spawn(args: &Args, shape: &str, method: &str) -> Result<Record, Error> {
         .args(["--seq-len", &args.seq_len.to_string()])
         .args(["--batch-size", &args.batch_size.to_string()])
         .args(["--steps", &args.steps.to_string()])
+        .args(["--dtype", &args.dtype])
         .stderr(std::process::Stdio::inherit())
         .output()?;
     if !out.status.success() {
@@ -228,8 +245,8 @@ fn print_table(records: &[Record]) {
         let full = rows.iter().find(|r| r.method == "full");
         let (r0, params) = (rows[0], rows[0].total_params as f64 / 1e6);
         eprintln!(
-            "\n{shape}: {params:.1}M parameters, B = {}, T = {}, CPU f32, {} threads",
-            r0.batch_size, r0.seq_len, r0.threads
+            "\n{shape}: {params:.1}M parameters, B = {}, T = {}, CPU {}, {} threads",
+            r0.batch_size, r0.seq_len, r0.dtype, r0.threads
         );
         eprintln!(
             "{:<16} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9} {:>7}",
@@ -287,7 +304,7 @@ fn chart(path: &Path, records: &[Record]) -> Result<(), Error> {
         .collect();
     let total: usize = rows.iter().sum();
     let mut rest = root.titled(
-        "peak heap of a training step (CPU, f32)",
+        &format!("peak heap of a training step (CPU, {})", records[0].dtype),
         ("sans-serif", 18),
     )?;
     let parts = [

@@ -12,7 +12,9 @@
 //! [`LisaConfig::recompute_frozen`](crate::LisaConfig::recompute_frozen), frozen blocks keep
 //! no activations either: [`recompute`](crate::nn::recompute::recompute) runs them again in
 //! the backward pass. The model's attention, norms, RoPE, SwiGLU and loss ([`nn::ops`]) keep
-//! only their inputs and outputs in the graph.
+//! only their inputs and outputs in the graph. Half-precision models train correctly: the
+//! optimizer keeps f32 master weights and moments for what trains
+//! ([precision policy](optim::precision), [`LossScaler`] for f16).
 //!
 //! The crate has three layers, and dependencies point one way:
 //! - [`optim`]: [`LisaAdamW`], its update, samplers, layer map and state I/O;

@@ -108,12 +108,14 @@ pub struct Weights {
     pub adapters: VarMap,
     pub lora: Option<LoraConfig>,
     pub device: Device,
+    pub dtype: DType,
 }
 
 impl Weights {
-    pub fn new(config: LlamaConfig, method: Method, device: &Device) -> Result<Self> {
+    /// Weights in `dtype` (adapters too).
+    pub fn new(config: LlamaConfig, method: Method, device: &Device, dtype: DType) -> Result<Self> {
         let base = VarMap::new();
-        Llama::new(&config, VarBuilder::from_varmap(&base, DType::F32, device))?;
+        Llama::new(&config, VarBuilder::from_varmap(&base, dtype, device))?;
         let adapters = VarMap::new();
         let lora = match method {
             Method::Lora(rank) => {
@@ -122,7 +124,7 @@ impl Weights {
                     alpha: 2.0 * rank as f64,
                     ..Default::default()
                 };
-                let vb = VarBuilder::from_varmap(&adapters, DType::F32, device);
+                let vb = VarBuilder::from_varmap(&adapters, dtype, device);
                 Llama::with_lora(&config, frozen_var_builder(&base)?, &lora, vb)?;
                 Some(lora)
             }
@@ -134,7 +136,17 @@ impl Weights {
             adapters,
             lora,
             device: device.clone(),
+            dtype,
         })
+    }
+
+    /// Number of scalars in the weights and adapters.
+    pub fn params(&self) -> usize {
+        [&self.base, &self.adapters]
+            .iter()
+            .flat_map(|m| m.all_vars())
+            .map(|v| v.elem_count())
+            .sum()
     }
 
     /// Bytes of the weights and adapters.
@@ -251,13 +263,13 @@ impl Training {
     pub fn trainable_params(&self) -> usize {
         match &self.optim {
             Optim::Lean { opt, .. } => opt.trainable_params(),
-            Optim::Candle(_) => self.weights.bytes() / 4,
+            Optim::Candle(_) => self.weights.params(),
         }
     }
 }
 
 fn build(w: &Weights, optim: &Optim) -> Result<Llama> {
-    let vb = |m: &VarMap| VarBuilder::from_varmap(m, DType::F32, &w.device);
+    let vb = |m: &VarMap| VarBuilder::from_varmap(m, w.dtype, &w.device);
     Ok(match (optim, &w.lora) {
         (_, Some(lora)) => Llama::with_lora(
             &w.config,

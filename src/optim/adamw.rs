@@ -118,8 +118,10 @@ pub(crate) fn all_finite(g: &Tensor) -> Result<bool> {
         if let Some((start, end)) = g.layout().contiguous_offsets() {
             let (storage, _) = g.storage_and_layout();
             if let Storage::Cpu(s) = &*storage {
+                // No early exit inside a chunk, so the loop vectorises; chunks stop early.
                 fn finite<T: Sync>(s: &[T], f: impl Fn(&T) -> bool + Sync + Send) -> bool {
-                    s.par_chunks(CHUNK).all(|c| c.iter().all(&f))
+                    s.par_chunks(CHUNK)
+                        .all(|c| c.iter().fold(true, |ok, x| ok & f(x)))
                 }
                 match s {
                     CpuStorage::F32(s) => return Ok(finite(&s[start..end], |x| x.is_finite())),
@@ -137,6 +139,33 @@ pub(crate) fn all_finite(g: &Tensor) -> Result<bool> {
         _ => probe.to_dtype(DType::F32)?,
     };
     Ok(probe.to_scalar::<f32>()?.is_finite())
+}
+
+/// The sum of the squares of `g`'s elements, accumulated in f64. One parallel pass on the
+/// CPU; elsewhere candle ops in f32.
+pub(crate) fn sum_squares(g: &Tensor) -> Result<f64> {
+    if let (Device::Cpu, Some((start, end))) = (g.device(), g.layout().contiguous_offsets()) {
+        let (storage, _) = g.storage_and_layout();
+        if let Storage::Cpu(s) = &*storage {
+            fn sum<T: Sync>(s: &[T], f: impl Fn(&T) -> f64 + Sync + Send) -> f64 {
+                s.par_chunks(CHUNK)
+                    .map(|c| c.iter().map(|x| f(x) * f(x)).sum::<f64>())
+                    .sum()
+            }
+            match s {
+                CpuStorage::F32(s) => return Ok(sum(&s[start..end], |&x| x as f64)),
+                CpuStorage::F64(s) => return Ok(sum(&s[start..end], |&x| x)),
+                CpuStorage::BF16(s) => return Ok(sum(&s[start..end], |x| x.to_f64())),
+                CpuStorage::F16(s) => return Ok(sum(&s[start..end], |x| x.to_f64())),
+                _ => {}
+            }
+        }
+    }
+    let g = match g.dtype() {
+        DType::F32 => g.detach(),
+        _ => g.detach().to_dtype(DType::F32)?,
+    };
+    Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
 }
 
 /// Whether [`adamw_in_place`] applies: every operand on the CPU, contiguous, of θ's shape, no

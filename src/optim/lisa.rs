@@ -6,7 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
-use super::adamw::{all_finite, Moments};
+use super::adamw::{all_finite, sum_squares, Moments};
 use super::config::LisaConfig;
 use super::layer_map::{LayerMap, ParamGroup};
 use super::precision::{LossScaler, NonFinite};
@@ -138,6 +138,8 @@ pub struct LisaAdamW {
     pub(super) recompute_frozen: bool,
     pub(super) scaler: Option<LossScaler>,
     pub(super) nonfinite: NonFinite,
+    /// `no_decay[i]`: parameter `i` is updated without weight decay.
+    pub(super) no_decay: Vec<bool>,
     /// Steps skipped for a non-finite gradient; they are not counted in `steps`.
     pub(super) skipped_steps: u64,
     pub(super) steps: u64,
@@ -282,6 +284,7 @@ impl LisaAdamW {
             recompute_frozen: false,
             scaler: None,
             nonfinite: NonFinite::Error,
+            no_decay: Vec::new(),
             skipped_steps: 0,
             steps: 0,
             period_index: 0,
@@ -386,6 +389,24 @@ impl LisaAdamW {
     /// moments, the step counter and the sampler are then as they were. A candle error during
     /// the update itself (out of memory) can leave it half applied.
     pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
+        self.try_step_scaled(grads, 1.0)
+    }
+
+    /// [`try_step`](Self::try_step) with every gradient multiplied by `grad_scale` inside the
+    /// update, without a copy: gradient clipping (`max_norm / norm`) or averaging accumulated
+    /// micro-batches costs nothing extra this way. `grad_scale = 1` is `try_step`.
+    ///
+    /// # Errors
+    /// Those of [`try_step`](Self::try_step), and [`LisaError::InvalidHyperparameter`] for a
+    /// `grad_scale` that is not finite and positive.
+    pub fn try_step_scaled(&mut self, grads: &GradStore, grad_scale: f64) -> Result<()> {
+        if !(grad_scale.is_finite() && grad_scale > 0.0) {
+            return Err(LisaError::InvalidHyperparameter {
+                name: "grad_scale",
+                value: grad_scale,
+                expected: "finite and greater than 0",
+            });
+        }
         check_params(&self.params)?;
         self.check_grads(grads)?;
         if let Some(name) = self.first_non_finite(grads)? {
@@ -402,12 +423,20 @@ impl LisaAdamW {
             Mode::Lisa { period, .. } if (self.steps + 1) % period as u64 == 0 => self.draw()?,
             _ => None,
         };
-        let inv_scale = self.scaler.as_ref().map_or(1.0, |s| 1.0 / s.scale());
-        for (var, state) in self.vars.iter().zip(self.state.iter_mut()) {
+        let inv_scale = grad_scale / self.scaler.as_ref().map_or(1.0, |s| s.scale());
+        let no_decay = ParamsAdamW {
+            weight_decay: 0.0,
+            ..self.params.clone()
+        };
+        for (i, (var, state)) in self.vars.iter().zip(self.state.iter_mut()).enumerate() {
             let (Some(st), Some(g)) = (state.as_mut(), grads.get(var.as_tensor())) else {
                 continue;
             };
-            st.update(&self.params, var, g, inv_scale)?;
+            let params = match self.no_decay.get(i) {
+                Some(true) => &no_decay,
+                _ => &self.params,
+            };
+            st.update(params, var, g, inv_scale)?;
         }
         if let Some(scaler) = self.scaler.as_mut() {
             scaler.clean_step();
@@ -434,6 +463,46 @@ impl LisaAdamW {
             }
         }
         Ok(None)
+    }
+
+    /// The global L2 norm of the trainable parameters' gradients in `grads`, as the loss
+    /// itself would give them (divided by the loss scale when a [`LossScaler`] is set); NaN or
+    /// infinite when a gradient is. One read of each gradient.
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let mut sum = 0.0;
+        for (_, var) in self.trainable_vars() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                sum += sum_squares(g)?;
+            }
+        }
+        Ok(sum.sqrt() / self.scaler.as_ref().map_or(1.0, |s| s.scale()))
+    }
+
+    /// Every float parameter the optimizer was built over, with its name, sorted by name.
+    pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.map.iter().map(|(n, _)| n).zip(&self.vars)
+    }
+
+    /// The parameters trainable now, with their names, sorted by name.
+    pub fn trainable_vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.vars()
+            .zip(&self.state)
+            .filter(|(_, s)| s.is_some())
+            .map(|(v, _)| v)
+    }
+
+    /// Excludes from weight decay every parameter for which `exclude(name, dims)` is true (by
+    /// default none is excluded; [`no_decay_default`](crate::optim::no_decay_default) is the
+    /// transformers convention). Applies to the next step on; moments are unchanged.
+    pub fn set_weight_decay_filter(&mut self, exclude: impl Fn(&str, &[usize]) -> bool) {
+        self.no_decay = self.vars().map(|(n, v)| exclude(n, v.dims())).collect();
+    }
+
+    /// Whether `name` is updated without weight decay ([`set_weight_decay_filter`](Self::set_weight_decay_filter)).
+    pub fn excluded_from_weight_decay(&self, name: &str) -> bool {
+        self.map
+            .index_of(name)
+            .is_some_and(|i| self.no_decay.get(i).copied().unwrap_or(false))
     }
 
     /// `loss` multiplied by the loss scale, or `loss` itself without a [`LossScaler`]: call
@@ -579,11 +648,7 @@ impl LisaAdamW {
     }
 
     fn trainable(&self) -> impl Iterator<Item = &Var> {
-        self.vars
-            .iter()
-            .zip(&self.state)
-            .filter(|(_, s)| s.is_some())
-            .map(|(v, _)| v)
+        self.trainable_vars().map(|(_, v)| v)
     }
 
     /// Whether the parameter `name` is trainable now (false for unknown names).

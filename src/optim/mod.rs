@@ -15,3 +15,17 @@ pub use lisa::{LisaAdamW, LisaParams, Mode, ParamState};
 pub use precision::{LossScaler, NonFinite};
 pub use sampler::{BlockSampler, UniformSampler};
 pub use state::{STATE_JSON_FILE, STATE_TENSORS_FILE};
+
+/// The transformers convention for weight decay: no decay on biases and norm weights (every
+/// 1-D parameter) nor on embeddings (names containing `embed`, and GPT-2's `wte`/`wpe`).
+/// Pass it to [`LisaAdamW::set_weight_decay_filter`].
+///
+/// ```
+/// use candle_lisa::optim::no_decay_default;
+/// assert!(no_decay_default("model.layers.0.input_layernorm.weight", &[576]));
+/// assert!(no_decay_default("model.embed_tokens.weight", &[49152, 576]));
+/// assert!(!no_decay_default("model.layers.0.mlp.up_proj.weight", &[1536, 576]));
+/// ```
+pub fn no_decay_default(name: &str, dims: &[usize]) -> bool {
+    dims.len() <= 1 || name.contains("embed") || name.contains(".wte.") || name.contains(".wpe.")
+}
