@@ -196,6 +196,26 @@ pub enum LisaError {
         wanted_device: String,
     },
 
+    /// Too many training steps in a row were skipped for a non-finite loss or gradient.
+    #[error(
+        "{consecutive} steps in a row had a NaN or infinite loss or gradient and were skipped; \
+         training has diverged: lower the learning rate, clip gradients (max_grad_norm), or \
+         for f16 use a LossScaler"
+    )]
+    TooManyNonFinite {
+        /// Skipped steps in a row.
+        consecutive: usize,
+    },
+
+    /// A checkpoint does not belong to this run.
+    #[error("cannot resume from checkpoint {path}: {reason}")]
+    CheckpointMismatch {
+        /// The checkpoint directory.
+        path: std::path::PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+
     /// A sampler returned a draw that is not γ distinct blocks in range.
     #[error(
         "the block sampler drew {draw:?}, but LISA needs {gamma} distinct block indices below \

@@ -20,7 +20,9 @@
 //! - [`optim`]: [`LisaAdamW`], its update, samplers, layer map and state I/O;
 //! - [`nn`]: building blocks ([`Linear`], lean ops, recompute, LoRA) and the
 //!   [`TrainingPlan`] a model is built from, which [`LisaAdamW::plan`] produces;
-//! - [`models`]: model families, Hugging Face checkpoint I/O and tokenizers.
+//! - [`models`]: model families, Hugging Face checkpoint I/O and tokenizers;
+//! - [`train`]: an optional [`Trainer`](train::Trainer) over any of them, with schedules,
+//!   batches and crash-safe checkpoints.
 //!
 //! Models and building blocks never name the optimizer type.
 //!
@@ -89,6 +91,7 @@ pub mod io;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod train;
 
 pub use error::{LisaError, Result};
 pub use models::{

@@ -18,3 +18,4 @@ mod recompute;
 mod resume;
 mod sampler;
 mod state;
+mod train;

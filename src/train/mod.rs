@@ -1,0 +1,18 @@
+//! Training around the optimizer: a [`Trainer`] for full fine-tuning, LoRA or LISA with
+//! gradient accumulation, clipping and a non-finite guard; learning-rate [`schedule`]s;
+//! padded and packed batches ([`data`]); crash-safe [`checkpoint`]s; metrics sinks.
+//!
+//! Everything here is optional: [`LisaAdamW`](crate::LisaAdamW) in a loop of your own loses
+//! nothing.
+
+pub mod checkpoint;
+pub mod data;
+pub mod metrics;
+pub mod schedule;
+mod trainer;
+
+pub use checkpoint::Checkpointer;
+pub use data::{pack_examples, pad_batch, Batch, Example};
+pub use metrics::{JsonlSink, MetricsSink};
+pub use schedule::{Constant, Cosine, Linear, LrSchedule};
+pub use trainer::{CausalLm, StepReport, Trainer, TrainerConfig, OPTIMIZER, TRAINER, WEIGHTS};

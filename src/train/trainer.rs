@@ -1,0 +1,354 @@
+//! [`Trainer`]: one optimizer step over micro-batches, with gradient accumulation, global-norm
+//! clipping, a learning-rate schedule, a non-finite guard, and crash-safe checkpoints.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor};
+
+use super::checkpoint::Checkpointer;
+use super::data::Batch;
+use super::schedule::LrSchedule;
+use crate::error::{LisaError, Result};
+use crate::io::io;
+use crate::models::Llama;
+use crate::nn::TrainingPlan;
+use crate::optim::{no_decay_default, LisaAdamW, NonFinite};
+
+/// A model the trainer can train: the mean loss over a batch's counted labels.
+pub trait CausalLm {
+    /// The mean loss of `batch` (a scalar; f32 for half-precision models is fine).
+    fn loss(&self, batch: &Batch) -> Result<Tensor>;
+}
+
+impl CausalLm for Llama {
+    fn loss(&self, batch: &Batch) -> Result<Tensor> {
+        Llama::loss(self, &batch.ids, &batch.labels)
+    }
+}
+
+/// How the trainer steps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainerConfig {
+    /// Clip the global L2 norm of the gradients to this (`None`: no clipping). The clip is a
+    /// factor inside the fused update, so it copies nothing.
+    pub max_grad_norm: Option<f64>,
+    /// Stop with [`LisaError::TooManyNonFinite`] after this many skipped steps in a row.
+    pub max_consecutive_non_finite: usize,
+    /// Exclude norms, biases and embeddings from weight decay
+    /// ([`no_decay_default`]); `false` decays every parameter.
+    pub decay_filter: bool,
+}
+
+impl Default for TrainerConfig {
+    /// Clipping at 1.0 (transformers' default), 10 non-finite steps in a row, the
+    /// transformers weight-decay convention.
+    fn default() -> Self {
+        Self {
+            max_grad_norm: Some(1.0),
+            max_consecutive_non_finite: 10,
+            decay_filter: true,
+        }
+    }
+}
+
+/// What one [`Trainer::step`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// Updates applied so far ([`LisaAdamW::step_count`]).
+    pub step: u64,
+    /// Mean loss over the micro-batches' counted labels.
+    pub loss: f32,
+    /// Global gradient norm before clipping (NaN when a gradient was not finite).
+    pub grad_norm: f64,
+    /// The learning rate used.
+    pub lr: f64,
+    /// Labels that counted.
+    pub tokens: usize,
+    /// Whether the step was skipped for a non-finite loss or gradient (nothing written).
+    pub skipped: bool,
+    /// Whether LISA drew new blocks (the trainer has rebuilt the model).
+    pub resampled: bool,
+}
+
+/// Rebuilds the model from a [`TrainingPlan`].
+type Build<M> = Box<dyn FnMut(&TrainingPlan) -> Result<M> + Send>;
+
+/// Trains a model with any of full fine-tuning, LoRA or LISA: the method is the
+/// [`LisaAdamW`] (built by [`LisaAdamW::new`] for LISA, or [`LisaAdamW::all_trainable`] over
+/// the weights or the LoRA adapters) and `build`, which makes the model from the optimizer's
+/// [`TrainingPlan`] (a LoRA model ignores the plan and is built once).
+///
+/// Each [`step`](Self::step) takes the micro-batches of one optimizer step. Their losses are
+/// weighted by their share of the counted labels, so the accumulated gradient is that of the
+/// mean loss over all of them, as one large batch would give. The schedule sets the rate of
+/// each update. A NaN or infinite loss or gradient skips the step (nothing is written) and is
+/// counted; too many in a row is [`LisaError::TooManyNonFinite`].
+///
+/// Nothing here is needed to use [`LisaAdamW`] in a loop of your own.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_lisa::train::{pad_batch, Cosine, Example, Trainer, TrainerConfig};
+/// use candle_lisa::{load_llama, LisaAdamW, LisaConfig, Llama};
+/// use candle_nn::ParamsAdamW;
+///
+/// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tiny-llama");
+/// let (config, varmap) = load_llama(dir, DType::F32, &Device::Cpu)?;
+/// let params = ParamsAdamW { lr: 1e-3, weight_decay: 0.01, ..Default::default() };
+/// let lisa = LisaConfig { gamma: 2, period: 3, ..Default::default() };
+/// let opt = LisaAdamW::new(&varmap, params, lisa)?;
+/// let schedule = Cosine { peak: 1e-3, warmup: 2, total: 8, min: 1e-4 };
+/// let mut trainer = Trainer::new(opt, schedule, TrainerConfig::default(), move |plan| {
+///     Llama::from_plan(&config, plan)
+/// })?;
+/// let examples = [
+///     Example::prompt_response(&[49, 43, 50, 61], &[51], 257), // "1+2=" -> "3"
+///     Example::prompt_response(&[52, 52, 43, 49, 61], &[52, 53], 257),
+/// ];
+/// let batch = pad_batch(&examples, 257, None, &Device::Cpu)?;
+/// let first = trainer.step(&[batch.clone()])?;
+/// for _ in 0..7 {
+///     trainer.step(&[batch.clone()])?; // or several micro-batches per step
+/// }
+/// let last = trainer.step(&[batch])?;
+/// assert!(last.loss < first.loss);
+/// assert_eq!(last.step, 9);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Trainer<M> {
+    opt: LisaAdamW,
+    model: M,
+    build: Build<M>,
+    schedule: Box<dyn LrSchedule>,
+    config: TrainerConfig,
+    /// Steps skipped for a non-finite loss or gradient, in all and in a row.
+    skipped: u64,
+    consecutive_skipped: usize,
+}
+
+impl<M: CausalLm> Trainer<M> {
+    /// A trainer over `opt`, building the model with `build(&opt.plan())`. Sets the
+    /// optimizer to skip non-finite steps, and applies the weight-decay filter.
+    ///
+    /// # Errors
+    /// Whatever `build` returns.
+    pub fn new(
+        mut opt: LisaAdamW,
+        schedule: impl LrSchedule + 'static,
+        config: TrainerConfig,
+        build: impl FnMut(&TrainingPlan) -> Result<M> + Send + 'static,
+    ) -> Result<Self> {
+        let mut build: Build<M> = Box::new(build);
+        opt.set_non_finite(NonFinite::Skip);
+        if config.decay_filter {
+            opt.set_weight_decay_filter(no_decay_default);
+        }
+        let model = build(&opt.plan())?;
+        Ok(Self {
+            opt,
+            model,
+            build,
+            schedule: Box::new(schedule),
+            config,
+            skipped: 0,
+            consecutive_skipped: 0,
+        })
+    }
+
+    /// One optimizer step over `micro_batches` (at least one).
+    ///
+    /// # Errors
+    /// [`LisaError::InvalidConfig`] for no micro-batch, [`LisaError::TooManyNonFinite`], and
+    /// the optimizer's and the model's errors.
+    pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepReport> {
+        if micro_batches.is_empty() {
+            return Err(LisaError::InvalidConfig(
+                "Trainer::step needs at least one micro-batch".into(),
+            ));
+        }
+        let lr = self.schedule.lr(self.opt.step_count() as usize + 1);
+        self.opt.try_set_learning_rate(lr)?;
+        let tokens: usize = micro_batches.iter().map(|b| b.tokens).sum();
+        let mut acc = GradStore::default();
+        let mut loss_sum = 0.0f64;
+        for batch in micro_batches {
+            let loss = self.model.loss(batch)?;
+            let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return self.skip(lr, tokens, value);
+            }
+            let weight = batch.tokens as f64 / tokens.max(1) as f64;
+            let weighted = match micro_batches.len() {
+                1 => loss,
+                _ => loss.affine(weight, 0.0)?,
+            };
+            let mut grads = self.opt.scale_loss(&weighted)?.backward()?;
+            drop(weighted);
+            for (_, var) in self.opt.trainable_vars() {
+                if let Some(g) = grads.remove(var.as_tensor()) {
+                    let sum = match acc.remove(var.as_tensor()) {
+                        Some(a) => (a + g)?,
+                        None => g,
+                    };
+                    acc.insert(var.as_tensor(), sum);
+                }
+            }
+            loss_sum += value as f64 * weight;
+        }
+        let grad_norm = self.opt.grad_norm(&acc)?;
+        let clip = match self.config.max_grad_norm {
+            Some(max) if grad_norm.is_finite() && grad_norm > max => max / (grad_norm + 1e-6),
+            _ => 1.0,
+        };
+        let before = self.opt.skipped_steps();
+        self.opt.try_step_scaled(&acc, clip)?;
+        drop(acc);
+        if self.opt.skipped_steps() > before {
+            return self.skip(lr, tokens, loss_sum as f32);
+        }
+        self.consecutive_skipped = 0;
+        let resampled = self.opt.resampled();
+        if resampled {
+            self.model = (self.build)(&self.opt.plan())?;
+        }
+        Ok(StepReport {
+            step: self.opt.step_count(),
+            loss: loss_sum as f32,
+            grad_norm,
+            lr,
+            tokens,
+            skipped: false,
+            resampled,
+        })
+    }
+
+    fn skip(&mut self, lr: f64, tokens: usize, loss: f32) -> Result<StepReport> {
+        self.skipped += 1;
+        self.consecutive_skipped += 1;
+        if self.consecutive_skipped >= self.config.max_consecutive_non_finite {
+            return Err(LisaError::TooManyNonFinite {
+                consecutive: self.consecutive_skipped,
+            });
+        }
+        Ok(StepReport {
+            step: self.opt.step_count(),
+            loss,
+            grad_norm: f64::NAN,
+            lr,
+            tokens,
+            skipped: true,
+            resampled: false,
+        })
+    }
+
+    /// The model as of the last step.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &LisaAdamW {
+        &self.opt
+    }
+
+    /// Steps skipped so far for a non-finite loss or gradient.
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped
+    }
+
+    /// Saves a checkpoint of the step taken last: the optimizer's parameters
+    /// (`weights.safetensors`: for LoRA, the adapters), its state (`optimizer/`), the
+    /// trainer's counters (`trainer.json`), and whatever `extra` writes into the directory
+    /// (a data position, metrics, a model export).
+    ///
+    /// # Errors
+    /// [`LisaError::Io`] and the errors of `extra`; the previous checkpoints are untouched.
+    pub fn save_checkpoint(
+        &self,
+        checkpointer: &Checkpointer,
+        extra: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
+        checkpointer.save(self.opt.step_count(), |dir| {
+            let tensors: std::collections::HashMap<String, Tensor> = self
+                .opt
+                .vars()
+                .map(|(n, v)| (n.to_string(), v.as_tensor().detach()))
+                .collect();
+            candle_core::safetensors::save(&tensors, dir.join(WEIGHTS))?;
+            self.opt.save_state(dir.join(OPTIMIZER))?;
+            let counters = serde_json::json!({
+                "skipped": self.skipped,
+                "consecutive_skipped": self.consecutive_skipped,
+            });
+            let path = dir.join(TRAINER);
+            std::fs::write(&path, counters.to_string()).map_err(io("cannot write", &path))?;
+            extra(dir)
+        })
+    }
+
+    /// Restores the newest complete checkpoint of `checkpointer`, if there is one, and
+    /// returns its step: weights, optimizer state, counters; the model is rebuilt.
+    ///
+    /// # Errors
+    /// [`LisaError::CheckpointMismatch`] for a checkpoint of another run or one that does not
+    /// fit this optimizer; nothing is changed then.
+    pub fn resume(&mut self, checkpointer: &Checkpointer) -> Result<Option<u64>> {
+        let Some(found) = checkpointer.latest()? else {
+            return Ok(None);
+        };
+        let dir = &found.dir;
+        let mismatch = |reason: String| LisaError::CheckpointMismatch {
+            path: dir.clone(),
+            reason,
+        };
+        let path = dir.join(WEIGHTS);
+        let device = self.opt.vars().next().map(|(_, v)| v.device().clone());
+        let device = device.unwrap_or(candle_core::Device::Cpu);
+        let mut saved = candle_core::safetensors::load(&path, &device)?;
+        let mut weights = Vec::new();
+        for (name, var) in self.opt.vars() {
+            let t = saved
+                .remove(name)
+                .ok_or_else(|| mismatch(format!("it has no weights for {name}")))?;
+            if t.shape() != var.shape() || t.dtype() != var.dtype() {
+                return Err(mismatch(format!(
+                    "{name} is {:?} {:?} there and {:?} {:?} here",
+                    t.dtype(),
+                    t.dims(),
+                    var.dtype(),
+                    var.dims()
+                )));
+            }
+            weights.push((var.clone(), t));
+        }
+        if let Some(extra) = saved.keys().next() {
+            return Err(mismatch(format!(
+                "it holds {extra}, which this run does not train"
+            )));
+        }
+        let path = dir.join(TRAINER);
+        let text = std::fs::read_to_string(&path).map_err(io("cannot read", &path))?;
+        let counters: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| LisaError::Json {
+                path: path.clone(),
+                source,
+            })?;
+        // Loads and checks everything first; it changes nothing when it fails.
+        self.opt.load_state(dir.join(OPTIMIZER))?;
+        for (var, t) in weights {
+            var.set(&t)?;
+        }
+        self.skipped = counters["skipped"].as_u64().unwrap_or(0);
+        self.consecutive_skipped = counters["consecutive_skipped"].as_u64().unwrap_or(0) as usize;
+        self.model = (self.build)(&self.opt.plan())?;
+        Ok(Some(found.step))
+    }
+}
+
+/// The optimizer's parameters inside a checkpoint.
+pub const WEIGHTS: &str = "weights.safetensors";
+/// The optimizer state directory inside a checkpoint.
+pub const OPTIMIZER: &str = "optimizer";
+/// The trainer's counters inside a checkpoint.
+pub const TRAINER: &str = "trainer.json";

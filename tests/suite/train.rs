@@ -1,0 +1,397 @@
+//! The library trainer: padding, accumulation, clipping, weight-decay groups, the
+//! non-finite guard, crash-safe checkpoints and exact resume.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_lisa::train::{
+    pack_examples, pad_batch, Batch, Checkpointer, Constant, Example, StepReport, Trainer,
+    TrainerConfig,
+};
+use candle_lisa::{LisaAdamW, LisaConfig, LisaError, Llama, LlamaConfig, TrainingPlan};
+use candle_nn::{ParamsAdamW, VarMap};
+
+fn config() -> LlamaConfig {
+    let mut c = LlamaConfig::tiny(40, 32, 4, 4, 2);
+    c.intermediate_size = 64;
+    c
+}
+
+/// Seeded weights (candle's own initialisation cannot be seeded).
+fn varmap() -> candle_core::Result<VarMap> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let out = VarMap::new();
+    for (name, shape) in config().tensor_shapes() {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = match name.contains("norm") {
+            true => vec![1.0; n],
+            false => (0..n).map(|_| rng.random_range(-0.2f32..0.2)).collect(),
+        };
+        let t = Tensor::from_vec(v, shape, &Device::Cpu)?;
+        out.data()
+            .lock()
+            .unwrap()
+            .insert(name, Var::from_tensor(&t)?);
+    }
+    Ok(out)
+}
+
+fn examples() -> Vec<Example> {
+    (0..6u32)
+        .map(|i| {
+            let prompt: Vec<u32> = (0..3 + i % 3).map(|k| (i * 5 + k * 3) % 39).collect();
+            let response: Vec<u32> = (0..2 + i % 4).map(|k| (i * 7 + k) % 39).collect();
+            Example::prompt_response(&prompt, &response, 39)
+        })
+        .collect()
+}
+
+fn params() -> ParamsAdamW {
+    ParamsAdamW {
+        lr: 1e-2,
+        weight_decay: 0.1,
+        ..Default::default()
+    }
+}
+
+fn lisa(varmap: &VarMap) -> candle_lisa::Result<LisaAdamW> {
+    lisa_with(varmap, params())
+}
+
+fn lisa_with(varmap: &VarMap, params: ParamsAdamW) -> candle_lisa::Result<LisaAdamW> {
+    let config = LisaConfig {
+        gamma: 2,
+        period: 2,
+        seed: 4,
+        ..Default::default()
+    };
+    LisaAdamW::new(varmap, params, config)
+}
+
+fn trainer(varmap: &VarMap, config: TrainerConfig) -> candle_lisa::Result<Trainer<Llama>> {
+    trainer_with(varmap, config, params())
+}
+
+fn trainer_with(
+    varmap: &VarMap,
+    config: TrainerConfig,
+    params: ParamsAdamW,
+) -> candle_lisa::Result<Trainer<Llama>> {
+    let c = self::config();
+    let build = move |plan: &TrainingPlan| Llama::from_plan(&c, plan);
+    let schedule = Constant {
+        lr: params.lr,
+        warmup: 0,
+    };
+    Trainer::new(lisa_with(varmap, params)?, schedule, config, build)
+}
+
+fn values(varmap: &VarMap) -> Vec<(String, Vec<f32>)> {
+    let data = varmap.data().lock().unwrap();
+    let mut out: Vec<_> = data
+        .iter()
+        .map(|(n, v)| {
+            let t = v
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            (n.clone(), t.to_vec1::<f32>().unwrap())
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// A right-padded batch gives each example the loss and gradients it has alone: the loss is
+/// the token-weighted mean of the examples' own losses, and so is every gradient.
+#[test]
+fn padding_stays_out_of_loss_and_attention() -> Result<(), Box<dyn std::error::Error>> {
+    let dev = Device::Cpu;
+    let varmap = varmap()?;
+    let opt = LisaAdamW::all_trainable(candle_lisa::named_vars(&varmap)?, params())?;
+    let model = Llama::from_plan(&config(), &opt.plan())?;
+    let ex = examples();
+    let batch = pad_batch(&ex, 0, None, &dev)?;
+    assert_eq!(
+        batch.tokens,
+        ex.iter().map(Example::trained_tokens).sum::<usize>()
+    );
+    let loss = model.loss(&batch.ids, &batch.labels)?;
+    let grads = loss.backward()?;
+    let (mut want_loss, mut want_grads) = (0.0f64, Vec::<Tensor>::new());
+    let vars: Vec<Var> = opt.vars().map(|(_, v)| v.clone()).collect();
+    for e in &ex {
+        let alone = pad_batch(std::slice::from_ref(e), 0, None, &dev)?;
+        let w = e.trained_tokens() as f64 / batch.tokens as f64;
+        let l = model.loss(&alone.ids, &alone.labels)?;
+        want_loss += l.to_scalar::<f32>()? as f64 * w;
+        let g = (l * w)?.backward()?;
+        for (i, v) in vars.iter().enumerate() {
+            let gi = g.get(v.as_tensor()).unwrap().clone();
+            match want_grads.get_mut(i) {
+                Some(acc) => *acc = (&*acc + gi)?,
+                None => want_grads.push(gi),
+            }
+        }
+    }
+    let got = loss.to_scalar::<f32>()? as f64;
+    assert!(
+        (got - want_loss).abs() < 1e-5 * want_loss,
+        "{got} vs {want_loss}"
+    );
+    for (v, want) in vars.iter().zip(&want_grads) {
+        let got = grads.get(v.as_tensor()).unwrap();
+        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(
+            diff <= 1e-5 * scale.max(1e-3),
+            "gradient differs by {diff} (max {scale})"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn pad_batch_and_packing_errors() -> Result<(), Box<dyn std::error::Error>> {
+    let dev = Device::Cpu;
+    assert!(matches!(
+        pad_batch(&[], 0, None, &dev),
+        Err(LisaError::InvalidConfig(_))
+    ));
+    let bad = Example {
+        ids: vec![1, 2],
+        labels: vec![1],
+    };
+    assert!(matches!(
+        pad_batch(&[bad], 0, None, &dev),
+        Err(LisaError::InvalidConfig(_))
+    ));
+    let b = pad_batch(&examples(), 7, Some(5), &dev)?;
+    assert_eq!(b.ids.dims(), [6, 5]);
+    let packed = pack_examples(&examples(), 12);
+    let total: usize = examples().iter().map(|e| e.ids.len()).sum();
+    assert_eq!(packed.iter().map(|e| e.ids.len()).sum::<usize>(), total);
+    assert!(packed
+        .iter()
+        .all(|e| e.ids.len() <= 12 && e.ids.len() == e.labels.len()));
+    Ok(())
+}
+
+/// Two micro-batches accumulate to the gradient of the whole batch: at every step the loss
+/// and the gradient norm match a one-batch run within 1e-5 relative (a plain mean of the two
+/// micro-batch losses would be off by far more: their token counts differ), and so do the
+/// weights after five steps through resamples, within 1e-6 relative. ε = 1 makes the AdamW
+/// update nearly linear in the gradient here; with a tiny ε it is about lr·sign(g), which
+/// turns f32 rounding of near-zero gradients (the batches are padded to other lengths, so
+/// sums run in another order) into whole steps.
+#[test]
+fn accumulation_matches_one_large_batch() -> Result<(), Box<dyn std::error::Error>> {
+    let dev = Device::Cpu;
+    let ex = examples();
+    let whole = pad_batch(&ex, 0, None, &dev)?;
+    let halves = [
+        pad_batch(&ex[..2], 0, None, &dev)?,
+        pad_batch(&ex[2..], 0, None, &dev)?,
+    ];
+    let cfg = TrainerConfig {
+        max_grad_norm: None,
+        ..Default::default()
+    };
+    let (a, b) = (varmap()?, varmap()?);
+    let linear = ParamsAdamW {
+        eps: 1.0,
+        ..params()
+    };
+    let (mut ta, mut tb) = (
+        trainer_with(&a, cfg.clone(), linear.clone())?,
+        trainer_with(&b, cfg, linear)?,
+    );
+    for _ in 0..5 {
+        let (ra, rb) = (ta.step(std::slice::from_ref(&whole))?, tb.step(&halves)?);
+        assert!((ra.loss - rb.loss).abs() < 1e-5 * ra.loss, "{ra:?} {rb:?}");
+        assert_eq!(ra.resampled, rb.resampled);
+        assert!((ra.grad_norm - rb.grad_norm).abs() < 1e-5 * ra.grad_norm);
+    }
+    assert_eq!(ta.optimizer().period_index(), 2);
+    for ((n, x), (_, y)) in values(&a).iter().zip(values(&b)) {
+        for (x, y) in x.iter().zip(&y) {
+            assert!((x - y).abs() <= 1e-6 * x.abs().max(1e-2), "{n}: {x} vs {y}");
+        }
+    }
+    Ok(())
+}
+
+/// Clipping multiplies the gradients by max_norm / norm inside the update: the same bits as
+/// the optimizer stepping on gradients scaled by hand. The norm is reported before clipping.
+#[test]
+fn clipping_scales_by_max_over_norm() -> Result<(), Box<dyn std::error::Error>> {
+    let batch = pad_batch(&examples(), 0, None, &Device::Cpu)?;
+    let clipped = varmap()?;
+    let cfg = TrainerConfig {
+        max_grad_norm: Some(0.05),
+        ..Default::default()
+    };
+    let mut t = trainer(&clipped, cfg)?;
+    let report: StepReport = t.step(std::slice::from_ref(&batch))?;
+
+    let manual = varmap()?;
+    let mut opt = lisa(&manual)?;
+    opt.set_weight_decay_filter(candle_lisa::optim::no_decay_default);
+    let model = Llama::from_plan(&config(), &opt.plan())?;
+    let grads = model.loss(&batch.ids, &batch.labels)?.backward()?;
+    let norm = opt.grad_norm(&grads)?;
+    let by_hand: f64 = opt
+        .trainable_vars()
+        .map(|(_, v)| {
+            grads
+                .get(v.as_tensor())
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        })
+        .map(|s| s.to_scalar::<f32>().unwrap() as f64)
+        .sum::<f64>()
+        .sqrt();
+    assert!((norm - by_hand).abs() < 1e-4 * by_hand);
+    assert!(norm > 0.05);
+    assert_eq!(report.grad_norm, norm);
+    opt.try_step_scaled(&grads, 0.05 / (norm + 1e-6))?;
+    assert_eq!(values(&clipped), values(&manual));
+    Ok(())
+}
+
+/// The default filter leaves norms and the embedding out of weight decay.
+#[test]
+fn weight_decay_groups() -> Result<(), Box<dyn std::error::Error>> {
+    let varmap = varmap()?;
+    let t = trainer(&varmap, TrainerConfig::default())?;
+    let opt = t.optimizer();
+    assert!(opt.excluded_from_weight_decay("model.norm.weight"));
+    assert!(opt.excluded_from_weight_decay("model.embed_tokens.weight"));
+    assert!(!opt.excluded_from_weight_decay("lm_head.weight"));
+    let t = trainer(
+        &varmap,
+        TrainerConfig {
+            decay_filter: false,
+            ..Default::default()
+        },
+    )?;
+    assert!(!t
+        .optimizer()
+        .excluded_from_weight_decay("model.norm.weight"));
+    Ok(())
+}
+
+/// A NaN loss skips the step and writes nothing; too many in a row is an error.
+#[test]
+fn non_finite_steps_are_skipped_then_stop() -> Result<(), Box<dyn std::error::Error>> {
+    let varmap = varmap()?;
+    let cfg = TrainerConfig {
+        max_consecutive_non_finite: 3,
+        ..Default::default()
+    };
+    let mut t = trainer(&varmap, cfg)?;
+    let good = pad_batch(&examples(), 0, None, &Device::Cpu)?;
+    t.step(std::slice::from_ref(&good))?;
+    let before = values(&varmap);
+    // Labels past the vocabulary are clamped; ids past it cannot be looked up. A NaN weight
+    // in the head makes the loss NaN.
+    let head = varmap.data().lock().unwrap()["lm_head.weight"].clone();
+    let saved = head.as_tensor().copy()?;
+    head.set(&(saved.ones_like()? * f64::NAN)?)?;
+    let nan_before = values(&varmap);
+    for i in 1..=2 {
+        let r = t.step(std::slice::from_ref(&good))?;
+        assert!(r.skipped && r.step == 1, "{r:?}");
+        assert_eq!(t.skipped_steps(), i);
+        assert!(values(&varmap)
+            .iter()
+            .zip(&nan_before)
+            .all(|(a, b)| a.0 == b.0
+                && a.1
+                    .iter()
+                    .zip(&b.1)
+                    .all(|(x, y)| x.to_bits() == y.to_bits())));
+    }
+    assert!(matches!(
+        t.step(std::slice::from_ref(&good)),
+        Err(LisaError::TooManyNonFinite { consecutive: 3 })
+    ));
+    head.set(&saved)?;
+    assert_eq!(values(&varmap), before);
+    Ok(())
+}
+
+/// Checkpoints: a stopped and resumed run is bit-identical to the uninterrupted one; only
+/// the newest `keep` remain; an interrupted save (no manifest, or a truncated file) is
+/// skipped; a checkpoint of another run is refused and changes nothing.
+#[test]
+fn checkpoints_resume_exactly_and_survive_interruptions() -> Result<(), Box<dyn std::error::Error>>
+{
+    let dev = Device::Cpu;
+    let batches: Vec<Batch> = (0..6)
+        .map(|i| {
+            let ex = examples();
+            pad_batch(&ex[i % 3..i % 3 + 3], 0, None, &dev).unwrap()
+        })
+        .collect();
+    let run_config = serde_json::json!({"test": "resume", "lr": 1e-2});
+    let straight = varmap()?;
+    let mut t = trainer(&straight, TrainerConfig::default())?;
+    for b in &batches {
+        t.step(std::slice::from_ref(b))?;
+    }
+
+    let root = tempfile::tempdir()?;
+    let ck = Checkpointer::new(root.path(), 2, &run_config)?;
+    let first = varmap()?;
+    let mut t1 = trainer(&first, TrainerConfig::default())?;
+    for (i, b) in batches.iter().take(4).enumerate() {
+        t1.step(std::slice::from_ref(b))?;
+        t1.save_checkpoint(&ck, |_| Ok(()))?;
+        assert_eq!(ck.latest()?.unwrap().step, i as u64 + 1);
+    }
+    let mut dirs: Vec<String> = std::fs::read_dir(root.path())?
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    assert_eq!(dirs, ["step-000000003", "step-000000004"]);
+
+    // An interrupted save of step 5: files without a manifest, under the final name.
+    let fake = root.path().join(Checkpointer::dir_name(5));
+    std::fs::create_dir_all(&fake)?;
+    std::fs::write(fake.join("weights.safetensors"), b"partial")?;
+    // A checkpoint whose weights file was cut short.
+    let step4 = root.path().join(Checkpointer::dir_name(4));
+    let w = step4.join("weights.safetensors");
+    let full = std::fs::read(&w)?;
+    std::fs::write(&w, &full[..full.len() / 2])?;
+    assert_eq!(ck.latest()?.unwrap().step, 3);
+    std::fs::write(&w, &full)?;
+
+    let resumed = varmap()?;
+    let mut t2 = trainer(&resumed, TrainerConfig::default())?;
+    assert_eq!(t2.resume(&ck)?, Some(4));
+    for b in &batches[4..] {
+        t2.step(std::slice::from_ref(b))?;
+    }
+    assert_eq!(values(&resumed), values(&straight));
+    assert_eq!(
+        t2.optimizer().active_blocks(),
+        t.optimizer().active_blocks()
+    );
+
+    let other = Checkpointer::new(root.path(), 2, &serde_json::json!({"test": "other"}))?;
+    let fresh = varmap()?;
+    let mut t3 = trainer(&fresh, TrainerConfig::default())?;
+    assert!(matches!(
+        t3.resume(&other),
+        Err(LisaError::CheckpointMismatch { .. })
+    ));
+    assert_eq!(values(&fresh), values(&varmap()?));
+    assert_eq!(t3.optimizer().step_count(), 0);
+    Ok(())
+}
