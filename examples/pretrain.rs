@@ -8,15 +8,18 @@
 //! number facts, made by this program from a ChaCha8 seed, so it is the project's own work
 //! under the project's license (MIT OR Apache-2.0). The model is a byte-level Llama (vocab 258,
 //! hidden 128, 8 blocks, 4 query / 2 key-value heads, tied embeddings, 1.5M parameters),
-//! initialised from ChaCha8 (candle cannot seed its CPU generator) and trained with
-//! `LisaAdamW` at γ = 8, that is full AdamW. Same machine and thread count, same bytes.
+//! initialised from ChaCha8 (candle cannot seed its CPU generator) and trained with the
+//! library's [`Trainer`](candle_lisa::train::Trainer) and full AdamW (no clipping, decay on
+//! every weight). Same machine and thread count, same bytes.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_lisa::models::tokenizer::{ByteTokenizer, TextTokenizer};
+use candle_lisa::train::{pad_batch, Batch, Cosine, Example, Trainer, TrainerConfig};
 use candle_lisa::{named_vars, save_llama, LisaAdamW, Llama, LlamaConfig};
-use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
+use clap::Parser;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -156,39 +159,36 @@ fn init(varmap: &VarMap, layers: usize, seed: u64) -> candle_core::Result<()> {
     Ok(())
 }
 
-fn batch(
-    data: &[u32],
-    rng: &mut ChaCha8Rng,
-    b: usize,
-    t: usize,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let mut ids = Vec::with_capacity(b * t);
-    for _ in 0..b {
-        let start = rng.random_range(0..data.len() - t);
-        ids.extend_from_slice(&data[start..start + t]);
-    }
-    let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
-    let labels = ids.to_dtype(DType::I64)?;
-    Ok((ids, labels))
+/// `b` random windows of `t` tokens.
+fn batch(data: &[u32], rng: &mut ChaCha8Rng, b: usize, t: usize) -> candle_lisa::Result<Batch> {
+    let windows: Vec<Example> = (0..b)
+        .map(|_| {
+            let start = rng.random_range(0..data.len() - t);
+            Example::text(data[start..start + t].to_vec())
+        })
+        .collect();
+    pad_batch(&windows, 0, None, &Device::Cpu)
 }
 
-fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name}: cannot parse {v}"))
-        })
-        .unwrap_or(default)
+/// Writes the bundled corpus and pretrains the bundled tiny Llama on it.
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long, default_value_t = 400)]
+    steps: usize,
+    /// Where to write the model (default: assets/tiny-llama).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write the corpus only.
+    #[arg(long)]
+    corpus_only: bool,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     common::setup();
-    let args: Vec<String> = std::env::args().collect();
+    let args = Args::parse();
     let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
-    let steps: usize = arg(&args, "--steps", 400);
-    let out: PathBuf = arg(&args, "--out", assets.join("tiny-llama"));
+    let steps = args.steps;
+    let out = args.out.unwrap_or_else(|| assets.join("tiny-llama"));
     let text = corpus();
     std::fs::write(assets.join("corpus.txt"), &text)?;
     println!(
@@ -196,7 +196,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         assets.join("corpus.txt").display(),
         text.len()
     );
-    if args.iter().any(|a| a == "--corpus-only") {
+    if args.corpus_only {
         return Ok(());
     }
 
@@ -219,35 +219,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         weight_decay: 0.01,
         ..Default::default()
     };
-    let mut opt = LisaAdamW::all_trainable(named_vars(&varmap)?, params)?;
-    let model = Llama::new(&config, opt.var_builder())?;
+    let opt = LisaAdamW::all_trainable(named_vars(&varmap)?, params)?;
+    let schedule = Cosine {
+        peak: lr,
+        warmup: steps / 20,
+        total: steps,
+        min: 0.1 * lr,
+    };
+    let plain = TrainerConfig {
+        max_grad_norm: None,
+        decay_filter: false,
+        ..Default::default()
+    };
+    let c = config.clone();
+    let mut trainer = Trainer::new(opt, schedule, plain, move |plan| Llama::from_plan(&c, plan))?;
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut eval_rng = ChaCha8Rng::seed_from_u64(12);
     let eval_batches: Vec<_> = (0..4)
         .map(|_| batch(eval, &mut eval_rng, 16, 128))
-        .collect::<candle_core::Result<_>>()?;
-    let warmup = steps / 20;
+        .collect::<candle_lisa::Result<_>>()?;
     let started = std::time::Instant::now();
     for step in 1..=steps {
-        // Linear warm-up, then cosine decay to a tenth.
-        let scale = if step <= warmup {
-            step as f64 / warmup as f64
-        } else {
-            let p = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
-            0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
-        };
-        opt.try_set_learning_rate(lr * scale)?;
-        let (x, y) = batch(train, &mut rng, 16, 128)?;
-        let loss = model.loss(&x, &y)?;
-        opt.backward_step(&loss)?;
+        let report = trainer.step(&[batch(train, &mut rng, 16, 128)?])?;
         if step % 50 == 0 || step == steps {
+            let model = trainer.model();
             let mut eval_loss = 0.0;
-            for (x, y) in &eval_batches {
-                eval_loss += model.loss(x, y)?.to_scalar::<f32>()? / eval_batches.len() as f32;
+            for b in &eval_batches {
+                let loss = model.loss(&b.ids, &b.labels)?.to_scalar::<f32>()?;
+                eval_loss += loss / eval_batches.len() as f32;
             }
             println!(
                 "step {step:4}  train loss {:.3}  eval loss {eval_loss:.3}  {:.0}s",
-                loss.to_scalar::<f32>()?,
+                report.loss,
                 started.elapsed().as_secs_f64()
             );
         }
@@ -255,7 +258,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     save_llama(&out, &config, &varmap, DType::F32)?;
     println!("saved {}", out.display());
     let prompt = tok.encode("Ada found the")?;
-    let sample = model.generate(&prompt, 60, 0.0, 0, Some(ByteTokenizer::EOS))?;
+    let sample = trainer
+        .model()
+        .generate(&prompt, 60, 0.0, 0, Some(ByteTokenizer::EOS))?;
     println!("greedy sample: Ada found the{}", tok.decode(&sample)?);
     Ok(())
 }

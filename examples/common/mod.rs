@@ -44,3 +44,71 @@ pub fn keep_freed_memory() {
         }
     }
 }
+
+/// Keeps the lines of `metrics.jsonl` from other methods, and this method's up to `step`.
+pub fn truncate_metrics(
+    path: &std::path::Path,
+    method: &str,
+    step: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            v["method"] != method || v["step"].as_u64().is_some_and(|s| s <= step)
+        })
+        .collect();
+    std::fs::write(
+        path,
+        kept.join("\n") + if kept.is_empty() { "" } else { "\n" },
+    )?;
+    Ok(())
+}
+
+/// Device memory in use now (total − free) on a CUDA device; `None` elsewhere.
+///
+/// candle allocates CUDA memory without a caching pool, so this follows the live tensors.
+/// Not yet run on a GPU by this project.
+pub fn device_used(dev: &candle_core::Device) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let Ok(cuda) = dev.as_cuda_device() {
+        if let Ok((free, total)) = cuda.cuda_stream().context().mem_get_info() {
+            return Some(total - free);
+        }
+    }
+    let _ = dev;
+    None
+}
+
+/// Prints above the progress bar, or plainly when there is no terminal to draw it on.
+pub fn say(pb: &indicatif::ProgressBar, line: String) {
+    if pb.is_hidden() {
+        println!("{line}");
+    } else {
+        pb.println(line);
+    }
+}
+
+/// The device named on the command line, or an error naming the feature to enable.
+pub fn device(name: &str) -> Result<candle_core::Device, Box<dyn std::error::Error>> {
+    match name {
+        "cuda" if cfg!(feature = "cuda") => Ok(candle_core::Device::new_cuda(0)?),
+        "metal" if cfg!(feature = "metal") => Ok(candle_core::Device::new_metal(0)?),
+        "cpu" => Ok(candle_core::Device::Cpu),
+        other => Err(format!(
+            "this example was built without {other}: rebuild with `--features {other}`"
+        )
+        .into()),
+    }
+}
+
+/// Kills this process at once, as a crash would (no destructors, no flushing).
+pub fn kill_self() -> ! {
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &std::process::id().to_string()])
+        .status();
+    std::process::abort()
+}

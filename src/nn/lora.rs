@@ -145,3 +145,52 @@ pub fn merge_lora(base: &VarMap, adapters: &VarMap, config: &LoraConfig) -> Resu
     }
     Ok(())
 }
+
+/// A copy of `base` with the adapters folded in ([`merge_lora`] on a copy): the fine-tuned
+/// model as a plain checkpoint, while training can go on with the base and adapters apart.
+///
+/// # Errors
+/// Those of [`merge_lora`]; candle errors when a copy cannot be allocated.
+pub fn merged_copy(base: &VarMap, adapters: &VarMap, config: &LoraConfig) -> Result<VarMap> {
+    let merged = VarMap::new();
+    {
+        let poisoned = |_| candle_core::Error::msg("a VarMap's lock is poisoned");
+        let mut out = merged.data().lock().map_err(poisoned)?;
+        for (name, var) in base.data().lock().map_err(poisoned)?.iter() {
+            let copy = candle_core::Var::from_tensor(&var.as_tensor().copy()?)?;
+            out.insert(name.clone(), copy);
+        }
+    }
+    merge_lora(&merged, adapters, config)?;
+    Ok(merged)
+}
+
+/// Initialises every `lora_A` matrix in `adapters` uniformly in ±1/√in from a ChaCha8
+/// generator seeded by `seed` (candle's own initialisation cannot be seeded), and leaves `B`
+/// at zero, so the adapted model starts as the base model and a run is reproducible.
+///
+/// # Errors
+/// Candle errors when a tensor cannot be written.
+pub fn seed_adapters(adapters: &VarMap, seed: u64) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x10AA);
+    let data = adapters
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("a VarMap's lock is poisoned"))?;
+    let mut names: Vec<&String> = data
+        .keys()
+        .filter(|n| n.ends_with("lora_A.weight"))
+        .collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let bound = 1.0 / (var.dim(1)? as f64).sqrt();
+        let values: Vec<f32> = (0..var.elem_count())
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        let t = Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}

@@ -13,7 +13,7 @@ pub mod recompute;
 mod var_builder;
 
 pub use linear::{frozen_matmul, linear, linear_b, linear_no_bias, Linear, LoraAdapter};
-pub use lora::{merge_lora, LoraConfig, LORA_TARGETS};
+pub use lora::{merge_lora, merged_copy, seed_adapters, LoraConfig, LORA_TARGETS};
 pub use plan::TrainingPlan;
 pub(crate) use var_builder::LisaBackend;
 pub use var_builder::{frozen_var_builder, named_vars};

@@ -8,7 +8,10 @@
 //! therefore gives every example the same loss and gradients as running it alone (tested
 //! against exactly that), with no attention mask to build.
 
+use std::path::Path;
+
 use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
 
 use crate::error::{LisaError, Result};
 use crate::models::IGNORE_INDEX;
@@ -158,4 +161,119 @@ pub fn pack_examples(examples: &[Example], seq_len: usize) -> Vec<Example> {
         }
     }
     out
+}
+
+/// Which examples each optimizer step trains on: a function of the seed and the step alone,
+/// so the data position of a run is its step and a resumed run sees the same batches.
+///
+/// ```
+/// use candle_lisa::train::StepSampler;
+/// let s = StepSampler::new(7);
+/// assert_eq!(s.indices(12, 4, 100), s.indices(12, 4, 100));
+/// assert!(s.indices(12, 4, 100).iter().all(|&i| i < 100));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepSampler {
+    seed: u64,
+}
+
+impl StepSampler {
+    /// A sampler for `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self { seed }
+    }
+
+    /// `count` indices below `len`, drawn with replacement for `step` (ChaCha8, the same on
+    /// every platform).
+    pub fn indices(&self, step: u64, count: usize, len: usize) -> Vec<usize> {
+        let seed = self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..count)
+            .map(|_| rng.random_range(0..len.max(1)))
+            .collect()
+    }
+
+    /// The micro-batches of `step`: `batch_size` examples split into `micro` padded batches.
+    ///
+    /// # Errors
+    /// Those of [`pad_batch`], and [`LisaError::InvalidConfig`] for no example.
+    #[allow(clippy::too_many_arguments)]
+    pub fn micro_batches(
+        &self,
+        examples: &[Example],
+        step: u64,
+        batch_size: usize,
+        micro: usize,
+        pad_id: u32,
+        max_len: Option<usize>,
+        device: &Device,
+    ) -> Result<Vec<Batch>> {
+        if examples.is_empty() {
+            return Err(LisaError::InvalidConfig("no training example".into()));
+        }
+        let picked: Vec<Example> = self
+            .indices(step, batch_size, examples.len())
+            .into_iter()
+            .map(|i| examples[i].clone())
+            .collect();
+        let size = batch_size.div_ceil(micro.max(1)).max(1);
+        picked
+            .chunks(size)
+            .map(|c| pad_batch(c, pad_id, max_len, device))
+            .collect()
+    }
+}
+
+/// Prompt/response pairs from a JSONL file: one object per line with string fields `prompt`
+/// and `response` (blank lines skipped).
+///
+/// # Errors
+/// [`LisaError::Io`] for an unreadable file, [`LisaError::InvalidConfig`] naming the line
+/// for bad JSON or a missing field.
+pub fn read_prompt_response_jsonl(path: impl AsRef<Path>) -> Result<Vec<(String, String)>> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(crate::io::io("cannot read", path))?;
+    let mut pairs = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let at = |m: String| LisaError::InvalidConfig(format!("{}:{}: {m}", path.display(), i + 1));
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
+        let field = |k: &str| {
+            v[k].as_str()
+                .map(str::to_string)
+                .ok_or_else(|| at(format!("no string field {k:?}")))
+        };
+        pairs.push((field("prompt")?, field("response")?));
+    }
+    Ok(pairs)
+}
+
+/// The mean loss over every counted label of `examples`, in padded batches of `batch_size`
+/// (each batch weighted by its labels), without building a graph if the model's weights are
+/// detached.
+///
+/// # Errors
+/// Those of [`pad_batch`] and of the model.
+pub fn eval_loss(
+    model: &impl super::CausalLm,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+    max_len: Option<usize>,
+    device: &Device,
+) -> Result<f32> {
+    let (mut sum, mut tokens) = (0.0f64, 0usize);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let b = pad_batch(chunk, pad_id, max_len, device)?;
+        let loss = model
+            .loss(&b)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
+        sum += loss as f64 * b.tokens as f64;
+        tokens += b.tokens;
+    }
+    Ok((sum / tokens.max(1) as f64) as f32)
 }

@@ -7,12 +7,16 @@
 
 pub mod checkpoint;
 pub mod data;
+mod finetune;
 pub mod metrics;
 pub mod schedule;
 mod trainer;
 
 pub use checkpoint::Checkpointer;
-pub use data::{pack_examples, pad_batch, Batch, Example};
+pub use data::{
+    eval_loss, pack_examples, pad_batch, read_prompt_response_jsonl, Batch, Example, StepSampler,
+};
+pub use finetune::{LlamaFineTune, Method};
 pub use metrics::{JsonlSink, MetricsSink};
 pub use schedule::{Constant, Cosine, Linear, LrSchedule};
 pub use trainer::{CausalLm, StepReport, Trainer, TrainerConfig, OPTIMIZER, TRAINER, WEIGHTS};

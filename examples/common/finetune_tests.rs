@@ -1,0 +1,196 @@
+//! Tests of the finetune example: argument errors, exact resume, and resume after SIGKILL at
+//! several points, including in the middle of a checkpoint save.
+
+use super::*;
+
+fn args(extra: &[&str]) -> Args {
+    let base = [
+        "finetune",
+        "--steps",
+        "8",
+        "--eval-every",
+        "100",
+        "--eval-size",
+        "4",
+        "--save-every",
+        "2",
+        "--batch-size",
+        "4",
+        "--period",
+        "2",
+        "--grad-accum",
+        "2",
+    ];
+    Args::try_parse_from(base.iter().chain(extra)).expect("valid arguments")
+}
+
+fn err(extra: &[&str]) -> String {
+    let result = run(args(extra));
+    assert_eq!(exit_code(&result), 2);
+    result.err().map(|e| e.to_string()).unwrap_or_default()
+}
+
+#[test]
+fn argument_errors_are_clear() {
+    let e = Args::try_parse_from(["finetune", "--method", "sgd"]).unwrap_err();
+    assert!(
+        e.to_string().contains("invalid value 'sgd' for '--method"),
+        "{e}"
+    );
+    let e = err(&["--gamma", "9"]);
+    assert!(
+        e.contains("--gamma 9 is out of range: the model has 8 blocks"),
+        "{e}"
+    );
+    let e = err(&["--model", "/nonexistent/model"]);
+    assert!(e.contains("no config.json there"), "{e}");
+    let e = err(&["--data", "/nonexistent/data.jsonl"]);
+    assert!(
+        e.contains("cannot read --data /nonexistent/data.jsonl"),
+        "{e}"
+    );
+    if !cfg!(feature = "cuda") {
+        assert!(err(&["--device", "cuda"]).contains("--features cuda"));
+    }
+}
+
+/// Every tensor and the optimizer's JSON state of `method`'s newest checkpoint in `out`.
+fn newest(out: &Path, method: &str) -> (u64, serde_json::Value, Vec<(String, Vec<u32>)>) {
+    let ck = Checkpointer::new(out.join(method).join("checkpoints"), 2, &json!({})).unwrap();
+    // The run hash differs from the run's; read the directory without checking it.
+    let mut dirs: Vec<_> = std::fs::read_dir(ck.root())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("step-")
+        })
+        .collect();
+    dirs.sort();
+    let dir = dirs.last().expect("a checkpoint");
+    let step = dir.file_name().unwrap().to_string_lossy()[5..]
+        .parse()
+        .unwrap();
+    let json = std::fs::read_to_string(dir.join("optimizer/optimizer.json")).unwrap();
+    let mut tensors = Vec::new();
+    for file in ["weights.safetensors", "optimizer/optimizer.safetensors"] {
+        for (name, t) in candle_core::safetensors::load(dir.join(file), &Device::Cpu).unwrap() {
+            let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            let bits = t
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            tensors.push((format!("{file}:{name}"), bits));
+        }
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    (step, serde_json::from_str(&json).unwrap(), tensors)
+}
+
+fn out(d: &tempfile::TempDir) -> String {
+    d.path().to_str().unwrap().to_string()
+}
+
+/// Stopping after step 3 and resuming gives the same active blocks, sampler position,
+/// moments and weights at step 8 as the run that never stopped, for LISA and LoRA.
+#[test]
+fn resume_continues_exactly() {
+    let (straight, stopped) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for method in ["lisa", "lora"] {
+        run(args(&["--method", method, "--out", &out(&straight)])).unwrap();
+        let stop = [
+            "--method",
+            method,
+            "--out",
+            &out(&stopped),
+            "--stop-after",
+            "3",
+        ];
+        run(args(&stop)).unwrap();
+        assert_eq!(newest(stopped.path(), method).0, 2);
+        run(args(&[
+            "--method",
+            method,
+            "--out",
+            &out(&stopped),
+            "--resume",
+        ]))
+        .unwrap();
+        let (a, b) = (
+            newest(straight.path(), method),
+            newest(stopped.path(), method),
+        );
+        assert_eq!(a.1["steps"], 8);
+        assert!(
+            a == b,
+            "{method}: the resumed run differs from the uninterrupted one"
+        );
+    }
+}
+
+/// Runs this binary's `child` test, which runs `finetune` with `args`.
+#[cfg(unix)]
+fn spawn(args: &[&str]) -> std::process::ExitStatus {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "tests::child",
+            "--test-threads",
+            "1",
+        ])
+        .env("FINETUNE_CHILD_ARGS", args.join("\u{1f}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "the child process of crash_and_resume_match_the_uninterrupted_run"]
+fn child() {
+    if let Ok(a) = std::env::var("FINETUNE_CHILD_ARGS") {
+        let rest: Vec<&str> = a.split('\u{1f}').collect();
+        run(args(&rest)).unwrap();
+    }
+}
+
+/// SIGKILL in the middle of a save, right after an update, and after every file of a save
+/// but before its manifest: each resume continues from the newest complete checkpoint, and
+/// the final weights and optimizer state are bit-identical to an uninterrupted run's.
+#[cfg(unix)]
+#[test]
+fn crash_and_resume_match_the_uninterrupted_run() {
+    let (straight, crashed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run(args(&["--method", "lisa", "--out", &out(&straight)])).unwrap();
+    let base = ["--method", "lisa", "--out", &out(&crashed)];
+    // A save writes four files (weights, optimizer JSON and tensors, trainer counters).
+    let crashes: [(&[&str], u64); 3] = [
+        (&["--kill-after-writes", "6"], 2),        // mid-save of step 4
+        (&["--resume", "--kill-at-step", "5"], 4), // after an update, before its save
+        (&["--resume", "--kill-after-writes", "8"], 6), // step 8's files, no manifest yet
+    ];
+    for (extra, survivor) in crashes {
+        let status = spawn(&[&base[..], extra].concat());
+        assert!(!status.success(), "{extra:?} was not killed");
+        assert_eq!(
+            newest(crashed.path(), "lisa").0,
+            survivor,
+            "after {extra:?}"
+        );
+    }
+    assert!(spawn(&[&base[..], &["--resume"]].concat()).success());
+    let (a, b) = (
+        newest(straight.path(), "lisa"),
+        newest(crashed.path(), "lisa"),
+    );
+    assert_eq!((a.0, b.0), (8, 8));
+    assert!(
+        a == b,
+        "the crashed and resumed run differs from the uninterrupted one"
+    );
+}
