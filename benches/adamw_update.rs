@@ -31,31 +31,23 @@ fn update(c: &mut Criterion) {
     let (dev, mut group) = common::group(c, "adamw_update", 10, 1, 4);
     for millions in [1usize, 4, 16, 64] {
         let n = millions << 20;
-        group.throughput(Throughput::Bytes(BYTES_PER_PARAM * n as u64));
         let id = |what: &str| BenchmarkId::new(what, format!("{millions}M"));
 
-        let (var, grads) = param(n, DType::F32, &dev).unwrap();
-        let mut fused =
-            LisaAdamW::all_trainable([("w".to_string(), var)], ParamsAdamW::default()).unwrap();
-        group.bench_function(id("lisa_fused"), |b| {
-            b.iter(|| {
-                fused.try_step(&grads).unwrap();
-                dev.synchronize().unwrap();
-            })
-        });
-        drop((fused, grads));
-
-        group.throughput(Throughput::Bytes(BYTES_PER_BF16_PARAM * n as u64));
-        let (var, grads) = param(n, DType::BF16, &dev).unwrap();
-        let mut fused =
-            LisaAdamW::all_trainable([("w".to_string(), var)], ParamsAdamW::default()).unwrap();
-        group.bench_function(id("lisa_fused_bf16"), |b| {
-            b.iter(|| {
-                fused.try_step(&grads).unwrap();
-                dev.synchronize().unwrap();
-            })
-        });
-        drop((fused, grads));
+        for (dtype, name, bytes) in [
+            (DType::F32, "lisa_fused", BYTES_PER_PARAM),
+            (DType::BF16, "lisa_fused_bf16", BYTES_PER_BF16_PARAM),
+        ] {
+            group.throughput(Throughput::Bytes(bytes * n as u64));
+            let (var, grads) = param(n, dtype, &dev).unwrap();
+            let mut fused =
+                LisaAdamW::all_trainable([("w".to_string(), var)], ParamsAdamW::default()).unwrap();
+            group.bench_function(id(name), |b| {
+                b.iter(|| {
+                    fused.try_step(&grads).unwrap();
+                    dev.synchronize().unwrap();
+                })
+            });
+        }
         group.throughput(Throughput::Bytes(BYTES_PER_PARAM * n as u64));
 
         let (var, grads) = param(n, DType::F32, &dev).unwrap();

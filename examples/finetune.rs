@@ -341,7 +341,7 @@ fn train(
             common::kill_self();
         }
         (tokens, recent) = (
-            tokens + report.tokens,
+            tokens + batches.iter().map(|b| b.ids.elem_count()).sum::<usize>(),
             [&recent[recent.len().saturating_sub(9)..], &[report.loss]].concat(),
         );
         let opt = run.trainer.optimizer();

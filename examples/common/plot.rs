@@ -110,14 +110,14 @@ pub fn print_summaries(summaries: &[serde_json::Value]) {
         println!(
             "{:<6} {:>7} {:>10.3} {:>9.3} {:>9} {:>7.1}s {:>9.0} {:>10} {:>11} {:>10}",
             s["method"].as_str().unwrap_or(""),
-            s["steps"],
+            s["steps"].as_u64().unwrap_or(0),
             f("final_train_loss"),
             f("eval_loss"),
             acc,
             f("wall_seconds"),
             f("tokens_per_second"),
             mb(&s["peak_bytes"]),
-            s["trainable_params"],
+            s["trainable_params"].as_u64().unwrap_or(0),
             mb(&s["state_bytes"])
         );
     }

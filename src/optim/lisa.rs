@@ -76,14 +76,17 @@ pub struct ParamState<'a> {
 /// Every `period` steps it draws γ blocks to train; the parameters outside the blocks (embedding,
 /// LM head, final norm) train at every step. The update is `candle_nn::AdamW`'s math (decoupled
 /// weight decay, bias correction), rounded as candle rounds it, so the results are the same
-/// bits. On the CPU, for contiguous f32 and f64 parameters, it is fused: one pass per parameter
-/// that reads θ, g, m and v once and writes θ, m and v in place, allocating nothing
-/// parameter-sized. Elsewhere (CUDA, Metal, f16, bf16) it runs as candle tensor ops on
-/// detached tensors, so no temporary is attached to a graph.
+/// bits for f32 and f64 parameters. f16 and bf16 parameters get an f32 master copy and f32
+/// moments while they train (the [precision policy](crate::optim::precision)). On the CPU the
+/// update is fused: one pass per parameter that reads θ, g, m and v (and the master) once and
+/// writes them in place, allocating nothing parameter-sized. Elsewhere (CUDA, Metal) it runs
+/// as candle tensor ops on detached tensors, so no temporary is attached to a graph. Before
+/// anything is written, every gradient is checked for NaN and infinity.
 ///
-/// **State Reset:** AdamW moments exist only for parameters that are trainable now. A block's
-/// moments are allocated (zeros, step counter 0) when a draw activates it and dropped when a
-/// draw leaves it out; a block drawn in two periods in a row keeps its moments. A block that
+/// **State Reset:** AdamW moments (and master copies) exist only for parameters that are
+/// trainable now. A block's moments are allocated (zeros, step counter 0, and for half
+/// precision a master copy of its current weights) when a draw activates it and dropped when
+/// a draw leaves it out; a block drawn in two periods in a row keeps its moments. A block that
 /// comes back later therefore starts fresh, bias correction included. Always-trainable
 /// parameters keep their moments for the whole run.
 ///

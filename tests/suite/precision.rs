@@ -15,27 +15,17 @@ fn config() -> LlamaConfig {
 
 const UNUSED: u32 = 32;
 
-/// The same seeded random weights in `dtype` (drawn in f32, rounded through bf16 first so
-/// that every dtype starts from the same values): norms at 1, the rest uniform in ±0.2, so
-/// most weights are at or above 2^-6.
+/// The same seeded weights in `dtype`, rounded through bf16 first so that every dtype starts
+/// from the same values.
 fn varmap(dtype: DType) -> candle_core::Result<VarMap> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let source = crate::common::seeded_llama(&config(), 5)?;
     let out = VarMap::new();
-    for (name, shape) in config().tensor_shapes() {
-        let n: usize = shape.iter().product();
-        let values: Vec<f32> = if name.contains("norm") {
-            vec![1.0; n]
-        } else {
-            (0..n).map(|_| rng.random_range(-0.2f32..0.2)).collect()
-        };
-        let t = Tensor::from_vec(values, shape, &Device::Cpu)?
-            .to_dtype(DType::BF16)?
-            .to_dtype(dtype)?;
+    for (name, var) in source.data().lock().unwrap().iter() {
+        let t = var.as_tensor().to_dtype(DType::BF16)?.to_dtype(dtype)?;
         out.data()
             .lock()
             .unwrap()
-            .insert(name, Var::from_tensor(&t)?);
+            .insert(name.clone(), Var::from_tensor(&t)?);
     }
     Ok(out)
 }

@@ -15,24 +15,8 @@ fn config() -> LlamaConfig {
     c
 }
 
-/// Seeded weights (candle's own initialisation cannot be seeded).
 fn varmap() -> candle_core::Result<VarMap> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-    let out = VarMap::new();
-    for (name, shape) in config().tensor_shapes() {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = match name.contains("norm") {
-            true => vec![1.0; n],
-            false => (0..n).map(|_| rng.random_range(-0.2f32..0.2)).collect(),
-        };
-        let t = Tensor::from_vec(v, shape, &Device::Cpu)?;
-        out.data()
-            .lock()
-            .unwrap()
-            .insert(name, Var::from_tensor(&t)?);
-    }
-    Ok(out)
+    crate::common::seeded_llama(&config(), 9)
 }
 
 fn examples() -> Vec<Example> {

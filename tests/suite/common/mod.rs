@@ -138,3 +138,25 @@ pub fn block_of(name: &str) -> Option<usize> {
         .parse()
         .ok()
 }
+
+/// Seeded weights for a Llama of `config` (candle's own initialisation cannot be seeded): norm
+/// weights at 1, everything else uniform in ±0.2, so most weights are at or above 2^-6.
+pub fn seeded_llama(config: &candle_lisa::LlamaConfig, seed: u64) -> Result<VarMap> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let out = VarMap::new();
+    for (name, shape) in config.tensor_shapes() {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = if name.contains("norm") {
+            vec![1.0; n]
+        } else {
+            (0..n).map(|_| rng.random_range(-0.2f32..0.2)).collect()
+        };
+        let t = Tensor::from_vec(values, shape, &Device::Cpu)?;
+        out.data()
+            .lock()
+            .unwrap()
+            .insert(name, Var::from_tensor(&t)?);
+    }
+    Ok(out)
+}
