@@ -306,6 +306,10 @@ fn train(
     let heap_base = alloc::reset_peak();
     let mut run = fine_tune(method, args, model_dir, dtype, dev)?;
     let dir = args.out.join(&name);
+    if !args.resume {
+        // A fresh run: an older run's checkpoints would otherwise be the newest to resume.
+        let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
+    }
     let mut ck = Checkpointer::new(dir.join("checkpoints"), args.keep, &run_config(args, &name))?;
     if let Some(limit) = args.kill_after_writes {
         let written = std::sync::atomic::AtomicUsize::new(0);
