@@ -13,6 +13,15 @@
 //!
 //! Unlike candle's fused `rms_norm`, `rope` and `softmax_last_dim`, every op here has a
 //! backward.
+//!
+//! Backend calls the custom ops rely on, each implemented by candle 0.11.1's CPU, CUDA and
+//! Metal storages for f32, f16 and bf16:
+//! - `BackendStorage::matmul` (the frozen-aware [`Linear`](crate::Linear)'s forward);
+//! - `BackendStorage::affine` (handing an attached op's precomputed output to the graph; a
+//!   same-dtype `to_dtype` would be a copy on CPU and CUDA only);
+//! - `BackendStorage::binary_impl` with `Add` and `Mul` ([`add_const`], [`mul_const`]).
+//!
+//! Everything else is ordinary `Tensor` ops on detached tensors.
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, BinaryOpT, Mul};
@@ -144,16 +153,15 @@ pub fn causal_attention(
     // Each group of h / kv query heads becomes one tall matrix over its key/value head.
     let n = h / kv;
     let group = move |q: &Tensor| q.contiguous()?.reshape((b, kv, n * t, d));
-    let mask = match n {
-        1 => mask.detach(),
-        _ => mask.detach().repeat((n, 1))?,
-    };
-    let probs = {
-        let mask = mask.clone();
-        move |q: &Tensor, k: &Tensor| {
-            let scores = (group(q)?.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            candle_nn::ops::softmax_last_dim(&scores)
-        }
+    // The (seq, seq) mask is shared by every layer and broadcast over the query heads of a
+    // group, so attention keeps no mask of its own: memory stays linear in seq per layer.
+    let mask = mask.detach();
+    let probs = move |q: &Tensor, k: &Tensor| {
+        let scores = (group(q)?.matmul(&k.t()?)? * scale)?
+            .reshape((b, kv, n, t, t))?
+            .broadcast_add(&mask)?
+            .reshape((b, kv, n * t, t))?;
+        candle_nn::ops::softmax_last_dim(&scores)
     };
     let (qd, kd, vd) = (
         q.detach(),
@@ -367,8 +375,9 @@ impl<F> Attached<F> {
         }
     }
 
-    /// The output's storage, copied into a fresh one of its own layout (`to_dtype` to its own
-    /// dtype is a copy on every backend), and its shape.
+    /// The output's storage, copied into a fresh contiguous one, and its shape. The copy is
+    /// `affine(1, 0)`, which every backend implements for every float dtype (a same-dtype
+    /// `to_dtype` is not implemented on Metal); it is exact, except that −0 becomes +0.
     fn take<S: BackendOf>(&self) -> Result<(S, Shape)> {
         let out = self
             .out
@@ -380,7 +389,7 @@ impl<F> Attached<F> {
         let s = S::of(&s).ok_or_else(|| {
             candle_core::Error::Msg(format!("{}: output on another device", self.name))
         })?;
-        Ok((s.to_dtype(l, out.dtype())?, l.shape().clone()))
+        Ok((s.affine(l, 1.0, 0.0)?, l.shape().clone()))
     }
 }
 

@@ -10,6 +10,7 @@ mod alloc;
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
 
+mod attention_memory;
 mod lean_update;
 mod recompute_memory;
 
