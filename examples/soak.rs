@@ -7,7 +7,8 @@
 //!
 //! Trains the bundled tiny checkpoint with γ = 2 and period 1 (the most resampling there can
 //! be) on windows of the bundled corpus, and prints the optimizer's state bytes and the
-//! process's resident memory (`VmRSS` from `/proc/self/status`, Linux) every `--every` steps,
+//! process's resident memory (`VmRSS` from `/proc/self/status`, Linux) at steps 1, 2, 4, … and
+//! then every `--every` steps,
 //! as a table on stderr and JSON lines on stdout. `--keep-state` emulates the official
 //! implementation's optimizer, which keeps AdamW moments for every parameter that was ever
 //! trainable: besides `LisaAdamW`'s own state, it holds two zero tensors the size of each
@@ -95,7 +96,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
         }
-        if step % args.every == 0 || step == 1 {
+        if step % args.every == 0 || step.is_power_of_two() && step < args.every {
             let kept_bytes: usize = kept.values().map(|(m, _)| 2 * m.elem_count() * 4).sum();
             let (state, rss) = (opt.state_bytes(), rss());
             let mb = |b: usize| b as f64 / 1e6;

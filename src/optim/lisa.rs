@@ -6,7 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
-use super::adamw::{all_finite, sum_squares, Moments};
+use super::adamw::{sum_squares, Moments};
 use super::config::LisaConfig;
 use super::layer_map::{LayerMap, ParamGroup};
 use super::precision::{LossScaler, NonFinite};
@@ -51,6 +51,15 @@ impl std::fmt::Display for Mode {
             }
         }
     }
+}
+
+/// How a step scales the gradients inside the update.
+#[derive(Clone, Copy, Debug)]
+enum GradScale {
+    /// By this factor.
+    Fixed(f64),
+    /// To a global norm of at most this.
+    ClipTo(f64),
 }
 
 /// A read-only view of one parameter's AdamW state.
@@ -143,6 +152,8 @@ pub struct LisaAdamW {
     pub(super) nonfinite: NonFinite,
     /// `no_decay[i]`: parameter `i` is updated without weight decay.
     pub(super) no_decay: Vec<bool>,
+    /// The global gradient norm of the last step's gradients.
+    pub(super) last_grad_norm: Option<f64>,
     /// Steps skipped for a non-finite gradient; they are not counted in `steps`.
     pub(super) skipped_steps: u64,
     pub(super) steps: u64,
@@ -288,6 +299,7 @@ impl LisaAdamW {
             scaler: None,
             nonfinite: NonFinite::Error,
             no_decay: Vec::new(),
+            last_grad_norm: None,
             skipped_steps: 0,
             steps: 0,
             period_index: 0,
@@ -392,12 +404,12 @@ impl LisaAdamW {
     /// moments, the step counter and the sampler are then as they were. A candle error during
     /// the update itself (out of memory) can leave it half applied.
     pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
-        self.try_step_scaled(grads, 1.0)
+        self.step_with(grads, GradScale::Fixed(1.0))
     }
 
     /// [`try_step`](Self::try_step) with every gradient multiplied by `grad_scale` inside the
-    /// update, without a copy: gradient clipping (`max_norm / norm`) or averaging accumulated
-    /// micro-batches costs nothing extra this way. `grad_scale = 1` is `try_step`.
+    /// update, without a copy (for example to average accumulated micro-batches).
+    /// `grad_scale = 1` is `try_step`.
     ///
     /// # Errors
     /// Those of [`try_step`](Self::try_step), and [`LisaError::InvalidHyperparameter`] for a
@@ -410,9 +422,40 @@ impl LisaAdamW {
                 expected: "finite and greater than 0",
             });
         }
+        self.step_with(grads, GradScale::Fixed(grad_scale))
+    }
+
+    /// [`try_step`](Self::try_step) with the gradients clipped to a global L2 norm of at most
+    /// `max_norm`: they are multiplied by `max_norm / (norm + 1e-6)` when the norm exceeds
+    /// it, inside the update, without a copy. The norm comes from the pass that checks every
+    /// gradient for NaN and infinity, so clipping costs no extra read; it is reported by
+    /// [`last_grad_norm`](Self::last_grad_norm).
+    ///
+    /// # Errors
+    /// Those of [`try_step`](Self::try_step), and [`LisaError::InvalidHyperparameter`] for a
+    /// `max_norm` that is not finite and positive.
+    pub fn try_step_clipped(&mut self, grads: &GradStore, max_norm: f64) -> Result<()> {
+        if !(max_norm.is_finite() && max_norm > 0.0) {
+            return Err(LisaError::InvalidHyperparameter {
+                name: "max_norm",
+                value: max_norm,
+                expected: "finite and greater than 0",
+            });
+        }
+        self.step_with(grads, GradScale::ClipTo(max_norm))
+    }
+
+    fn step_with(&mut self, grads: &GradStore, scale: GradScale) -> Result<()> {
         check_params(&self.params)?;
         self.check_grads(grads)?;
-        if let Some(name) = self.first_non_finite(grads)? {
+        // One read of every gradient: finiteness, the global norm and each block's norm.
+        let squares = self.grad_squares(grads)?;
+        let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale());
+        let norm = squares.iter().map(|(_, sq)| sq).sum::<f64>().sqrt() / loss_scale;
+        self.last_grad_norm = Some(norm);
+        if !norm.is_finite() {
+            let bad = squares.iter().find(|(_, sq)| !sq.is_finite());
+            let name = bad.map_or("?", |&(i, _)| self.map.name_at(i)).to_string();
             if let Some(scaler) = self.scaler.as_mut() {
                 scaler.back_off();
             } else if self.nonfinite == NonFinite::Error {
@@ -426,7 +469,12 @@ impl LisaAdamW {
             Mode::Lisa { period, .. } if (self.steps + 1) % period as u64 == 0 => self.draw()?,
             _ => None,
         };
-        let inv_scale = grad_scale / self.scaler.as_ref().map_or(1.0, |s| s.scale());
+        let grad_scale = match scale {
+            GradScale::Fixed(s) => s,
+            GradScale::ClipTo(max) if norm > max => max / (norm + 1e-6),
+            GradScale::ClipTo(_) => 1.0,
+        };
+        let inv_scale = grad_scale / loss_scale;
         let no_decay = ParamsAdamW {
             weight_decay: 0.0,
             ..self.params.clone()
@@ -444,6 +492,17 @@ impl LisaAdamW {
         if let Some(scaler) = self.scaler.as_mut() {
             scaler.clean_step();
         }
+        if let Some(sampler) = self.sampler.as_mut() {
+            for &b in &self.active {
+                let block = self.map.block_indices(b);
+                let sq: f64 = squares
+                    .iter()
+                    .filter(|(i, _)| block.binary_search(i).is_ok())
+                    .map(|(_, sq)| sq)
+                    .sum();
+                sampler.observe(b, sq.sqrt() / loss_scale);
+            }
+        }
         self.steps += 1;
         self.resampled = next.is_some();
         if let Some(next) = next {
@@ -453,31 +512,33 @@ impl LisaAdamW {
         Ok(())
     }
 
-    /// The name of the first trainable parameter whose gradient holds NaN or infinity.
-    fn first_non_finite(&self, grads: &GradStore) -> Result<Option<String>> {
+    /// `(i, Σ g²)` for every trainable parameter `i` with a gradient in `grads`, in f64: NaN
+    /// or infinite exactly when the gradient holds NaN or infinity.
+    fn grad_squares(&self, grads: &GradStore) -> Result<Vec<(usize, f64)>> {
+        let mut out = Vec::new();
         for (i, var) in self.vars.iter().enumerate() {
             if self.state[i].is_none() {
                 continue;
             }
             if let Some(g) = grads.get(var.as_tensor()) {
-                if !all_finite(g)? {
-                    return Ok(Some(self.map.name_at(i).to_string()));
-                }
+                out.push((i, sum_squares(g)?));
             }
         }
-        Ok(None)
+        Ok(out)
+    }
+
+    /// The global L2 norm of the gradients the last step read (the loss scale undone, before
+    /// clipping; NaN or infinite for a step skipped for a non-finite gradient); `None` before
+    /// the first step.
+    pub fn last_grad_norm(&self) -> Option<f64> {
+        self.last_grad_norm
     }
 
     /// The global L2 norm of the trainable parameters' gradients in `grads`, as the loss
     /// itself would give them (divided by the loss scale when a [`LossScaler`] is set); NaN or
     /// infinite when a gradient is. One read of each gradient.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut sum = 0.0;
-        for (_, var) in self.trainable_vars() {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                sum += sum_squares(g)?;
-            }
-        }
+        let sum: f64 = self.grad_squares(grads)?.iter().map(|(_, sq)| sq).sum();
         Ok(sum.sqrt() / self.scaler.as_ref().map_or(1.0, |s| s.scale()))
     }
 

@@ -13,7 +13,9 @@ pub use config::{LisaConfig, GPT2_BLOCK_PATTERN, LLAMA_BLOCK_PATTERN};
 pub use layer_map::{BlockPattern, LayerMap, ParamGroup};
 pub use lisa::{LisaAdamW, LisaParams, Mode, ParamState};
 pub use precision::{LossScaler, NonFinite};
-pub use sampler::{BlockSampler, UniformSampler};
+pub use sampler::{
+    BlockSampler, GradNormSampler, Order, OrderedSampler, UniformSampler, WeightedSampler,
+};
 pub use state::{STATE_JSON_FILE, STATE_TENSORS_FILE};
 
 /// The transformers convention for weight decay: no decay on biases and norm weights (every

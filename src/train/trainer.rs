@@ -196,13 +196,12 @@ impl<M: CausalLm> Trainer<M> {
             }
             loss_sum += value as f64 * weight;
         }
-        let grad_norm = self.opt.grad_norm(&acc)?;
-        let clip = match self.config.max_grad_norm {
-            Some(max) if grad_norm.is_finite() && grad_norm > max => max / (grad_norm + 1e-6),
-            _ => 1.0,
-        };
         let before = self.opt.skipped_steps();
-        self.opt.try_step_scaled(&acc, clip)?;
+        match self.config.max_grad_norm {
+            Some(max) => self.opt.try_step_clipped(&acc, max)?,
+            None => self.opt.try_step(&acc)?,
+        }
+        let grad_norm = self.opt.last_grad_norm().unwrap_or(f64::NAN);
         drop(acc);
         if self.opt.skipped_steps() > before {
             return self.skip(lr, tokens, loss_sum as f32);
