@@ -19,7 +19,8 @@ fn train_step(c: &mut Criterion) {
     for method in ["full", "lora16", "lisa2"] {
         let kind: Method = method.parse().unwrap();
         let weights = Weights::new(config.clone(), kind, &dev, candle_core::DType::F32).unwrap();
-        let mut training = Training::new(weights, kind).unwrap();
+        let uniform = candle_lisa::optim::SamplerChoice::Uniform;
+        let mut training = Training::new(weights, kind, &uniform).unwrap();
         group.bench_function(method, |b| {
             b.iter(|| {
                 training.step(&ids, &labels).unwrap();

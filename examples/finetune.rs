@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use candle_lisa::models::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
+use candle_lisa::optim::SamplerChoice;
 use candle_lisa::train::{
     self, eval_loss, read_prompt_response_jsonl, Checkpointer, Cosine, Example, JsonlSink,
     LlamaFineTune, MetricsSink, StepSampler, TrainerConfig,
@@ -91,6 +92,10 @@ struct Args {
     /// LISA: steps between two draws of the active blocks.
     #[arg(long, default_value_t = 20)]
     period: usize,
+    /// LISA: how blocks are drawn: uniform, ascending, descending, reshuffle, gradnorm, or
+    /// weighted:W0,W1,… (one weight per block).
+    #[arg(long, default_value = "uniform")]
+    sampler: SamplerChoice,
     /// LISA: recompute frozen blocks in the backward pass instead of keeping their
     /// activations (less memory, one more forward of each frozen block).
     #[arg(long)]
@@ -246,6 +251,7 @@ fn fine_tune(
             gamma: args.gamma,
             period: args.period,
             seed: args.seed,
+            sampler: args.sampler.clone(),
             recompute_frozen: args.recompute_frozen,
             ..Default::default()
         }),
@@ -288,6 +294,7 @@ fn run_config(args: &Args, method: &str) -> serde_json::Value {
         "seq_len": args.seq_len, "lr": args.lr, "weight_decay": args.weight_decay,
         "max_grad_norm": args.max_grad_norm, "gamma": args.gamma, "period": args.period,
         "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "seed": args.seed,
+        "sampler": format!("{:?}", args.sampler),
         "recompute_frozen": args.recompute_frozen,
     })
 }

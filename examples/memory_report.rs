@@ -82,6 +82,10 @@ struct Args {
     /// Run every LISA method with frozen-block recompute (lisa2 becomes lisa2-recompute).
     #[arg(long)]
     recompute_frozen: bool,
+    /// How LISA methods draw blocks: uniform, ascending, descending, reshuffle, gradnorm or
+    /// weighted:W0,W1,….
+    #[arg(long, default_value = "uniform")]
+    sampler: String,
     /// The dtype of weights, activations and gradients: f32, bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     dtype: String,
@@ -129,6 +133,13 @@ struct Record {
     /// The dtype of weights, activations and gradients.
     #[serde(default = "f32_name")]
     dtype: String,
+    /// How LISA drew its blocks.
+    #[serde(default = "uniform_name")]
+    sampler: String,
+}
+
+fn uniform_name() -> String {
+    "uniform".into()
 }
 
 fn one() -> usize {
@@ -153,7 +164,8 @@ fn measure(args: &Args, shape: &str, name: &str) -> Result<Record, Error> {
 
     // Everything from here on counts: the optimizer's state is allocated in the steps' peak.
     alloc::reset_peak();
-    let mut training = Training::new(weights, method)?;
+    let sampler: candle_lisa::optim::SamplerChoice = args.sampler.parse()?;
+    let mut training = Training::new(weights, method, &sampler)?;
     let (mut grads_max, mut state_max, mut trainable, mut resamples) = (0, 0, 0, 0);
     let mut step_ms = Vec::new();
     for _ in 0..args.steps {
@@ -187,6 +199,7 @@ fn measure(args: &Args, shape: &str, name: &str) -> Result<Record, Error> {
         threads: candle_core::utils::get_num_threads(),
         device: "cpu".into(),
         dtype: args.dtype.clone(),
+        sampler: args.sampler.clone(),
     })
 }
 
@@ -198,6 +211,7 @@ fn spawn(args: &Args, shape: &str, method: &str) -> Result<Record, Error> {
         .args(["--batch-size", &args.batch_size.to_string()])
         .args(["--steps", &args.steps.to_string()])
         .args(["--dtype", &args.dtype])
+        .args(["--sampler", &args.sampler])
         .stderr(std::process::Stdio::inherit())
         .output()?;
     if !out.status.success() {

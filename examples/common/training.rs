@@ -3,6 +3,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor};
+use candle_lisa::optim::SamplerChoice;
 use candle_lisa::{
     frozen_var_builder, named_vars, LisaAdamW, LisaConfig, Llama, LlamaConfig, LoraConfig,
 };
@@ -180,8 +181,9 @@ pub struct Step {
 }
 
 impl Training {
-    /// Builds the optimizer (allocating its state) and the model. Learning rate 1e-5.
-    pub fn new(weights: Weights, method: Method) -> Result<Self> {
+    /// Builds the optimizer (allocating its state) and the model. Learning rate 1e-5; LISA
+    /// draws with `sampler`.
+    pub fn new(weights: Weights, method: Method, sampler: &SamplerChoice) -> Result<Self> {
         let params = ParamsAdamW {
             lr: 1e-5,
             ..Default::default()
@@ -210,6 +212,7 @@ impl Training {
                 let config = LisaConfig {
                     gamma,
                     period: 2,
+                    sampler: sampler.clone(),
                     recompute_frozen: recompute,
                     ..Default::default()
                 };

@@ -1,10 +1,87 @@
-//! [`LisaConfig`]: how many blocks train, how often they change, and which names are blocks.
+//! [`LisaConfig`]: how many blocks train, how often they change, how they are drawn, and
+//! which names are blocks.
+
+use super::sampler::{
+    BlockSampler, GradNormSampler, Order, OrderedSampler, UniformSampler, WeightedSampler,
+};
 
 /// Hugging Face Llama, Mistral and Qwen block names: `model.layers.{i}.…`.
 pub const LLAMA_BLOCK_PATTERN: &str = "model.layers.{i}.";
 
 /// GPT-2 block names: `transformer.h.{i}.…`.
 pub const GPT2_BLOCK_PATTERN: &str = "transformer.h.{i}.";
+
+/// The block samplers [`LisaConfig`] can name; each is seeded by [`LisaConfig::seed`].
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum SamplerChoice {
+    /// [`UniformSampler`]: γ blocks uniformly at random without replacement (the paper's).
+    #[default]
+    Uniform,
+    /// [`OrderedSampler`]: BAdam's ascending, descending or reshuffled orders.
+    Ordered(Order),
+    /// [`WeightedSampler`] over one weight per block.
+    Weighted(Vec<f64>),
+    /// [`GradNormSampler`] with smoothing `beta` and exploration `floor`.
+    GradNorm {
+        /// Smoothing of the moving average, in [0, 1).
+        beta: f64,
+        /// Exploration floor, a fraction of the mean score, in (0, 1].
+        floor: f64,
+    },
+}
+
+impl SamplerChoice {
+    /// The sampler, seeded by `seed`.
+    ///
+    /// # Errors
+    /// [`LisaError::InvalidConfig`](crate::LisaError::InvalidConfig) for invalid weights.
+    pub fn build(&self, seed: u64) -> crate::Result<Box<dyn BlockSampler>> {
+        Ok(match self {
+            Self::Uniform => Box::new(UniformSampler::new(seed)),
+            Self::Ordered(order) => Box::new(OrderedSampler::new(*order, seed)),
+            Self::Weighted(w) => Box::new(WeightedSampler::new(w.clone(), seed)?),
+            Self::GradNorm { beta, floor } => Box::new(GradNormSampler::new(*beta, *floor, seed)),
+        })
+    }
+}
+
+/// Parses a command-line name: `uniform`, `ascending`, `descending`, `reshuffle`, `gradnorm`
+/// (β 0.9, floor 0.1) or `weighted:W0,W1,…`.
+///
+/// ```
+/// use candle_lisa::optim::SamplerChoice;
+/// assert_eq!("weighted:1,2".parse::<SamplerChoice>(), Ok(SamplerChoice::Weighted(vec![1.0, 2.0])));
+/// assert!("sgd".parse::<SamplerChoice>().is_err());
+/// ```
+impl std::str::FromStr for SamplerChoice {
+    type Err = String;
+
+    fn from_str(name: &str) -> std::result::Result<Self, String> {
+        Ok(match name {
+            "uniform" => Self::Uniform,
+            "ascending" => Self::Ordered(Order::Ascending),
+            "descending" => Self::Ordered(Order::Descending),
+            "reshuffle" => Self::Ordered(Order::Reshuffle),
+            "gradnorm" => Self::GradNorm {
+                beta: 0.9,
+                floor: 0.1,
+            },
+            other => match other.strip_prefix("weighted:") {
+                Some(list) => Self::Weighted(
+                    list.split(',')
+                        .map(|w| w.trim().parse::<f64>().map_err(|e| format!("{w:?}: {e}")))
+                        .collect::<std::result::Result<_, _>>()?,
+                ),
+                None => {
+                    return Err(format!(
+                        "unknown sampler {other:?}: choose uniform, ascending, descending, \
+                         reshuffle, gradnorm or weighted:W0,W1,…"
+                    ))
+                }
+            },
+        })
+    }
+}
 
 /// LISA's own settings; the AdamW ones are [`candle_nn::ParamsAdamW`].
 ///
@@ -13,7 +90,7 @@ pub const GPT2_BLOCK_PATTERN: &str = "transformer.h.{i}.";
 /// let config = LisaConfig { gamma: 4, period: 50, ..Default::default() };
 /// assert_eq!(config.block_pattern, candle_lisa::LLAMA_BLOCK_PATTERN);
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LisaConfig {
     /// γ: how many blocks are trainable at a time. The paper uses 2 for 7B-class models.
     pub gamma: usize,
@@ -22,6 +99,10 @@ pub struct LisaConfig {
     /// Seed of the block sampler (ChaCha8, so the sequence of draws is the same on every
     /// platform and build).
     pub seed: u64,
+    /// Which blocks each draw picks: uniformly at random (the paper's default), in BAdam's
+    /// orders, by fixed weights, or by gradient norm. A sampler of your own goes through
+    /// [`LisaAdamW::with_sampler`](crate::LisaAdamW::with_sampler).
+    pub sampler: SamplerChoice,
     /// Where the block index sits in a parameter name: the text before `{i}` must start the
     /// name, a decimal index follows, then the text after `{i}`. See [`LLAMA_BLOCK_PATTERN`] and
     /// [`GPT2_BLOCK_PATTERN`]. Every parameter that is not in a block (embedding, LM head, final
@@ -47,6 +128,7 @@ impl Default for LisaConfig {
             gamma: 2,
             period: 20,
             seed: 0,
+            sampler: SamplerChoice::Uniform,
             block_pattern: LLAMA_BLOCK_PATTERN.to_string(),
             always_trainable: Vec::new(),
             never_trainable: Vec::new(),

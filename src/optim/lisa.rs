@@ -10,7 +10,7 @@ use super::adamw::{sum_squares, Moments};
 use super::config::LisaConfig;
 use super::layer_map::{LayerMap, ParamGroup};
 use super::precision::{LossScaler, NonFinite};
-use super::sampler::{BlockSampler, UniformSampler};
+use super::sampler::BlockSampler;
 use crate::error::{LisaError, Result};
 use crate::nn::{LisaBackend, TrainingPlan};
 
@@ -209,7 +209,7 @@ pub(super) fn check_params(p: &ParamsAdamW) -> Result<()> {
 
 impl LisaAdamW {
     /// Builds the optimizer over every variable in `varmap`, drawing the first active blocks
-    /// with a [`UniformSampler`] seeded by `config.seed`.
+    /// with the sampler `config.sampler` names, seeded by `config.seed`.
     ///
     /// # Errors
     /// Every configuration error of [`LisaError`]; nothing is built then.
@@ -228,12 +228,12 @@ impl LisaAdamW {
         params: ParamsAdamW,
         config: LisaConfig,
     ) -> Result<Self> {
-        let sampler = Box::new(UniformSampler::new(config.seed));
+        let sampler = config.sampler.build(config.seed)?;
         Self::with_sampler(vars, params, config, sampler)
     }
 
     /// Like [`from_named_vars`](Self::from_named_vars), drawing blocks with `sampler` instead
-    /// of the uniform one (`config.seed` is then unused).
+    /// of the one `config` names (`config.seed` and `config.sampler` are then unused).
     pub fn with_sampler(
         vars: impl IntoIterator<Item = (String, Var)>,
         params: ParamsAdamW,
