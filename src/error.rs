@@ -131,13 +131,35 @@ pub enum LisaError {
         expected: &'static str,
     },
 
-    /// An active block received no gradient: the model was not rebuilt after a resample.
+    /// An active block received no gradient while a block that is frozen now did: the model
+    /// was built for an earlier active set.
     #[error(
         "block {block} is active but none of its parameters received a gradient (the first is \
-         {first:?}), so it would silently never train; the model was most likely built before the \
-         last resample: rebuild it from `LisaAdamW::var_builder()` whenever `resampled()` is true"
+         {first:?}), so it would silently never train; the model was most likely built before \
+         the last resample: rebuild it from `LisaAdamW::var_builder()` (or `plan()`) whenever \
+         `resampled()` is true. If it was rebuilt, or built straight from the VarMap, gradient \
+         flow is cut below the block instead: see LisaError::GradientFlowCut"
     )]
     NoGradient {
+        /// The active block that got nothing.
+        block: usize,
+        /// Its first parameter name.
+        first: String,
+    },
+
+    /// An active block received no gradient, and no frozen block did either: the model is
+    /// current, but something in it drops gradients on their way to the block.
+    #[error(
+        "block {block} is active but none of its parameters received a gradient (the first is \
+         {first:?}), and no frozen block did either, so the model is not stale: gradient flow \
+         is cut between the loss and this block. The usual cause is a candle_nn fast op \
+         that has no backward pass: candle_nn::LayerNorm / layer_norm, RmsNorm / rms_norm, \
+         ops::softmax_last_dim, ops::rms_norm, ops::layer_norm, rotary_emb::rope / rope_i. \
+         Use candle_lisa::{{LayerNorm, layer_norm, RmsNorm, rms_norm}} and \
+         candle_lisa::nn::{{softmax_last_dim, rope, rope_i}} instead (README: Training your \
+         own candle model); a `detach()` in the forward pass has the same effect"
+    )]
+    GradientFlowCut {
         /// The active block that got nothing.
         block: usize,
         /// Its first parameter name.

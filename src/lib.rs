@@ -98,8 +98,9 @@ pub use models::{
     causal_lm_loss, head_loss, load_llama, save_llama, Llama, LlamaConfig, IGNORE_INDEX,
 };
 pub use nn::{
-    frozen_matmul, frozen_var_builder, linear, linear_b, linear_no_bias, merge_lora, named_vars,
-    Linear, LoraAdapter, LoraConfig, TrainingPlan, LORA_TARGETS,
+    frozen_matmul, frozen_var_builder, layer_norm, linear, linear_b, linear_no_bias, merge_lora,
+    named_vars, rms_norm, LayerNorm, Linear, LoraAdapter, LoraConfig, RmsNorm, TrainingPlan,
+    LORA_TARGETS,
 };
 pub use optim::{
     BlockPattern, BlockSampler, LayerMap, LisaAdamW, LisaConfig, LisaParams, LossScaler, Mode,

@@ -91,6 +91,100 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     })
 }
 
+/// LayerNorm over the last dimension, `(x − mean) / √(var + ε) ⊙ w (+ b)`, differentiable.
+///
+/// The forward pass is candle's fused `layer_norm` (f64 by plain ops); the graph keeps `x`,
+/// `w`, `b` and the output, and the backward pass recomputes the normalised `x` (in f32 for
+/// half-precision inputs). A frozen `w` or `b` gets no gradient.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let h = x.dim(D::Minus1)?;
+    let bias = match b {
+        Some(b) => b.detach(),
+        None => Tensor::zeros(h, w.dtype(), w.device())?,
+    };
+    let y = match x.dtype() {
+        DType::F64 => {
+            let x = x.detach();
+            let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+            let r = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+            centred
+                .broadcast_div(&r)?
+                .broadcast_mul(&w.detach())?
+                .broadcast_add(&bias)?
+        }
+        _ => candle_nn::ops::layer_norm(&x.detach().contiguous()?, &w.detach(), &bias, eps as f32)?,
+    };
+    let (w_tracks, b_tracks) = (w.track_op(), b.is_some_and(|b| b.track_op()));
+    let grads = move |x: &Tensor, w: &Tensor, g: &Tensor| -> Result<Grads3> {
+        let dtype = x.dtype();
+        let [x, w, g] = [x, w, g].map(|t| upcast(&t.detach()));
+        let (x, w, g) = (x?, w?, g?);
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let r = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+            .sqrt()?
+            .recip()?;
+        let n = centred.broadcast_mul(&r)?;
+        let gw = g.broadcast_mul(&w)?;
+        let mean_gw = gw.mean_keepdim(D::Minus1)?;
+        let dot = (&gw * &n)?.mean_keepdim(D::Minus1)?;
+        let dx = gw
+            .broadcast_sub(&mean_gw)?
+            .sub(&n.broadcast_mul(&dot)?)?
+            .broadcast_mul(&r)?;
+        let rows = |t: Tensor| -> Result<Tensor> {
+            t.reshape(((), h))?.sum(0)?.reshape(h)?.to_dtype(dtype)
+        };
+        let dw = if w_tracks {
+            Some(rows((&g * n)?)?)
+        } else {
+            None
+        };
+        let db = if b_tracks { Some(rows(g)?) } else { None };
+        Ok((Some(dx.to_dtype(dtype)?), dw, db))
+    };
+    match b {
+        Some(b) => attach3("lisa-layer-norm", x, w, b, y, move |x, w, _b, _y, g| {
+            grads(x, w, g)
+        }),
+        None => attach2("lisa-layer-norm", x, w, y, move |x, w, _y, g| {
+            let (dx, dw, _) = grads(x, w, g)?;
+            Ok((dx, dw))
+        }),
+    }
+}
+
+/// Softmax over the last dimension, differentiable: candle's fused `softmax_last_dim` forward
+/// (which has no backward), and `dx = y ⊙ (g − Σ g ⊙ y)`; the graph keeps `x` and `y`.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
+    attach1("lisa-softmax", x, y, |x, y, g| {
+        let dtype = x.dtype();
+        let (y, g) = (upcast(&y.detach())?, upcast(&g.detach())?);
+        let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((y * g.broadcast_sub(&dot)?)?.to_dtype(dtype)?))
+    })
+}
+
+/// Rotary position embedding in the interleaved layout (GPT-J, candle's `rope_i`),
+/// differentiable; see [`rope`] for the shapes. The backward pass is the same rotation with
+/// `-sin`.
+pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let seq = x.dim(2)?;
+    let (cos, sin) = (
+        cos.narrow(0, 0, seq)?.detach(),
+        sin.narrow(0, 0, seq)?.detach(),
+    );
+    let y = candle_nn::rotary_emb::rope_i(&x.detach().contiguous()?, &cos, &sin)?;
+    attach1("lisa-rope-i", x, y, move |_x, _y, g| {
+        let neg_sin = sin.neg()?;
+        Ok(Some(candle_nn::rotary_emb::rope_i(
+            &g.detach().contiguous()?,
+            &cos,
+            &neg_sin,
+        )?))
+    })
+}
+
 /// The dtype the ops compute in: f32 for half precision, the dtype itself otherwise.
 pub(crate) fn compute_dtype(dtype: DType) -> DType {
     match dtype {

@@ -353,6 +353,16 @@ impl LisaAdamW {
         Ok(())
     }
 
+    /// Whether `grads` holds a gradient of a parameter in a block that is frozen now: the
+    /// model tracks blocks the optimizer does not train, so it was built for an earlier active
+    /// set (or straight from the `VarMap`), not from the current builder.
+    fn grads_reach_frozen_blocks(&self, grads: &GradStore) -> bool {
+        (0..self.map.num_blocks())
+            .filter(|b| !self.active.contains(b))
+            .flat_map(|b| self.map.block_indices(b))
+            .any(|&i| grads.get(self.vars[i].as_tensor()).is_some())
+    }
+
     /// Checks `grads` against the trainable parameters without writing anything.
     fn check_grads(&self, grads: &GradStore) -> Result<()> {
         for &b in &self.active {
@@ -361,9 +371,10 @@ impl LisaAdamW {
                 .iter()
                 .any(|&i| grads.get(self.vars[i].as_tensor()).is_some())
             {
-                return Err(LisaError::NoGradient {
-                    block: b,
-                    first: self.map.name_at(block[0]).to_string(),
+                let first = self.map.name_at(block[0]).to_string();
+                return Err(match self.grads_reach_frozen_blocks(grads) {
+                    true => LisaError::NoGradient { block: b, first },
+                    false => LisaError::GradientFlowCut { block: b, first },
                 });
             }
         }

@@ -6,6 +6,7 @@ mod common;
 
 mod bundled;
 mod checkpoint;
+mod dropin;
 mod errors;
 mod freezing;
 mod frozen_linear;
