@@ -5,8 +5,8 @@
 //! contiguous (`RmsNorm` always does, `LayerNorm` with a bias), so no gradient reaches anything
 //! below the first norm of a model built from them, and the parameters there silently never
 //! train. These layers have the same constructors and `Module` behaviour, and keep only their
-//! inputs and output in the graph ([`ops::layer_norm`](super::ops::layer_norm),
-//! [`ops::rms_norm`](super::ops::rms_norm)). A frozen weight stores no gradient.
+//! inputs and output in the graph ([`ops::layer_norm`],
+//! [`ops::rms_norm`]). A frozen weight stores no gradient.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNormConfig, VarBuilder};
@@ -109,7 +109,7 @@ impl Module for RmsNorm {
     }
 }
 
-/// [`candle_nn::layer_norm`] with a backward pass: the weight is `weight` (or `gamma`), the
+/// [`candle_nn::layer_norm()`] with a backward pass: the weight is `weight` (or `gamma`), the
 /// bias `bias` (or `beta`) when the config is affine, initialised to 1 and 0.
 pub fn layer_norm<C: Into<LayerNormConfig>>(
     size: usize,
