@@ -173,18 +173,21 @@ impl<M: CausalLm> Trainer<M> {
         let mut acc = GradStore::default();
         let mut loss_sum = 0.0f64;
         for batch in micro_batches {
-            let loss = self.model.loss(batch)?;
-            let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            if !value.is_finite() {
-                return self.skip(lr, tokens, value);
-            }
             let weight = batch.tokens as f64 / tokens.max(1) as f64;
-            let weighted = match micro_batches.len() {
-                1 => loss,
-                _ => loss.affine(weight, 0.0)?,
+            // The loss holds the graph: it goes out of scope, and the activations with it,
+            // before the gradients are accumulated.
+            let (value, mut grads) = {
+                let loss = self.model.loss(batch)?;
+                let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                if !value.is_finite() {
+                    return self.skip(lr, tokens, value);
+                }
+                let weighted = match micro_batches.len() {
+                    1 => loss,
+                    _ => loss.affine(weight, 0.0)?,
+                };
+                (value, self.opt.scale_loss(&weighted)?.backward()?)
             };
-            let mut grads = self.opt.scale_loss(&weighted)?.backward()?;
-            drop(weighted);
             for (_, var) in self.opt.trainable_vars() {
                 if let Some(g) = grads.remove(var.as_tensor()) {
                     let sum = match acc.remove(var.as_tensor()) {
