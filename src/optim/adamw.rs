@@ -111,22 +111,23 @@ impl Moments {
     }
 }
 
-/// The sum of the squares of `g`'s elements, accumulated in f64. One parallel pass on the
-/// CPU; elsewhere candle ops in f32.
+/// The sum of the squares of `g`'s elements: NaN exactly when an element is NaN or infinite.
+/// One parallel pass on the CPU (f32 squares summed in eight lanes per chunk, so the loop
+/// vectorises, chunks summed in f64; a chunk whose f32 sum overflows is summed again in f64);
+/// elsewhere candle ops in f32.
 pub(crate) fn sum_squares(g: &Tensor) -> Result<f64> {
     if let (Device::Cpu, Some((start, end))) = (g.device(), g.layout().contiguous_offsets()) {
         let (storage, _) = g.storage_and_layout();
         if let Storage::Cpu(s) = &*storage {
-            fn sum<T: Sync>(s: &[T], f: impl Fn(&T) -> f64 + Sync + Send) -> f64 {
-                s.par_chunks(CHUNK)
-                    .map(|c| c.iter().map(|x| f(x) * f(x)).sum::<f64>())
-                    .sum()
-            }
             match s {
-                CpuStorage::F32(s) => return Ok(sum(&s[start..end], |&x| x as f64)),
-                CpuStorage::F64(s) => return Ok(sum(&s[start..end], |&x| x)),
-                CpuStorage::BF16(s) => return Ok(sum(&s[start..end], |x| x.to_f64())),
-                CpuStorage::F16(s) => return Ok(sum(&s[start..end], |x| x.to_f64())),
+                CpuStorage::F32(s) => return Ok(sum_sq(&s[start..end], |&x| x)),
+                CpuStorage::BF16(s) => return Ok(sum_sq(&s[start..end], |x| x.to_f32())),
+                CpuStorage::F16(s) => return Ok(sum_sq(&s[start..end], |x| x.to_f32())),
+                CpuStorage::F64(s) => {
+                    let s = &s[start..end];
+                    let chunks = s.par_chunks(CHUNK);
+                    return Ok(chunks.map(|c| c.iter().map(|x| x * x).sum::<f64>()).sum());
+                }
                 _ => {}
             }
         }
@@ -136,6 +137,34 @@ pub(crate) fn sum_squares(g: &Tensor) -> Result<f64> {
         _ => g.detach().to_dtype(DType::F32)?,
     };
     Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
+}
+
+/// [`sum_squares`] over a slice whose elements widen to f32 with `f`.
+fn sum_sq<T: Sync>(s: &[T], f: impl Fn(&T) -> f32 + Sync + Send) -> f64 {
+    s.par_chunks(CHUNK)
+        .map(|c| {
+            let (mut lanes, mut finite) = ([0f32; 8], true);
+            let mut blocks = c.chunks_exact(8);
+            for block in &mut blocks {
+                for (lane, x) in lanes.iter_mut().zip(block) {
+                    let v = f(x);
+                    finite &= v.is_finite();
+                    *lane += v * v;
+                }
+            }
+            for x in blocks.remainder() {
+                let v = f(x);
+                finite &= v.is_finite();
+                lanes[0] += v * v;
+            }
+            let sum: f32 = lanes.iter().sum();
+            match (finite, sum.is_finite()) {
+                (false, _) => f64::NAN,
+                (true, true) => sum as f64,
+                (true, false) => c.iter().map(|x| (f(x) as f64).powi(2)).sum(),
+            }
+        })
+        .sum()
 }
 
 /// Whether [`adamw_in_place`] applies: every operand on the CPU, contiguous, of θ's shape, no
@@ -636,8 +665,8 @@ mod tests {
     }
 
     /// The sum of squares is exact for small integers on the fast path and the strided one,
-    /// and NaN or infinite exactly when an element is, in every float dtype (the step's
-    /// finiteness check rests on this).
+    /// finite for finite elements whose squares overflow f32, and NaN or infinite exactly when
+    /// an element is, in every float dtype (the step's finiteness check rests on this).
     #[test]
     fn sum_squares_finds_nan_and_inf() -> Result<()> {
         let dev = Device::Cpu;
@@ -647,6 +676,22 @@ mod tests {
             let ok = Tensor::from_vec(x, (4, 3), &dev)?.to_dtype(dtype)?;
             assert_eq!(sum_squares(&ok)?, want, "{dtype:?}");
             assert_eq!(sum_squares(&ok.t()?)?, want, "{dtype:?} strided");
+            // Finite but with squares past f32's range: the f64 fallback keeps it finite.
+            let huge = Tensor::from_vec(vec![1e20f32; 12], (4, 3), &dev)?.to_dtype(dtype)?;
+            if dtype != DType::F16 {
+                let want = 12.0
+                    * (huge
+                        .flatten_all()?
+                        .to_dtype(DType::F64)?
+                        .get(0)?
+                        .to_scalar::<f64>()?)
+                    .powi(2);
+                let got = sum_squares(&huge)?;
+                assert!(
+                    (got - want).abs() <= 1e-6 * want,
+                    "{dtype:?}: {got} vs {want}"
+                );
+            }
             for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
                 let mut x = vec![0.5f32; 12];
                 x[7] = bad;
