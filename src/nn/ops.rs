@@ -169,19 +169,26 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// differentiable; see [`rope`] for the shapes. The backward pass is the same rotation with
 /// `-sin`.
 pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rotary("lisa-rope-i", candle_nn::rotary_emb::rope_i, x, cos, sin)
+}
+
+/// A rotation by one of candle's fused rotary kernels (which have no backward), attached with
+/// the inverse rotation (`-sin`) as its backward; the graph keeps only `x` and the output.
+fn rotary(
+    name: &'static str,
+    kernel: fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
     let seq = x.dim(2)?;
     let (cos, sin) = (
         cos.narrow(0, 0, seq)?.detach(),
         sin.narrow(0, 0, seq)?.detach(),
     );
-    let y = candle_nn::rotary_emb::rope_i(&x.detach().contiguous()?, &cos, &sin)?;
-    attach1("lisa-rope-i", x, y, move |_x, _y, g| {
-        let neg_sin = sin.neg()?;
-        Ok(Some(candle_nn::rotary_emb::rope_i(
-            &g.detach().contiguous()?,
-            &cos,
-            &neg_sin,
-        )?))
+    let y = kernel(&x.detach().contiguous()?, &cos, &sin)?;
+    attach1(name, x, y, move |_x, _y, g| {
+        Ok(Some(kernel(&g.detach().contiguous()?, &cos, &sin.neg()?)?))
     })
 }
 
@@ -204,20 +211,7 @@ fn upcast(t: &Tensor) -> Result<Tensor> {
 /// candle's fused `rope`, which computes the forward pass. The rotation is orthogonal, so the
 /// backward pass is the same op with `-sin`; the graph keeps only `x` and the output.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let seq = x.dim(2)?;
-    let (cos, sin) = (
-        cos.narrow(0, 0, seq)?.detach(),
-        sin.narrow(0, 0, seq)?.detach(),
-    );
-    let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, &cos, &sin)?;
-    attach1("lisa-rope", x, y, move |_x, _y, g| {
-        let neg_sin = sin.neg()?;
-        Ok(Some(candle_nn::rotary_emb::rope(
-            &g.detach().contiguous()?,
-            &cos,
-            &neg_sin,
-        )?))
-    })
+    rotary("lisa-rope", candle_nn::rotary_emb::rope, x, cos, sin)
 }
 
 /// Causal scaled dot-product attention, differentiable: `softmax(q·kᵀ·scale + mask)·v`.
