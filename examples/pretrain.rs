@@ -10,7 +10,8 @@
 //! hidden 128, 8 blocks, 4 query / 2 key-value heads, tied embeddings, 1.5M parameters),
 //! initialised from ChaCha8 (candle cannot seed its CPU generator) and trained with the
 //! library's [`Trainer`](candle_lisa::train::Trainer) and full AdamW (no clipping, decay on
-//! every weight). Same machine and thread count, same bytes.
+//! every weight). The same program on the same machine and thread count writes the same
+//! bytes (see `assets/README.md` for how the committed weights relate to this version).
 
 use std::path::{Path, PathBuf};
 

@@ -214,8 +214,10 @@ impl LisaAdamW {
     /// # Errors
     /// Every configuration error of [`LisaError`]; nothing is built then.
     ///
-    /// Cost: allocates AdamW moments (2× the parameter bytes) for the always-trainable
-    /// parameters and the γ active blocks only.
+    /// Cost: allocates optimizer state for the always-trainable parameters and the γ active
+    /// blocks only: AdamW moments (2× the parameter bytes for f32 and f64), plus f32 master
+    /// copies for f16 and bf16 (12 bytes per parameter in all; see the
+    /// [precision policy](crate::optim::precision)).
     pub fn new(varmap: &VarMap, params: ParamsAdamW, config: LisaConfig) -> Result<Self> {
         let vars = crate::nn::named_vars(varmap)?;
         Self::from_named_vars(vars, params, config)

@@ -2,7 +2,7 @@
 //! scaling for f16, non-finite gradients, and a builder that will not convert what trains.
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_lisa::{LisaAdamW, LisaConfig, LisaError, Llama, LlamaConfig, LossScaler, NonFinite};
+use candle_lisa::{LisaAdamW, LisaError, Llama, LlamaConfig, LossScaler, NonFinite};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 /// Vocabulary 40, of which the batch uses only ids below 32: the embedding rows of 32..40
@@ -49,13 +49,7 @@ fn lisa(varmap: &VarMap) -> candle_lisa::Result<LisaAdamW> {
 }
 
 fn lisa_with(varmap: &VarMap, params: ParamsAdamW) -> candle_lisa::Result<LisaAdamW> {
-    let config = LisaConfig {
-        gamma: 2,
-        period: 4,
-        seed: 3,
-        ..Default::default()
-    };
-    LisaAdamW::new(varmap, params, config)
+    crate::common::lisa_gamma2(varmap, params, 4, 3)
 }
 
 fn to_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {

@@ -6,7 +6,7 @@ use candle_lisa::train::{
     pack_examples, pad_batch, Batch, Checkpointer, Constant, Example, StepReport, Trainer,
     TrainerConfig,
 };
-use candle_lisa::{LisaAdamW, LisaConfig, LisaError, Llama, LlamaConfig, TrainingPlan};
+use candle_lisa::{LisaAdamW, LisaError, Llama, LlamaConfig, TrainingPlan};
 use candle_nn::{ParamsAdamW, VarMap};
 
 fn config() -> LlamaConfig {
@@ -42,13 +42,7 @@ fn lisa(varmap: &VarMap) -> candle_lisa::Result<LisaAdamW> {
 }
 
 fn lisa_with(varmap: &VarMap, params: ParamsAdamW) -> candle_lisa::Result<LisaAdamW> {
-    let config = LisaConfig {
-        gamma: 2,
-        period: 2,
-        seed: 4,
-        ..Default::default()
-    };
-    LisaAdamW::new(varmap, params, config)
+    crate::common::lisa_gamma2(varmap, params, 2, 4)
 }
 
 fn trainer(varmap: &VarMap, config: TrainerConfig) -> candle_lisa::Result<Trainer<Llama>> {

@@ -160,3 +160,19 @@ pub fn seeded_llama(config: &candle_lisa::LlamaConfig, seed: u64) -> Result<VarM
     }
     Ok(out)
 }
+
+/// LISA with γ = 2 over `varmap`, redrawing every `period` steps from `seed`.
+pub fn lisa_gamma2(
+    varmap: &VarMap,
+    params: candle_nn::ParamsAdamW,
+    period: usize,
+    seed: u64,
+) -> candle_lisa::Result<candle_lisa::LisaAdamW> {
+    let config = candle_lisa::LisaConfig {
+        gamma: 2,
+        period,
+        seed,
+        ..Default::default()
+    };
+    candle_lisa::LisaAdamW::new(varmap, params, config)
+}
