@@ -341,13 +341,12 @@ fn train(
     )?);
     let (mut tokens, started, mut recent) = (0usize, Instant::now(), Vec::new());
     let mut last_eval = (f32::NAN, None);
-    let mut device_peak = common::device_used(dev);
+    let device_peak = common::DevicePeak::new(dev)?;
     let sampler = StepSampler::new(args.seed);
     for step in start + 1..=args.steps.min(args.stop_after.unwrap_or(usize::MAX)) {
         let (b, micro, t) = (args.batch_size, args.grad_accum, Some(args.seq_len));
         let batches = sampler.micro_batches(&data.train, step as u64, b, micro, eos, t, dev)?;
         let report = run.trainer.step(&batches)?;
-        device_peak = device_peak.max(common::device_used(dev));
         if args.kill_at_step == Some(step) {
             common::kill_self();
         }
@@ -390,6 +389,7 @@ fn train(
     }
     run.save_model(dir.join("model"), dtype)?;
     let opt = run.trainer.optimizer();
+    let device_peak = device_peak.peak()?;
     Ok(json!({
         "method": name, "steps": args.steps,
         "final_train_loss": recent.iter().sum::<f32>() / recent.len().max(1) as f32,
@@ -397,7 +397,7 @@ fn train(
         "wall_seconds": started.elapsed().as_secs_f64(),
         "tokens_per_second": tokens as f64 / started.elapsed().as_secs_f64(),
         "peak_bytes": device_peak.unwrap_or(alloc::peak() - heap_base),
-        "peak_source": if device_peak.is_some() { "cuda device memory in use, sampled after each step" } else { "heap above the method's start, counted by the allocator" },
+        "peak_source": if device_peak.is_some() { "high-water mark of the CUDA memory pool over the run, weights included" } else { "heap above the method's start, counted by the allocator" },
         "trainable_params": opt.trainable_params(), "state_bytes": opt.state_bytes(),
         "skipped_steps": run.trainer.skipped_steps(),
     }))

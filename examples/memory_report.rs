@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example memory_report -- --json [--shape NAME[,NAME]] [--methods LIST]
 //!     [--seq-len 256] [--batch-size 1] [--steps 5] [--rounds 1] [--recompute-frozen]
-//!     [--dtype f32|bf16|f16] [--chart PATH]
+//!     [--dtype f32|bf16|f16] [--device cpu|cuda] [--chart PATH]
 //! cargo run --release --example memory_report -- --from results.jsonl [--chart PATH]
 //! ```
 //!
@@ -14,7 +14,10 @@
 //! it prints one JSON object per method on stdout; it always prints a table on stderr, with the
 //! breakdown of the peak (weights, gradients, optimizer state, and the rest: activations and
 //! temporaries) and the ratios to `full`. `--chart` draws the peaks as a bar chart (PNG).
-//! It runs on the CPU only: the peak is the process heap. With `--dtype bf16` or `f16` the
+//! On the CPU (`--device cpu`, the default) the peak is the process heap; with `--device cuda`
+//! (built with `--features cuda`) it is the high-water mark of the CUDA memory pool candle
+//! allocates from, which is exact for candle's tensors and leaves out the CUDA context and
+//! cuBLAS's workspace (see `Meter` in `examples/common/report.rs`). With `--dtype bf16` or `f16` the
 //! weights, activations and gradients are half precision and the crate's optimizer keeps f32
 //! master weights and f32 moments for what trains (`adamw-candle` keeps its state in the
 //! weights' dtype, as candle does).
@@ -27,11 +30,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
-use candle_core::Device;
 use clap::Parser;
-use serde::{Deserialize, Serialize};
 
 #[path = "common/mod.rs"]
 mod common;
@@ -42,7 +42,11 @@ mod alloc;
 #[path = "common/training.rs"]
 mod training;
 
-use training::{batch, shape_config, Method, Training, Weights, METHODS};
+#[path = "common/report.rs"]
+mod report;
+
+use report::{Record, Setup};
+use training::{shape_config, Method, METHODS};
 
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
@@ -89,6 +93,9 @@ struct Args {
     /// The dtype of weights, activations and gradients: f32, bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     dtype: String,
+    /// Where to train: cpu, or cuda (built with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
     /// Draw the peaks as a bar chart into this PNG.
     #[arg(long)]
     chart: Option<PathBuf>,
@@ -100,107 +107,19 @@ struct Args {
     child: bool,
 }
 
-/// One measured method, as printed in the JSON lines.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-struct Record {
-    shape: String,
-    method: String,
-    #[serde(rename = "B")]
-    batch_size: usize,
-    #[serde(rename = "T")]
-    seq_len: usize,
-    /// Highest live heap during the steps, weights included.
-    peak_bytes: usize,
-    /// Weights (and LoRA adapters).
-    weight_bytes: usize,
-    /// Gradients the backward pass stored, at their largest step.
-    grad_bytes: usize,
-    /// Optimizer state, at its largest step.
-    state_bytes: usize,
-    /// The rest of the peak: activations and temporaries.
-    other_bytes: usize,
-    trainable_params: usize,
-    total_params: usize,
-    /// Median of the steps after the first of each round.
-    step_ms_median: f64,
-    /// Every step, round after round.
-    step_ms: Vec<f64>,
-    #[serde(default = "one")]
-    rounds: usize,
-    resamples: usize,
-    threads: usize,
-    device: String,
-    /// The dtype of weights, activations and gradients.
-    #[serde(default = "f32_name")]
-    dtype: String,
-    /// How LISA drew its blocks.
-    #[serde(default = "uniform_name")]
-    sampler: String,
-}
-
-fn uniform_name() -> String {
-    "uniform".into()
-}
-
-fn one() -> usize {
-    1
-}
-
-fn f32_name() -> String {
-    "f32".into()
-}
-
 /// Measures one method in this process.
 fn measure(args: &Args, shape: &str, name: &str) -> Result<Record, Error> {
-    let config = shape_config(shape)?;
-    let method: Method = name.parse()?;
-    let dev = Device::Cpu;
-    let (b, t) = (args.batch_size, args.seq_len);
-    let (ids, labels) = batch(&config, b, t, &dev)?;
-    let dtype = args.dtype.parse::<candle_core::DType>()?;
-    let weights = Weights::new(config, method, &dev, dtype)?;
-    let total_params = weights.params();
-    let weight_bytes = weights.bytes();
-
-    // Everything from here on counts: the optimizer's state is allocated in the steps' peak.
-    alloc::reset_peak();
-    let sampler: candle_lisa::optim::SamplerChoice = args.sampler.parse()?;
-    let mut training = Training::new(weights, method, &sampler)?;
-    let (mut grads_max, mut state_max, mut trainable, mut resamples) = (0, 0, 0, 0);
-    let mut step_ms = Vec::new();
-    for _ in 0..args.steps {
-        let start = Instant::now();
-        trainable = trainable.max(training.trainable_params());
-        let step = training.step(&ids, &labels)?;
-        step_ms.push(start.elapsed().as_secs_f64() * 1e3);
-        grads_max = grads_max.max(step.grad_bytes);
-        state_max = state_max.max(training.state_bytes());
-        resamples += usize::from(step.resampled);
-    }
-    let peak_bytes = alloc::peak();
-    let mut timed = step_ms[1.min(step_ms.len() - 1)..].to_vec();
-    timed.sort_by(f64::total_cmp);
-    Ok(Record {
-        shape: shape.into(),
-        method: name.into(),
-        batch_size: b,
-        seq_len: t,
-        peak_bytes,
-        weight_bytes,
-        grad_bytes: grads_max,
-        state_bytes: state_max,
-        other_bytes: peak_bytes.saturating_sub(weight_bytes + grads_max + state_max),
-        trainable_params: trainable,
-        total_params,
-        step_ms_median: timed[timed.len() / 2],
-        step_ms,
-        rounds: 1,
-        resamples,
-        threads: candle_core::utils::get_num_threads(),
-        device: "cpu".into(),
-        dtype: args.dtype.clone(),
-        sampler: args.sampler.clone(),
-    })
+    let dev = common::device(&args.device)?;
+    let setup = Setup {
+        shape,
+        method: name,
+        batch_size: args.batch_size,
+        seq_len: args.seq_len,
+        steps: args.steps,
+        dtype: args.dtype.parse()?,
+        sampler: &args.sampler,
+    };
+    report::measure(&setup, &dev)
 }
 
 /// Runs `shape` × `method` in a fresh process of this binary and reads its JSON line.
@@ -212,6 +131,7 @@ fn spawn(args: &Args, shape: &str, method: &str) -> Result<Record, Error> {
         .args(["--steps", &args.steps.to_string()])
         .args(["--dtype", &args.dtype])
         .args(["--sampler", &args.sampler])
+        .args(["--device", &args.device])
         .stderr(std::process::Stdio::inherit())
         .output()?;
     if !out.status.success() {
@@ -259,8 +179,8 @@ fn print_table(records: &[Record]) {
         let full = rows.iter().find(|r| r.method == "full");
         let (r0, params) = (rows[0], rows[0].total_params as f64 / 1e6);
         eprintln!(
-            "\n{shape}: {params:.1}M parameters, B = {}, T = {}, CPU {}, {} threads",
-            r0.batch_size, r0.seq_len, r0.dtype, r0.threads
+            "\n{shape}: {params:.1}M parameters, B = {}, T = {}, {} {}, {} threads",
+            r0.batch_size, r0.seq_len, r0.device, r0.dtype, r0.threads
         );
         eprintln!(
             "{:<16} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9} {:>7}",
@@ -318,7 +238,10 @@ fn chart(path: &Path, records: &[Record]) -> Result<(), Error> {
         .collect();
     let total: usize = rows.iter().sum();
     let mut rest = root.titled(
-        &format!("peak heap of a training step (CPU, {})", records[0].dtype),
+        &format!(
+            "peak memory of a training step ({}, {})",
+            records[0].device, records[0].dtype
+        ),
         ("sans-serif", 18),
     )?;
     let parts = [

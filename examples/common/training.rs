@@ -10,8 +10,9 @@ use candle_lisa::{
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 /// Shape names: SmolLM2-135M; LLaMA-2-7B's proportions at a CPU-friendly size (embedding and
-/// head about 4% of the parameters, as in the real model); a tiny one for smoke tests.
-pub const SHAPES: [&str; 3] = ["smollm2-135m", "llama2-7b-scaled", "tiny"];
+/// head about 4% of the parameters, as in the real model); Llama-3.2-1B (1.24B parameters, a
+/// tied 128k-token embedding: a GPU shape); a tiny one for smoke tests.
+pub const SHAPES: [&str; 4] = ["smollm2-135m", "llama2-7b-scaled", "llama3.2-1b", "tiny"];
 
 /// Method names, in report order.
 pub const METHODS: [&str; 11] = [
@@ -41,6 +42,13 @@ pub fn shape_config(name: &str) -> std::result::Result<LlamaConfig, String> {
         "llama2-7b-scaled" => {
             let mut c = LlamaConfig::tiny(4000, 512, 32, 8, 8);
             c.intermediate_size = 1376;
+            c
+        }
+        "llama3.2-1b" => {
+            let mut c = LlamaConfig::tiny(128256, 2048, 16, 32, 8);
+            c.intermediate_size = 8192;
+            c.tie_word_embeddings = true;
+            c.rope_theta = 500_000.0;
             c
         }
         "tiny" => {

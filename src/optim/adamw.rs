@@ -1,5 +1,5 @@
-//! The AdamW update: fused and in place on the CPU, candle tensor ops elsewhere; f32 master
-//! weights and moments for half-precision parameters.
+//! The AdamW update: fused and in place on the CPU and on CUDA, candle tensor ops elsewhere;
+//! f32 master weights and moments for half-precision parameters.
 
 use std::cell::Cell;
 
@@ -7,6 +7,9 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Storage
 use candle_nn::ParamsAdamW;
 use half::{bf16, f16};
 use rayon::prelude::*;
+
+#[cfg(feature = "cuda")]
+mod cuda;
 
 /// AdamW state of one parameter.
 ///
@@ -64,10 +67,11 @@ impl Moments {
     /// Applies update number `step + 1` to `var` with gradient `g · inv_scale` (`inv_scale`
     /// undoes loss scaling; 1 without it).
     ///
-    /// On the CPU, for contiguous operands, this is [`adamw_in_place`]: it reads θ, g, m and v
-    /// (and the master copy) once, writes them once, and allocates nothing parameter-sized.
-    /// Elsewhere (CUDA, Metal, non-contiguous gradients) it runs the same math as tensor ops
-    /// ([`adamw`]) on detached tensors and writes the results back.
+    /// On the CPU and on CUDA (feature `cuda`), for contiguous operands, this is
+    /// [`adamw_in_place`]: it reads θ, g, m and v (and the master copy) once, writes them once,
+    /// and allocates nothing parameter-sized. Elsewhere (Metal, non-contiguous gradients) it
+    /// runs the same math as tensor ops ([`adamw`]) on detached tensors and writes the results
+    /// back.
     pub fn update(&mut self, p: &ParamsAdamW, var: &Var, g: &Tensor, inv_scale: f64) -> Result<()> {
         let t = self.step + 1;
         let theta = var.as_tensor();
@@ -114,8 +118,14 @@ impl Moments {
 /// The sum of the squares of `g`'s elements: NaN exactly when an element is NaN or infinite.
 /// One parallel pass on the CPU (f32 squares summed in eight lanes per chunk, so the loop
 /// vectorises, chunks summed in f64; a chunk whose f32 sum overflows is summed again in f64);
-/// elsewhere candle ops in f32.
+/// on CUDA one kernel launch summing in f64; elsewhere candle ops in f32.
 pub(crate) fn sum_squares(g: &Tensor) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if g.device().is_cuda() {
+        if let Some(sum) = cuda::sum_squares(g)? {
+            return Ok(sum);
+        }
+    }
     if let (Device::Cpu, Some((start, end))) = (g.device(), g.layout().contiguous_offsets()) {
         let (storage, _) = g.storage_and_layout();
         if let Storage::Cpu(s) = &*storage {
@@ -167,7 +177,8 @@ fn sum_sq<T: Sync>(s: &[T], f: impl Fn(&T) -> f32 + Sync + Send) -> f64 {
         .sum()
 }
 
-/// Whether [`adamw_in_place`] applies: every operand on the CPU, contiguous, of θ's shape, no
+/// Whether [`adamw_in_place`] applies: every operand on θ's device, which is the CPU (or a
+/// CUDA device, with the feature `cuda`), contiguous, of θ's shape, no
 /// two sharing storage; θ and g of one dtype, and either f32/f64 moments of that dtype and no
 /// master, or (θ in f16/bf16) an f32 master and f32 moments.
 pub(crate) fn fusable(
@@ -188,12 +199,20 @@ pub(crate) fn fusable(
         .chain(state)
         .flatten()
         .collect();
-    matches!(theta.device(), Device::Cpu)
+    let fused_device = match theta.device() {
+        Device::Cpu => true,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => true,
+        _ => false,
+    };
+    fused_device
         && g.dtype() == theta.dtype()
         && state.iter().flatten().all(|t| t.dtype() == state_dtype)
-        && all
-            .iter()
-            .all(|t| t.shape() == theta.shape() && t.is_contiguous() && t.device().is_cpu())
+        && all.iter().all(|t| {
+            t.shape() == theta.shape()
+                && t.is_contiguous()
+                && t.device().same_device(theta.device())
+        })
         && {
             let keys: Vec<usize> = all.iter().map(|t| storage_key(t)).collect();
             (0..keys.len()).all(|i| !keys[i + 1..].contains(&keys[i]))
@@ -500,6 +519,10 @@ pub(crate) fn adamw_in_place(
     inv_scale: f64,
 ) -> Result<()> {
     let c = Coefficients::new(p, t);
+    #[cfg(feature = "cuda")]
+    if theta.device().is_cuda() {
+        return cuda::adamw_in_place(&c, theta, g, master, m, v, inv_scale);
+    }
     let (g_storage, gl) = g.storage_and_layout();
     let Storage::Cpu(g_storage) = &*g_storage else {
         candle_core::bail!("fused AdamW: the gradient is not on the CPU")

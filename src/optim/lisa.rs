@@ -86,11 +86,12 @@ pub struct ParamState<'a> {
 /// LM head, final norm) train at every step. The update is `candle_nn::AdamW`'s math (decoupled
 /// weight decay, bias correction), rounded as candle rounds it, so the results are the same
 /// bits for f32 and f64 parameters. f16 and bf16 parameters get an f32 master copy and f32
-/// moments while they train (the [precision policy](crate::optim::precision)). On the CPU the
-/// update is fused: one pass per parameter that reads θ, g, m and v (and the master) once and
-/// writes them in place, allocating nothing parameter-sized. Elsewhere (CUDA, Metal) it runs
-/// as candle tensor ops on detached tensors, so no temporary is attached to a graph. Before
-/// anything is written, every gradient is checked for NaN and infinity.
+/// moments while they train (the [precision policy](crate::optim::precision)). On the CPU and
+/// on CUDA (feature `cuda`) the update is fused: one pass per parameter (one kernel launch on
+/// CUDA) that reads θ, g, m and v (and the master) once and writes them in place, allocating
+/// nothing parameter-sized, with the same bits on both. Elsewhere (Metal) it runs as candle
+/// tensor ops on detached tensors, so no temporary is attached to a graph. Before anything is
+/// written, every gradient is checked for NaN and infinity.
 ///
 /// **State Reset:** AdamW moments (and master copies) exist only for parameters that are
 /// trainable now. A block's moments are allocated (zeros, step counter 0, and for half
