@@ -10,10 +10,11 @@
 //! summary line, and exits with status 1 if a check failed:
 //! - `op`: every custom op of `candle_lisa::nn::ops`, the frozen-aware matmul, `Linear` and
 //!   `recompute`, forward and gradients, on the device against the CPU (f32 and bf16);
-//! - `update`: the fused AdamW update (f32, bf16, f16) over three steps against the CPU, and
-//!   whether the weights are bit-identical;
-//! - `bandwidth`: the optimizer step on a 128M-element parameter against a device-to-device
-//!   copy in the same run (the target is ≥ 60% of the copy's bandwidth);
+//! - `update`: the fused AdamW update (f32, bf16, f16) over three steps against the CPU: the
+//!   weights must be bit-identical;
+//! - `bandwidth`: the optimizer step (check pass and fused update) on a 128M-element parameter
+//!   against a device-to-device copy in the same run (the target is ≥ 60% of the copy's
+//!   bandwidth), and `candle_nn::AdamW` on the same parameter for comparison;
 //! - `finetune`: the bundled model fine-tuned with LISA on the bundled arithmetic task, the
 //!   first steps' losses against the CPU, then a few hundred steps on the device;
 //! - `memory`: the memory report's methods on `smollm2-135m` and `llama2-7b-scaled` (f32 and
@@ -308,7 +309,9 @@ fn check_update(report: &mut Report, dev: &Device, quick: bool) -> Result<(), Er
         let norm_diff = (got_norm - want_norm).abs() / want_norm;
         let line = json!({"check": "update", "name": format!("{dtype:?}"), "elements": n,
             "elements_differing": differing, "rel_diff": diff, "grad_norm_rel_diff": norm_diff});
-        report.emit(line, diff <= 1e-6 && norm_diff <= 1e-6);
+        // The weights must be the same bits. The gradient norms differ by rounding: the CPU
+        // sums squares in f32 lanes per chunk, CUDA in f64.
+        report.emit(line, differing == 0 && norm_diff <= 1e-4);
     }
     Ok(())
 }
@@ -330,24 +333,35 @@ fn time(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<(), Error>) -> 
 
 fn check_bandwidth(report: &mut Report, dev: &Device, quick: bool) -> Result<(), Error> {
     let n = if quick { 1 << 20 } else { 128 << 20 };
+    // The copy writes into a buffer allocated once: a fresh allocation per copy would be
+    // mapped anew each time (candle's CUDA memory pool returns freed memory at every
+    // synchronisation) and time the mapping, not the copy.
     let src = Tensor::zeros(n, DType::F32, dev)?;
-    let copy = time(dev, 10, || {
-        src.copy()?;
-        Ok(())
-    })?;
+    let dst = Tensor::ones(n, DType::F32, dev)?;
+    let copy = time(dev, 20, || Ok(dst.slice_set(&src, 0, 0)?))?;
     let copy_gbs = 2.0 * (4 * n) as f64 / copy / 1e9;
-    drop(src);
+    drop((src, dst));
     // Bytes per element of one step: the check pass reads g; the update reads g, m, v and
     // θ (or the f32 master) and writes θ, m, v (and the master).
     for (dtype, bytes) in [(DType::F32, 4 + 28), (DType::BF16, 2 + 28)] {
         let theta = Var::from_tensor(&Tensor::ones(n, dtype, dev)?)?;
         let grads = (theta.as_tensor() * 1e-3)?.sum_all()?.backward()?;
         let mut opt = one_param(&theta)?;
-        let step = time(dev, 10, || Ok(opt.try_step(&grads)?))?;
+        let step = time(dev, 20, || Ok(opt.try_step(&grads)?))?;
+        drop(opt);
         let gbs = (bytes * n) as f64 / step / 1e9;
+        // For comparison: candle's own AdamW (tensor ops) on the same parameter.
+        let candle_ms = if dtype == DType::F32 {
+            use candle_nn::Optimizer;
+            let mut adamw = candle_nn::AdamW::new(vec![theta.clone()], Default::default())?;
+            Some(time(dev, 5, || Ok(adamw.step(&grads)?))? * 1e3)
+        } else {
+            None
+        };
         let line = json!({"check": "bandwidth", "name": format!("step {dtype:?}"), "elements": n,
             "step_ms": step * 1e3, "bytes_per_element": bytes, "step_gb_s": gbs,
-            "copy_gb_s": copy_gbs, "fraction_of_copy": gbs / copy_gbs, "target": 0.6});
+            "copy_ms": copy * 1e3, "copy_gb_s": copy_gbs, "fraction_of_copy": gbs / copy_gbs,
+            "target": 0.6, "candle_nn_adamw_ms": candle_ms});
         report.emit(line, gbs / copy_gbs >= 0.6);
     }
     Ok(())

@@ -170,14 +170,25 @@ fn mb(bytes: usize) -> f64 {
     bytes as f64 / 1e6
 }
 
-/// The table on stderr: one block per shape, ratios to `full` where it was measured.
+/// Records measured under the same conditions (shape, B, T, device, dtype), in runs of
+/// consecutive records.
+fn groups(records: &[Record]) -> Vec<&[Record]> {
+    let key = |r: &Record| {
+        let k = (&r.shape, r.batch_size, r.seq_len, &r.device, &r.dtype);
+        format!("{k:?}")
+    };
+    records
+        .chunk_by(|a, b| key(a) == key(b))
+        .collect::<Vec<&[Record]>>()
+}
+
+/// The table on stderr: one block per shape and setting, ratios to `full` where it was
+/// measured.
 fn print_table(records: &[Record]) {
-    let mut shapes: Vec<&str> = records.iter().map(|r| r.shape.as_str()).collect();
-    shapes.dedup();
-    for shape in shapes {
-        let rows: Vec<&Record> = records.iter().filter(|r| r.shape == shape).collect();
+    for rows in groups(records) {
+        let shape = &rows[0].shape;
         let full = rows.iter().find(|r| r.method == "full");
-        let (r0, params) = (rows[0], rows[0].total_params as f64 / 1e6);
+        let (r0, params) = (&rows[0], rows[0].total_params as f64 / 1e6);
         eprintln!(
             "\n{shape}: {params:.1}M parameters, B = {}, T = {}, {} {}, {} threads",
             r0.batch_size, r0.seq_len, r0.device, r0.dtype, r0.threads
@@ -195,7 +206,7 @@ fn print_table(records: &[Record]) {
             "step ms",
             "x full"
         );
-        for r in &rows {
+        for r in rows {
             let ratio = |x: f64, f: f64| format!("{:.2}", x / f);
             let (mem_x, time_x) = full.map_or(("-".into(), "-".into()), |f| {
                 (
@@ -227,21 +238,13 @@ fn chart(path: &Path, records: &[Record]) -> Result<(), Error> {
     // The bundled font (license in assets/fonts/LICENSE): no system fonts needed.
     static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSansMono.ttf");
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
-    let mut shapes: Vec<&str> = records.iter().map(|r| r.shape.as_str()).collect();
-    shapes.dedup();
+    let groups = groups(records);
     let root =
         BitMapBackend::new(path, (1000, 120 + 34 * records.len() as u32)).into_drawing_area();
     root.fill(&WHITE)?;
-    let rows: Vec<usize> = shapes
-        .iter()
-        .map(|s| records.iter().filter(|r| r.shape == *s).count())
-        .collect();
-    let total: usize = rows.iter().sum();
+    let total = records.len();
     let mut rest = root.titled(
-        &format!(
-            "peak memory of a training step ({}, {})",
-            records[0].device, records[0].dtype
-        ),
+        &format!("peak memory of a training step ({})", records[0].device),
         ("sans-serif", 18),
     )?;
     let parts = [
@@ -251,11 +254,12 @@ fn chart(path: &Path, records: &[Record]) -> Result<(), Error> {
         ("activations & temporaries", RGBColor(67, 147, 195)),
     ];
     let height = rest.dim_in_pixel().1 as usize;
-    for (shape, count) in shapes.iter().zip(&rows) {
-        let panel_height = (height * count / total.max(1)) as u32;
+    for (g, group) in groups.iter().enumerate() {
+        let panel_height = (height * group.len() / total.max(1)) as u32;
         let (panel, below) = rest.split_vertically(panel_height);
         rest = below;
-        let recs: Vec<&Record> = records.iter().filter(|r| r.shape == *shape).collect();
+        let recs: Vec<&Record> = group.iter().collect();
+        let shape = &group[0].shape;
         let max = recs.iter().map(|r| mb(r.peak_bytes)).fold(1.0, f64::max) * 1.5;
         let r0 = recs[0];
         let n = recs.len();
@@ -263,7 +267,10 @@ fn chart(path: &Path, records: &[Record]) -> Result<(), Error> {
         let row = |i: usize| n - 1 - i;
         let mut chart = ChartBuilder::on(&panel)
             .caption(
-                format!("{shape}, B = {}, T = {}", r0.batch_size, r0.seq_len),
+                format!(
+                    "{shape}, {} {}, B = {}, T = {}",
+                    r0.device, r0.dtype, r0.batch_size, r0.seq_len
+                ),
                 ("sans-serif", 16),
             )
             .margin(8)
@@ -299,7 +306,7 @@ fn chart(path: &Path, records: &[Record]) -> Result<(), Error> {
                 bar
             });
             let series = chart.draw_series(bars)?;
-            if Some(shape) == shapes.first() {
+            if g == 0 {
                 let color = *color;
                 series.label(*label).legend(move |(x, y)| {
                     Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
@@ -316,7 +323,7 @@ fn chart(path: &Path, records: &[Record]) -> Result<(), Error> {
                 ("sans-serif", 13),
             )
         }))?;
-        if Some(shape) == shapes.first() {
+        if g == 0 {
             chart
                 .configure_series_labels()
                 .position(SeriesLabelPosition::LowerRight)

@@ -7,6 +7,7 @@
 #   scripts/gpu-check.sh run [ARGS]  # on the GPU machine, from the repository root (needs the
 #                                    # driver and CUDA 13 runtime libraries, e.g. PyTorch's
 #                                    # CUDA 13 wheels; nothing is compiled there)
+#   scripts/gpu-check.sh report ARGS # the same, for `memory_report --device cuda ARGS`
 #
 # `run` prints one JSON line per check (see examples/gpu_check.rs) and exits 1 if one failed.
 set -euo pipefail
@@ -26,7 +27,8 @@ build)
     done
     ls -l target/gpu-check
     ;;
-run)
+run | report)
+    mode=$1
     shift
     # The CUDA libraries the binary links, wherever the driver, a CUDA install or a Python
     # wheel put them (one pass over the file system; stub libraries skipped).
@@ -55,10 +57,13 @@ run)
             chmod +x target/gpu-check/$bin
         fi
     done
+    if [ "$mode" = report ]; then
+        exec target/gpu-check/memory_report --device cuda "$@"
+    fi
     exec target/gpu-check/gpu_check "$@"
     ;;
 *)
-    echo "usage: scripts/gpu-check.sh build | run [ARGS]" >&2
+    echo "usage: scripts/gpu-check.sh build | run [ARGS] | report [ARGS]" >&2
     exit 2
     ;;
 esac
