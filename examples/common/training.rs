@@ -36,7 +36,7 @@ pub fn shape_config(name: &str) -> std::result::Result<LlamaConfig, String> {
             let mut c = LlamaConfig::tiny(49152, 576, 30, 9, 3);
             c.intermediate_size = 1536;
             c.tie_word_embeddings = true;
-            c.rope_theta = 100_000.0;
+            c.rope_theta = Some(100_000.0);
             c
         }
         "llama2-7b-scaled" => {
@@ -48,7 +48,7 @@ pub fn shape_config(name: &str) -> std::result::Result<LlamaConfig, String> {
             let mut c = LlamaConfig::tiny(128256, 2048, 16, 32, 8);
             c.intermediate_size = 8192;
             c.tie_word_embeddings = true;
-            c.rope_theta = 500_000.0;
+            c.rope_theta = Some(500_000.0);
             c
         }
         "tiny" => {

@@ -185,7 +185,11 @@ pub fn save_llama(
         Ok(candle_core::safetensors::save(&tensors, tmp)?)
     })?;
     let mut config = config.clone();
-    config.torch_dtype = dtype_name(dtype).map(str::to_string);
+    // Written under the name the config came with (transformers 5: `dtype`).
+    match config.dtype.is_some() {
+        true => config.dtype = dtype_name(dtype).map(str::to_string),
+        false => config.torch_dtype = dtype_name(dtype).map(str::to_string),
+    }
     let json = serde_json::to_string_pretty(&config).map_err(|source| LisaError::Json {
         path: dir.join(CONFIG_FILE),
         source,

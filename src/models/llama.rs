@@ -1,4 +1,25 @@
-//! A trainable Llama-family decoder (Llama, Mistral, Qwen2 names and configs).
+//! A trainable Llama-family decoder: Llama (2, 3.x), Mistral, Qwen2/2.5 and Qwen3, with
+//! Hugging Face tensor names and `config.json` in the formats transformers 4 and 5 write.
+//!
+//! Every `config.json` field that changes the computation is read or refused:
+//!
+//! | field | handling |
+//! |---|---|
+//! | `model_type` | `llama`, `mistral`, `qwen2`, `qwen3`; anything else is refused |
+//! | `vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, `head_dim` | read |
+//! | `hidden_act` | `silu` only (SwiGLU) |
+//! | `rms_norm_eps` | read |
+//! | `rope_theta`, `rope_scaling` (transformers 4), `rope_parameters` (transformers 5) | read: [`Rope`] (default, linear, llama3, yarn; others refused; θ given twice must agree) |
+//! | `partial_rotary_factor` | 1 only |
+//! | `tie_word_embeddings` | read |
+//! | `attention_bias` | read (q, k, v and o biases; Qwen2 always has q, k, v biases) |
+//! | `mlp_bias` | read |
+//! | Qwen3's `q_norm`/`k_norm` | per-head RMSNorm on queries and keys, from `model_type` |
+//! | `sliding_window`, `use_sliding_window`, `layer_types` | a sequence longer than an enabled window is an error; `layer_types` other than `full_attention`/`sliding_attention` are refused |
+//! | `pretraining_tp` | 1 only |
+//! | `attn_logit_softcapping`, `final_logit_softcapping` | refused unless null |
+//! | `torch_dtype` (4), `dtype` (5) | storage dtype; written back under the name read |
+//! | `bos_token_id`, `eos_token_id`, `max_position_embeddings` and everything else | kept and written back |
 //!
 //! candle-transformers' Llama uses fused ops with no backward (`rms_norm`, `rope`,
 //! `softmax_last_dim`), so its gradients are silently dropped. This one uses only ops with a
@@ -24,12 +45,11 @@ use crate::nn::ops::{
 use crate::nn::recompute::recompute;
 use crate::nn::TrainingPlan;
 
+pub use super::rope::{Rope, RopeScaling};
+
 /// Label value that [`causal_lm_loss`] ignores (padding, prompt tokens), as in Hugging Face.
 pub const IGNORE_INDEX: i64 = -100;
 
-fn default_rope_theta() -> f64 {
-    10_000.0
-}
 fn default_rms_norm_eps() -> f64 {
     1e-6
 }
@@ -45,7 +65,7 @@ fn default_max_position_embeddings() -> usize {
 /// Fields this crate does not read are kept in `extra` and written back on save.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `llama`, `mistral` or `qwen2`; absent means `llama`.
+    /// `llama`, `mistral`, `qwen2` or `qwen3`; absent means `llama`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_type: Option<String>,
     /// Vocabulary size.
@@ -64,9 +84,10 @@ pub struct LlamaConfig {
     /// Per-head width; absent means `hidden_size / num_attention_heads`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
-    /// RoPE base.
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    /// RoPE base, as transformers 4 writes it (transformers 5 writes it inside
+    /// `rope_parameters`); absent from both means 10000. Read it with [`LlamaConfig::rope`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
     /// RMSNorm epsilon.
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
@@ -85,9 +106,18 @@ pub struct LlamaConfig {
     /// Llama's bias on the MLP projections.
     #[serde(default)]
     pub mlp_bias: bool,
-    /// RoPE scaling; only `null` is supported.
+    /// RoPE scaling as transformers 4 writes it (`rope_type` or `type`, `factor`, …); see
+    /// [`Rope`] for the supported types.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<Value>,
+    /// RoPE settings as transformers 5 writes them: `rope_theta`, `rope_type` and the scaling
+    /// fields in one object. It takes the place of `rope_theta` and `rope_scaling`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Value>,
+    /// Per-layer attention kind as transformers 5 writes it (`full_attention`,
+    /// `sliding_attention`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
     /// Mistral's and Qwen2's sliding attention window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
@@ -97,9 +127,13 @@ pub struct LlamaConfig {
     /// End-of-sequence token id(s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<Value>,
-    /// Storage dtype of the checkpoint (`float32`, `bfloat16`, `float16`).
+    /// Storage dtype of the checkpoint (`float32`, `bfloat16`, `float16`), as transformers 4
+    /// names the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
+    /// The same, as transformers 5 names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
     /// Every other field, kept as read.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, Value>,
@@ -123,7 +157,7 @@ impl LlamaConfig {
             num_attention_heads: heads,
             num_key_value_heads: Some(kv_heads),
             head_dim: None,
-            rope_theta: default_rope_theta(),
+            rope_theta: None,
             rms_norm_eps: 1e-5,
             hidden_act: default_hidden_act(),
             tie_word_embeddings: false,
@@ -131,10 +165,13 @@ impl LlamaConfig {
             attention_bias: false,
             mlp_bias: false,
             rope_scaling: None,
+            rope_parameters: None,
+            layer_types: None,
             sliding_window: None,
             bos_token_id: None,
             eos_token_id: None,
             torch_dtype: None,
+            dtype: None,
             extra: Default::default(),
         }
     }
@@ -158,11 +195,11 @@ impl LlamaConfig {
     /// Checks that the config is consistent and asks for nothing unsupported.
     pub fn validate(&self) -> Result<()> {
         if let Some(t) = self.model_type.as_deref() {
-            if !matches!(t, "llama" | "mistral" | "qwen2") {
+            if !matches!(t, "llama" | "mistral" | "qwen2" | "qwen3") {
                 return Err(LisaError::UnsupportedConfig {
                     field: "model_type",
                     value: t.to_string(),
-                    hint: "llama, mistral and qwen2 are supported",
+                    hint: "llama, mistral, qwen2 and qwen3 are supported",
                 });
             }
         }
@@ -173,12 +210,48 @@ impl LlamaConfig {
                 hint: "only silu (SwiGLU) is supported",
             });
         }
-        if let Some(s) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-            return Err(LisaError::UnsupportedConfig {
-                field: "rope_scaling",
-                value: s.to_string(),
-                hint: "only plain RoPE (rope_scaling: null) is supported",
-            });
+        self.rope()?;
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                return Err(LisaError::InvalidConfig(format!(
+                    "layer_types has {} entries for {} layers",
+                    types.len(),
+                    self.num_hidden_layers
+                )));
+            }
+            if let Some(t) = types
+                .iter()
+                .find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention"))
+            {
+                return Err(LisaError::UnsupportedConfig {
+                    field: "layer_types",
+                    value: t.clone(),
+                    hint: "full_attention and sliding_attention layers are supported",
+                });
+            }
+        }
+        for (field, value) in [
+            ("pretraining_tp", self.extra.get("pretraining_tp")),
+            (
+                "attn_logit_softcapping",
+                self.extra.get("attn_logit_softcapping"),
+            ),
+            (
+                "final_logit_softcapping",
+                self.extra.get("final_logit_softcapping"),
+            ),
+        ] {
+            let harmless = match field {
+                "pretraining_tp" => value.and_then(Value::as_u64).is_none_or(|tp| tp <= 1),
+                _ => value.is_none_or(Value::is_null),
+            };
+            if !harmless {
+                return Err(LisaError::UnsupportedConfig {
+                    field,
+                    value: value.map(Value::to_string).unwrap_or_default(),
+                    hint: "this field changes the computation and is not implemented",
+                });
+            }
         }
         let invalid = |msg: String| Err(LisaError::InvalidConfig(msg));
         let sizes = [
@@ -211,14 +284,33 @@ impl LlamaConfig {
                 self.head_size()
             ));
         }
-        if !(self.rms_norm_eps.is_finite()
-            && self.rms_norm_eps > 0.0
-            && self.rope_theta.is_finite()
-            && self.rope_theta > 0.0)
-        {
-            return invalid("rms_norm_eps and rope_theta must be finite and positive".into());
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return invalid("rms_norm_eps must be finite and positive".into());
         }
         Ok(())
+    }
+
+    /// The RoPE this config describes, from either `config.json` format (see [`Rope`]).
+    ///
+    /// # Errors
+    /// Those of [`Rope::from_fields`].
+    pub fn rope(&self) -> Result<Rope> {
+        Rope::from_fields(
+            self.rope_parameters.as_ref(),
+            self.rope_scaling.as_ref(),
+            self.rope_theta,
+            self.head_size(),
+            self.max_position_embeddings,
+            self.extra
+                .get("original_max_position_embeddings")
+                .and_then(Value::as_f64),
+        )
+    }
+
+    /// Whether attention has Qwen3's per-head RMSNorm on queries and keys
+    /// (`self_attn.q_norm`, `self_attn.k_norm`).
+    pub fn qk_norm(&self) -> bool {
+        self.model_type.as_deref() == Some("qwen3")
     }
 
     /// Number of key/value heads.
@@ -232,14 +324,18 @@ impl LlamaConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
+    /// Qwen2 always has q, k and v biases; the others when `attention_bias` says so.
     fn qkv_bias(&self) -> bool {
         self.attention_bias || self.model_type.as_deref() == Some("qwen2")
     }
 
-    /// The attention window, when the config enables one.
+    /// The attention window, when the config enables one on some layer: transformers 5's
+    /// `layer_types` with a `sliding_attention` layer, or (transformers 4) Mistral's
+    /// `sliding_window`, Qwen's with `use_sliding_window`.
     pub fn attention_window(&self) -> Option<usize> {
-        let enabled = match self.model_type.as_deref() {
-            Some("qwen2") => self
+        let enabled = match (&self.layer_types, self.model_type.as_deref()) {
+            (Some(types), _) => types.iter().any(|t| t == "sliding_attention"),
+            (None, Some("qwen2" | "qwen3")) => self
                 .extra
                 .get("use_sliding_window")
                 .and_then(Value::as_bool)
@@ -268,6 +364,10 @@ impl LlamaConfig {
             let mut add = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
             add("input_layernorm.weight", vec![h]);
             add("post_attention_layernorm.weight", vec![h]);
+            if self.qk_norm() {
+                add("self_attn.q_norm.weight", vec![self.head_size()]);
+                add("self_attn.k_norm.weight", vec![self.head_size()]);
+            }
             for (name, rows, cols, bias) in [
                 ("self_attn.q_proj", q, h, self.qkv_bias()),
                 ("self_attn.k_proj", kv, h, self.qkv_bias()),
@@ -320,6 +420,8 @@ struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Qwen3's per-head RMSNorm weights on queries and keys, and its epsilon.
+    qk_norm: Option<(Tensor, Tensor, f64)>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -329,7 +431,17 @@ impl Attention {
     fn new(c: &LlamaConfig, vb: VarBuilder, lora: Adapters) -> candle_core::Result<Self> {
         let (h, d) = (c.hidden_size, c.head_size());
         let proj = |in_dim, out_dim, bias, name| projection(in_dim, out_dim, bias, &vb, name, lora);
+        let norm_init = candle_nn::Init::Const(1.0);
+        let qk_norm = match c.qk_norm() {
+            true => Some((
+                vb.get_with_hints(d, "q_norm.weight", norm_init)?,
+                vb.get_with_hints(d, "k_norm.weight", norm_init)?,
+                c.rms_norm_eps,
+            )),
+            false => None,
+        };
         Ok(Self {
+            qk_norm,
             q: proj(h, c.num_attention_heads * d, c.qkv_bias(), "q_proj")?,
             k: proj(h, c.kv_heads() * d, c.qkv_bias(), "k_proj")?,
             v: proj(h, c.kv_heads() * d, c.qkv_bias(), "v_proj")?,
@@ -352,16 +464,15 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = rope(
-            &split(self.q.forward(x)?, self.heads)?,
-            &rope_cs.0,
-            &rope_cs.1,
-        )?;
-        let k = rope(
-            &split(self.k.forward(x)?, self.kv_heads)?,
-            &rope_cs.0,
-            &rope_cs.1,
-        )?;
+        let (mut q, mut k) = (
+            split(self.q.forward(x)?, self.heads)?,
+            split(self.k.forward(x)?, self.kv_heads)?,
+        );
+        if let Some((qn, kn, eps)) = &self.qk_norm {
+            (q, k) = (rms_norm(&q, qn, *eps)?, rms_norm(&k, kn, *eps)?);
+        }
+        let q = rope(&q, &rope_cs.0, &rope_cs.1)?;
+        let k = rope(&k, &rope_cs.0, &rope_cs.1)?;
         let v = split(self.v.forward(x)?, self.kv_heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         causal_attention(&q, &k, &v, mask, scale)?
@@ -415,6 +526,9 @@ impl Block {
         let linears = [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down];
         !self.input_norm.track_op()
             && !self.post_norm.track_op()
+            && a.qk_norm
+                .as_ref()
+                .is_none_or(|(q, k, _)| !q.track_op() && !k.track_op())
             && linears.iter().all(|l| {
                 l.lora().is_none()
                     && !l.weight().track_op()
@@ -439,6 +553,7 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Linear,
     config: LlamaConfig,
+    rope: Rope,
 }
 
 impl Llama {
@@ -521,6 +636,7 @@ impl Llama {
             norm,
             lm_head,
             config: c.clone(),
+            rope: c.rope()?,
         })
     }
 
@@ -606,16 +722,18 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let d = self.config.head_size();
-        let inv_freq: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / self.config.rope_theta.powf(2.0 * i as f64 / d as f64) as f32)
-            .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), device)?;
+        let d = self.rope.dim;
+        let inv_freq = Tensor::from_vec(self.rope.inv_freq(), (1, d / 2), device)?;
         let pos = Tensor::arange(0u32, t as u32, device)?
             .to_dtype(DType::F32)?
             .reshape((t, 1))?;
         let freqs = pos.matmul(&inv_freq)?;
-        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+        let scale = self.rope.attention_factor();
+        let (cos, sin) = match scale == 1.0 {
+            true => (freqs.cos()?, freqs.sin()?),
+            false => ((freqs.cos()? * scale)?, (freqs.sin()? * scale)?),
+        };
+        Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
     }
 
     /// The causal-LM loss of `input_ids` against `labels` (i64, [`IGNORE_INDEX`] to skip):

@@ -3,7 +3,9 @@
 
 pub mod checkpoint;
 pub mod llama;
+pub mod rope;
 pub mod tokenizer;
 
 pub use checkpoint::{load_llama, save_llama};
 pub use llama::{causal_lm_loss, head_loss, Llama, LlamaConfig, IGNORE_INDEX};
+pub use rope::{Rope, RopeScaling};

@@ -262,15 +262,73 @@ fn config_errors() {
         c.validate(),
         Err(candle_lisa::LisaError::InvalidConfig(_))
     ));
-    let mut c = config(false, 4, 2);
-    c.rope_scaling = Some(serde_json::json!({"type": "linear", "factor": 2.0}));
-    assert!(matches!(
-        c.validate(),
-        Err(candle_lisa::LisaError::UnsupportedConfig {
-            field: "rope_scaling",
-            ..
-        })
-    ));
+    use candle_lisa::LisaError::{InvalidConfig, UnsupportedConfig};
+    use serde_json::json;
+    // Every field that changes the math is computed or refused, in both config formats.
+    let refused = [
+        (
+            json!({"rope_scaling": {"type": "dynamic", "factor": 2.0}}),
+            "rope_type",
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}),
+            "rope_type",
+        ),
+        (
+            json!({"rope_parameters": {"rope_theta": 1e4, "short_factor": [1.0]}}),
+            "rope_parameters",
+        ),
+        (
+            json!({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}),
+            "partial_rotary_factor",
+        ),
+        (
+            json!({"rope_parameters": {"full_attention": {"rope_theta": 1e4}, "sliding_attention": {"rope_theta": 1e4}}}),
+            "rope_parameters",
+        ),
+        (
+            json!({"layer_types": ["full_attention", "chunked_attention", "full_attention"]}),
+            "layer_types",
+        ),
+        (json!({"pretraining_tp": 2}), "pretraining_tp"),
+        (
+            json!({"final_logit_softcapping": 30.0}),
+            "final_logit_softcapping",
+        ),
+        (json!({"model_type": "gemma2"}), "model_type"),
+    ];
+    let with = |fields: serde_json::Value| {
+        let mut v = serde_json::to_value(config(false, 4, 2)).unwrap();
+        v.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        serde_json::from_value::<LlamaConfig>(v).unwrap()
+    };
+    for (fields, name) in refused {
+        match with(fields.clone()).validate() {
+            Err(UnsupportedConfig { field, .. }) if field == name => {}
+            other => panic!("{fields}: expected UnsupportedConfig({name}), got {other:?}"),
+        }
+    }
+    let invalid = [
+        json!({"rope_theta": 1e4, "rope_parameters": {"rope_theta": 5e5}}),
+        json!({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}),
+        json!({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}),
+        json!({"rope_parameters": {"rope_theta": -1.0}}),
+        json!({"layer_types": ["full_attention"]}),
+    ];
+    for fields in invalid {
+        assert!(
+            matches!(with(fields.clone()).validate(), Err(InvalidConfig(_))),
+            "{fields}"
+        );
+    }
+    // transformers 4 and 5 formats of one RoPE give the same model.
+    let v4 = with(json!({"rope_theta": 5e5, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}));
+    let v5 =
+        with(json!({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}}));
+    assert_eq!(v4.rope().unwrap(), v5.rope().unwrap());
+    assert_eq!(with(json!({})).rope().unwrap().theta, 10_000.0);
 }
 
 /// The lean ops (outputs computed without a graph, custom backward) give the values and the

@@ -14,6 +14,7 @@ mod layer_map;
 mod llama;
 mod lora;
 mod parity;
+mod parity_hf;
 mod precision;
 mod recompute;
 mod resume;

@@ -1,0 +1,154 @@
+"""Golden parity fixtures from transformers, for tests/suite/parity_hf.rs.
+
+Run by hand from the repository root (needs torch and transformers; the versions used are
+written into every expected.json):
+
+    python scripts/parity_fixtures.py
+
+For each case it builds a small random checkpoint with transformers, saves it with
+`save_pretrained` (transformers 5's config.json: `rope_parameters`, `dtype`) into
+tests/fixtures/parity/<case>/, and writes expected.json: the token ids, the per-token
+log-probabilities of the next token, the mean causal-LM loss, and the gradient norm of every
+parameter, all in float32 on the CPU. Case `*-v4` holds the same weights as the case it names,
+with config.json rewritten the way transformers 4 writes it (top-level `rope_theta` and
+`rope_scaling`, `torch_dtype`).
+
+Weights are not transformers' initialisation (std 0.02 makes the logits nearly uniform, so a
+wrong model could pass): matrices are N(0, 0.15²), norm weights 1 + N(0, 0.2²), biases
+N(0, 0.1²), so every part of the model moves the outputs.
+"""
+
+import copy
+import json
+import os
+import shutil
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+
+OUT = os.path.join("tests", "fixtures", "parity")
+BASE = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+# name: (model_type, overrides)
+CASES = {
+    "llama": ("llama", {}),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}),
+    "llama3-rope": (
+        "llama",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 131072,
+        },
+    ),
+    "llama-linear-rope": (
+        "llama",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
+    ),
+    "mistral": ("mistral", {"sliding_window": 4096, "head_dim": 16}),
+    "qwen2": ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    "qwen2-yarn": (
+        "qwen2",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 1000000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
+    "qwen3": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),
+}
+# Also written in transformers 4's config format.
+V4 = ["llama3-rope", "qwen2-yarn"]
+IDS_SHAPE = (2, 24)
+
+
+def scale_weights(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(0.15 * noise)
+
+
+def expectations(model, ids):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    logp = torch.log_softmax(out.logits.float(), dim=-1)
+    next_logp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    norms = {n: p.grad.norm().item() for n, p in model.named_parameters()}
+    return {
+        "input_ids": ids.tolist(),
+        "logprobs": next_logp.tolist(),
+        "loss": out.loss.item(),
+        "grad_norms": norms,
+    }
+
+
+def v4_config(config_json):
+    c = copy.deepcopy(config_json)
+    rope = c.pop("rope_parameters", None) or {}
+    c["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    c["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+    if "dtype" in c:
+        c["torch_dtype"] = c.pop("dtype")
+    c.pop("layer_types", None)
+    return c
+
+
+def main():
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    os.makedirs(OUT, exist_ok=True)
+    for i, (name, (model_type, overrides)) in enumerate(CASES.items()):
+        torch.manual_seed(i)
+        config = AutoConfig.for_model(model_type, **{**BASE, **overrides})
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+        scale_weights(model, seed=100 + i)
+        ids = torch.randint(0, BASE["vocab_size"], IDS_SHAPE, generator=torch.Generator().manual_seed(i))
+        expected = expectations(model, ids)
+        expected["versions"] = versions
+        expected["model_type"] = model_type
+        path = os.path.join(OUT, name)
+        shutil.rmtree(path, ignore_errors=True)
+        model.save_pretrained(path)
+        with open(os.path.join(path, "expected.json"), "w") as f:
+            json.dump(expected, f, indent=1)
+        print(f"{name}: loss {expected['loss']:.6f}")
+        if name in V4:
+            v4 = path + "-v4"
+            shutil.rmtree(v4, ignore_errors=True)
+            shutil.copytree(path, v4)
+            with open(os.path.join(path, "config.json")) as f:
+                config_json = json.load(f)
+            with open(os.path.join(v4, "config.json"), "w") as f:
+                json.dump(v4_config(config_json), f, indent=2)
+            print(f"{name}-v4: same weights, transformers 4 config")
+
+
+if __name__ == "__main__":
+    main()
