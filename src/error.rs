@@ -271,13 +271,23 @@ pub enum LisaError {
         hint: &'static str,
     },
 
+    /// A checkpoint's files are inconsistent: a shard index naming a file outside the model
+    /// directory, a tensor stored twice, a truncated or malformed safetensors file.
+    #[error("invalid checkpoint {path}: {reason}")]
+    InvalidCheckpoint {
+        /// The file at fault.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A model configuration is inconsistent.
     #[error("invalid model config: {0}")]
     InvalidConfig(String),
 
     /// A checkpoint lacks a tensor the model needs.
     #[error(
-        "checkpoint has no tensor {name:?} (expected shape {expected:?}); the config.json does not          match the weights, or the checkpoint is not a Llama-family model"
+        "checkpoint has no tensor {name:?} (expected shape {expected:?}); the config.json does not match the weights, or the checkpoint is not a Llama-family model"
     )]
     MissingTensor {
         /// The tensor name.
@@ -288,7 +298,7 @@ pub enum LisaError {
 
     /// A checkpoint holds a tensor the model does not know.
     #[error(
-        "checkpoint has an unexpected tensor {name:?} of shape {found:?}; the config.json does not          match the weights (check num_hidden_layers, tie_word_embeddings and the bias flags)"
+        "checkpoint has an unexpected tensor {name:?} of shape {found:?}; the config.json does not match the weights (check num_hidden_layers, tie_word_embeddings and the bias flags)"
     )]
     UnexpectedTensor {
         /// The tensor name.

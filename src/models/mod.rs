@@ -6,6 +6,6 @@ pub mod llama;
 pub mod rope;
 pub mod tokenizer;
 
-pub use checkpoint::{load_llama, save_llama};
+pub use checkpoint::{load_llama, save_llama, save_llama_with, SaveOptions, TOKENIZER_FILES};
 pub use llama::{causal_lm_loss, head_loss, Llama, LlamaConfig, IGNORE_INDEX};
 pub use rope::{Rope, RopeScaling};

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use candle_lisa::models::{save_llama_with, SaveOptions};
 use candle_lisa::{load_llama, save_llama, LisaAdamW, LisaConfig, LisaError, Llama, LlamaConfig};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
@@ -110,6 +111,110 @@ fn sharded_checkpoint_loads() -> Result<(), Box<dyn std::error::Error>> {
     let err = load_err(dir.path());
     assert!(
         err.to_string().contains("model-00002-of-00002.safetensors"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// A save over the shard limit writes shards and an index that load back bit for bit, copies
+/// the tokenizer files, and replaces an earlier single-file save; shard indexes that point
+/// outside the directory or store a tensor twice are refused.
+#[test]
+fn sharded_save_round_trips_and_bad_indexes_are_refused() -> Result<(), Box<dyn std::error::Error>>
+{
+    let c = config(false, 2);
+    let original = random_model(&c)?;
+    let (src, dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    std::fs::write(src.path().join("tokenizer.json"), "{}")?;
+    std::fs::write(
+        src.path().join("generation_config.json"),
+        r#"{"eos_token_id": [1, 2]}"#,
+    )?;
+    save_llama(dir.path(), &c, &original, DType::F32)?;
+    let options = SaveOptions {
+        max_shard_bytes: 8 << 10,
+        copy_files_from: Some(src.path().to_path_buf()),
+    };
+    save_llama_with(dir.path(), &c, &original, DType::F32, &options)?;
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        dir.path().join("model.safetensors.index.json"),
+    )?)?;
+    let map = index["weight_map"].as_object().unwrap();
+    let mut files: Vec<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+    files.sort();
+    files.dedup();
+    assert!(files.len() > 2, "{files:?}");
+    assert_eq!(
+        files[0],
+        format!("model-00001-of-{:05}.safetensors", files.len())
+    );
+    for f in &files {
+        assert!(
+            std::fs::metadata(dir.path().join(f))?.len() <= 8 << 10 | 4096,
+            "{f}"
+        );
+    }
+    let params: usize = c.num_params();
+    assert_eq!(
+        index["metadata"]["total_size"],
+        serde_json::json!(params * 4)
+    );
+    assert!(
+        !dir.path().join("model.safetensors").exists(),
+        "the earlier single file is gone"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("tokenizer.json"))?,
+        "{}"
+    );
+    assert!(dir.path().join("generation_config.json").is_file());
+    let (_, loaded) = load_llama(dir.path(), DType::F32, &Device::Cpu)?;
+    assert_eq!(common::snapshot(&loaded), common::snapshot(&original));
+
+    // A shard outside the directory, and a tensor in two shards.
+    let write_index = |map: &serde_json::Map<String, serde_json::Value>| {
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+    };
+    for escape in [
+        "../model.safetensors",
+        "/tmp/model.safetensors",
+        "sub/model.safetensors",
+    ] {
+        let mut bad = map.clone();
+        bad.insert("model.norm.weight".into(), escape.into());
+        write_index(&bad);
+        let err = load_err(dir.path());
+        assert!(
+            matches!(&err, LisaError::InvalidCheckpoint { reason, .. } if reason.contains(escape)),
+            "{escape}: {err}"
+        );
+    }
+    let first = dir.path().join(files[0]);
+    let mut tensors = candle_core::safetensors::load(&first, &Device::Cpu)?;
+    let (name, _) = tensors
+        .iter()
+        .next()
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .unwrap();
+    let dup = original.data().lock().unwrap()[&name].as_tensor().clone();
+    let other = if map[&name] == files[0] {
+        files[1]
+    } else {
+        files[0]
+    };
+    let mut again = candle_core::safetensors::load(dir.path().join(other), &Device::Cpu)?;
+    again.insert(name.clone(), dup);
+    candle_core::safetensors::save(&again, dir.path().join(other))?;
+    tensors.clear();
+    write_index(map);
+    let err = load_err(dir.path());
+    assert!(
+        matches!(&err, LisaError::InvalidCheckpoint { reason, .. } if reason.contains(&name)),
         "{err}"
     );
     Ok(())
