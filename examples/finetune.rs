@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
+use candle_lisa::models::chat::{chat_example, read_chat_jsonl, ChatTemplate, SpecialTokens};
 use candle_lisa::models::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
+use candle_lisa::models::SaveOptions;
 use candle_lisa::optim::SamplerChoice;
 use candle_lisa::train::{
     self, eval_loss, read_prompt_response_jsonl, Checkpointer, Cosine, Example, JsonlSink,
@@ -58,10 +60,15 @@ struct Args {
     /// tokenizer.json). Default: the bundled tiny checkpoint.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Training data: plain text (`.txt`), or JSONL with "prompt" and "response" fields.
-    /// Default: the bundled arithmetic task.
+    /// Training data: plain text (`.txt`), JSONL with "prompt" and "response" fields, or chat
+    /// JSONL with "messages" (rendered with the model's chat template; only the assistant
+    /// turns are trained on). Default: the bundled arithmetic task.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// A Jinja chat template for chat data, when the model directory has none
+    /// (`chat_template.jinja` or `tokenizer_config.json`).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
     device: String,
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
@@ -177,6 +184,9 @@ fn load_data(args: &Args, tok: &dyn TextTokenizer, eos: u32) -> Result<Data, Err
                     pairs: Vec::new(),
                 });
             }
+            if is_chat_jsonl(path)? {
+                return chat_data(args, path, tok);
+            }
             let mut pairs = read_prompt_response_jsonl(path)?;
             if pairs.len() < 2 {
                 return Err(format!("{} needs 2 prompt/response lines", path.display()).into());
@@ -203,6 +213,67 @@ fn load_data(args: &Args, tok: &dyn TextTokenizer, eos: u32) -> Result<Data, Err
         pairs.iter().map(example).collect(),
     );
     Ok(Data { train, eval, pairs })
+}
+
+/// Whether the first record of a JSONL file has "messages".
+fn is_chat_jsonl(path: &Path) -> Result<bool, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read --data {}: {e}", path.display()))?;
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("{}");
+    let v: serde_json::Value = serde_json::from_str(first).unwrap_or_default();
+    Ok(v.get("messages").is_some())
+}
+
+/// Chat JSONL: each conversation rendered with the model's template (or --chat-template),
+/// the assistant turns trained on; the last tenth held out.
+fn chat_data(args: &Args, path: &Path, tok: &dyn TextTokenizer) -> Result<Data, Error> {
+    let model_dir = model_dir(args);
+    let template = match &args.chat_template {
+        Some(file) => {
+            let source = std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read --chat-template {}: {e}", file.display()))?;
+            let config = model_dir.join("tokenizer_config.json");
+            let special = |key: &str| -> Option<String> {
+                let text = std::fs::read_to_string(&config).ok()?;
+                let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+                v[key].as_str().map(str::to_string)
+            };
+            ChatTemplate::new(
+                &source,
+                special("bos_token").as_deref(),
+                special("eos_token").as_deref(),
+            )?
+        }
+        None => ChatTemplate::from_dir(&model_dir)?.ok_or_else(|| {
+            format!(
+                "{} is chat data but {} has no chat template; pass --chat-template FILE",
+                path.display(),
+                model_dir.display()
+            )
+        })?,
+    };
+    let chats = read_chat_jsonl(path)?;
+    if chats.len() < 2 {
+        return Err(format!("{} needs 2 conversations", path.display()).into());
+    }
+    let examples = chats
+        .iter()
+        .map(|c| chat_example(&template, tok, c))
+        .collect::<Result<Vec<Example>, _>>()?;
+    let split = examples.len() - (examples.len() / 10).max(1);
+    let (train, eval) = examples.split_at(split);
+    Ok(Data {
+        train: train.to_vec(),
+        eval: eval.to_vec(),
+        pairs: Vec::new(),
+    })
+}
+
+/// The model directory: --model, or the bundled checkpoint.
+fn model_dir(args: &Args) -> PathBuf {
+    args.model
+        .clone()
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-llama"))
 }
 
 /// Held-out loss (token-weighted), and exact-match accuracy for prompt/response data.
@@ -290,6 +361,7 @@ fn fine_tune(
 fn run_config(args: &Args, method: &str) -> serde_json::Value {
     json!({
         "method": method, "model": args.model, "data": args.data, "dtype": args.dtype,
+        "chat_template": args.chat_template,
         "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
         "seq_len": args.seq_len, "lr": args.lr, "weight_decay": args.weight_decay,
         "max_grad_norm": args.max_grad_norm, "gamma": args.gamma, "period": args.period,
@@ -387,7 +459,12 @@ fn train(
     if last_eval.0.is_nan() {
         last_eval = evaluate(&run.eval_model()?, data, args, eos, dev)?;
     }
-    run.save_model(dir.join("model"), dtype)?;
+    // The tokenizer files travel with the weights, so the saved model can be used as it is.
+    let options = SaveOptions {
+        copy_files_from: Some(model_dir.to_path_buf()),
+        ..Default::default()
+    };
+    run.save_model_with(dir.join("model"), dtype, &options)?;
     let opt = run.trainer.optimizer();
     let device_peak = device_peak.peak()?;
     Ok(json!({
@@ -415,10 +492,7 @@ fn run(args: Args) -> Result<Vec<serde_json::Value>, Error> {
     }
     let dev = common::device(&args.device)?;
     let dtype: DType = args.dtype.parse()?;
-    let model_dir = args
-        .model
-        .clone()
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-llama"));
+    let model_dir = model_dir(&args);
     if !model_dir.join("config.json").is_file() {
         let dir = model_dir.display();
         return Err(format!(
@@ -447,9 +521,14 @@ fn run(args: Args) -> Result<Vec<serde_json::Value>, Error> {
         )
         .into());
     }
-    let eos = tok
-        .eos_id()
-        .ok_or("the tokenizer has no end-of-sequence token")?;
+    // The end of a turn as the model's files define it (generation_config.json, config.json,
+    // tokenizer_config.json, in transformers' precedence).
+    let special = SpecialTokens::from_dir(&model_dir, tok.as_ref())?;
+    let eos = special
+        .eos
+        .first()
+        .copied()
+        .ok_or("the model defines no end-of-sequence token")?;
     let data = load_data(&args, tok.as_ref(), eos)?;
     std::fs::create_dir_all(&args.out)?;
     let metrics = args.out.join("metrics.jsonl");

@@ -1,6 +1,7 @@
 //! Model families with Hugging Face names and checkpoint I/O, built from a
 //! [`TrainingPlan`](crate::nn::TrainingPlan), and tokenizers.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod llama;
 pub mod rope;

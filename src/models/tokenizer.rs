@@ -14,6 +14,16 @@ pub trait TextTokenizer {
     fn vocab_size(&self) -> usize;
     /// The end-of-sequence id, if the tokenizer has one.
     fn eos_id(&self) -> Option<u32>;
+
+    /// The id of a token given by its text (`<|im_end|>`), if the vocabulary has it.
+    fn token_id(&self, token: &str) -> Option<u32> {
+        let _ = token;
+        None
+    }
+
+    /// Token ids of `text` (without special tokens added), each with the byte offset in
+    /// `text` where it starts.
+    fn encode_with_offsets(&self, text: &str) -> Result<Vec<(u32, usize)>>;
 }
 
 /// One token per byte (ids 0-255) plus [`BOS`](ByteTokenizer::BOS) and
@@ -53,6 +63,14 @@ impl TextTokenizer for ByteTokenizer {
 
     fn vocab_size(&self) -> usize {
         Self::VOCAB_SIZE
+    }
+
+    fn encode_with_offsets(&self, text: &str) -> Result<Vec<(u32, usize)>> {
+        Ok(text
+            .bytes()
+            .enumerate()
+            .map(|(i, b)| (u32::from(b), i))
+            .collect())
     }
 
     fn eos_id(&self) -> Option<u32> {
@@ -103,6 +121,23 @@ impl TextTokenizer for HfTokenizer {
 
     fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    fn encode_with_offsets(&self, text: &str) -> Result<Vec<(u32, usize)>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| LisaError::Tokenizer(e.to_string()))?;
+        Ok(enc
+            .get_ids()
+            .iter()
+            .zip(enc.get_offsets())
+            .map(|(&id, &(start, _))| (id, start))
+            .collect())
     }
 
     fn eos_id(&self) -> Option<u32> {

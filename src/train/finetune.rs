@@ -9,7 +9,7 @@ use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use super::schedule::LrSchedule;
 use super::trainer::{Trainer, TrainerConfig};
 use crate::error::Result;
-use crate::models::{save_llama, Llama, LlamaConfig};
+use crate::models::{save_llama_with, Llama, LlamaConfig, SaveOptions};
 use crate::nn::{frozen_var_builder, merged_copy, named_vars, seed_adapters, LoraConfig};
 use crate::optim::{LisaAdamW, LisaConfig, LossScaler};
 
@@ -103,15 +103,30 @@ impl LlamaFineTune {
     /// adapters merged into a copy of the base).
     ///
     /// # Errors
-    /// Those of [`save_llama`].
+    /// Those of [`save_llama`](crate::models::save_llama).
     pub fn save_model(&self, dir: impl AsRef<Path>, dtype: DType) -> Result<()> {
+        self.save_model_with(dir, dtype, &SaveOptions::default())
+    }
+
+    /// [`save_model`](Self::save_model) with [`SaveOptions`]: shard size, and the directory
+    /// the tokenizer files are copied from (the model's own, usually).
+    ///
+    /// # Errors
+    /// Those of [`save_llama_with`].
+    pub fn save_model_with(
+        &self,
+        dir: impl AsRef<Path>,
+        dtype: DType,
+        options: &SaveOptions,
+    ) -> Result<()> {
         match &self.lora {
-            None => save_llama(dir, &self.config, &self.base, dtype),
-            Some((adapters, lora)) => save_llama(
+            None => save_llama_with(dir, &self.config, &self.base, dtype, options),
+            Some((adapters, lora)) => save_llama_with(
                 dir,
                 &self.config,
                 &merged_copy(&self.base, adapters, lora)?,
                 dtype,
+                options,
             ),
         }
     }

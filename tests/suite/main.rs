@@ -5,6 +5,7 @@
 mod common;
 
 mod bundled;
+mod chat;
 mod checkpoint;
 mod dropin;
 mod errors;
