@@ -482,6 +482,68 @@ impl Attention {
     }
 }
 
+/// Keys and values of the positions seen so far, per block, for incremental decoding.
+#[derive(Default)]
+struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl Attention {
+    /// Attention of `x` (new positions `offset..offset + t`) over the cached positions and
+    /// itself, appending its keys and values to `cache`. Inference only: nothing is tracked.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope_cs: &(Tensor, Tensor),
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, n: usize| {
+            y.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (mut q, mut k) = (
+            split(self.q.forward(x)?, self.heads)?,
+            split(self.k.forward(x)?, self.kv_heads)?,
+        );
+        if let Some((qn, kn, eps)) = &self.qk_norm {
+            (q, k) = (rms_norm(&q, qn, *eps)?, rms_norm(&k, kn, *eps)?);
+        }
+        let q = rope(&q, &rope_cs.0, &rope_cs.1)?;
+        let k = rope(&k, &rope_cs.0, &rope_cs.1)?;
+        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let (k, v) = match cache.take() {
+            Some((ck, cv)) => (
+                Tensor::cat(&[&ck, &k], 2)?.contiguous()?,
+                Tensor::cat(&[&cv, &v], 2)?.contiguous()?,
+            ),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let (total, n) = (k.dim(2)?, self.heads / self.kv_heads);
+        let offset = total - t;
+        // Query i (position offset + i) sees keys 0..=offset + i.
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, total), x.device())?.to_dtype(x.dtype())?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let q = q.reshape((b, self.kv_heads, n * t, self.head_dim))?;
+        let scores = (q.matmul(&k.t()?)? * scale)?
+            .reshape((b, self.kv_heads, n, t, total))?
+            .broadcast_add(&mask)?
+            .reshape((b, self.kv_heads, n * t, total))?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        probs
+            .matmul(&v)?
+            .reshape((b, self.heads, t, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * self.head_dim))
+            .and_then(|y| self.o.forward(&y))
+    }
+}
+
 struct Mlp {
     gate: Linear,
     up: Linear,
@@ -513,6 +575,21 @@ impl Block {
         let h = self
             .attn
             .forward(&rms_norm(x, &self.input_norm, eps)?, rope_cs, mask)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&rms_norm(&x, &self.post_norm, eps)?)?;
+        x + h
+    }
+
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope_cs: &(Tensor, Tensor),
+        eps: f64,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let h = self
+            .attn
+            .forward_cached(&rms_norm(x, &self.input_norm, eps)?, rope_cs, cache)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&rms_norm(&x, &self.post_norm, eps)?)?;
         x + h
@@ -748,10 +825,11 @@ impl Llama {
         }
     }
 
-    /// Continues `prompt` by `max_new_tokens` tokens, stopping early at `eos`. Greedy when
-    /// `temperature` is 0, else sampled from softmax(logits / temperature) with a ChaCha8
-    /// generator seeded by `seed`. Recomputes the whole sequence for each token (no KV cache):
-    /// meant for a quick look at small models.
+    /// Continues `prompt` by `max_new_tokens` tokens, stopping early at `eos`; see
+    /// [`generate_until`](Self::generate_until), which takes several end-of-sequence ids.
+    ///
+    /// # Errors
+    /// Those of [`generate_until`](Self::generate_until).
     pub fn generate(
         &self,
         prompt: &[u32],
@@ -759,6 +837,27 @@ impl Llama {
         temperature: f64,
         seed: u64,
         eos: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        let stop: Vec<u32> = eos.into_iter().collect();
+        self.generate_until(prompt, max_new_tokens, temperature, seed, &stop)
+    }
+
+    /// Continues `prompt` by up to `max_new_tokens` tokens, stopping after any id of `stop`
+    /// (which is kept in the output). Greedy when `temperature` is 0, else sampled from
+    /// softmax(logits / temperature) with a ChaCha8 generator seeded by `seed`. The prompt is
+    /// run once and each new token attends to cached keys and values (a KV cache), so a token
+    /// costs one position's forward pass. Builds no graph.
+    ///
+    /// # Errors
+    /// [`LisaError::InvalidConfig`] for an empty prompt or a negative temperature; a sequence
+    /// longer than an enabled sliding window; candle errors.
+    pub fn generate_until(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        temperature: f64,
+        seed: u64,
+        stop: &[u32],
     ) -> Result<Vec<u32>> {
         if !(temperature.is_finite() && temperature >= 0.0) {
             return Err(LisaError::InvalidConfig(format!(
@@ -770,21 +869,45 @@ impl Llama {
                 "generate needs a prompt of at least one token (a BOS id will do)".into(),
             ));
         }
+        let total = prompt.len() + max_new_tokens;
+        if let Some(w) = self.config.attention_window().filter(|&w| total > w) {
+            return Err(LisaError::UnsupportedConfig {
+                field: "sliding_window",
+                value: w.to_string(),
+                hint: "sequences longer than the sliding window are not supported; generate fewer tokens",
+            });
+        }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut tokens = prompt.to_vec();
         let device = self.embed.device();
+        let dtype = self.embed.dtype();
+        let (cos, sin) = self.rope_tables(total.max(1), dtype, device)?;
+        let mut cache = KvCache {
+            layers: vec![None; self.blocks.len()],
+        };
+        let mut out: Vec<u32> = Vec::new();
+        let mut input = prompt.to_vec();
+        let mut offset = 0;
         for _ in 0..max_new_tokens {
-            let input = Tensor::new(tokens.as_slice(), device)?.unsqueeze(0)?;
-            let logits = self.forward(&input)?.detach();
-            let last = logits
-                .squeeze(0)?
-                .get(tokens.len() - 1)?
+            let t = input.len();
+            let ids = Tensor::new(input.as_slice(), device)?;
+            let mut x = self.embed.detach().index_select(&ids, 0)?.unsqueeze(0)?;
+            let rope_cs = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
+            let eps = self.config.rms_norm_eps;
+            for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+                x = block.forward_cached(&x, &rope_cs, eps, layer)?;
+            }
+            let last = rms_norm(&x.narrow(1, t - 1, 1)?, &self.norm, eps)?;
+            let logits = self
+                .lm_head
+                .forward(&last)?
+                .detach()
+                .flatten_all()?
                 .to_dtype(DType::F32)?;
             let next = if temperature == 0.0 {
-                last.argmax(0)?.to_scalar::<u32>()?
+                logits.argmax(0)?.to_scalar::<u32>()?
             } else {
-                let probs =
-                    candle_nn::ops::softmax_last_dim(&(last / temperature)?)?.to_vec1::<f32>()?;
+                let probs = candle_nn::ops::softmax_last_dim(&(logits / temperature)?)?
+                    .to_vec1::<f32>()?;
                 let mut u: f32 = rng.random();
                 let mut pick = probs.len() - 1;
                 for (i, p) in probs.iter().enumerate() {
@@ -796,12 +919,14 @@ impl Llama {
                 }
                 pick as u32
             };
-            tokens.push(next);
-            if Some(next) == eos {
+            out.push(next);
+            if stop.contains(&next) {
                 break;
             }
+            offset += t;
+            input = vec![next];
         }
-        Ok(tokens[prompt.len()..].to_vec())
+        Ok(out)
     }
 }
 
