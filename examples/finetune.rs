@@ -465,6 +465,9 @@ fn train(
         ..Default::default()
     };
     run.save_model_with(dir.join("model"), dtype, &options)?;
+    // LoRA's adapters alone, in PEFT's format (PeftModel.from_pretrained loads them).
+    let base = model_dir.to_string_lossy();
+    run.save_adapter(dir.join("adapter"), dtype, Some(&base))?;
     let opt = run.trainer.optimizer();
     let device_peak = device_peak.peak()?;
     Ok(json!({

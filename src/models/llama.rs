@@ -525,7 +525,15 @@ impl Attention {
         let offset = total - t;
         // Query i (position offset + i) sees keys 0..=offset + i.
         let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if j > offset + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (t, total), x.device())?.to_dtype(x.dtype())?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
@@ -906,8 +914,8 @@ impl Llama {
             let next = if temperature == 0.0 {
                 logits.argmax(0)?.to_scalar::<u32>()?
             } else {
-                let probs = candle_nn::ops::softmax_last_dim(&(logits / temperature)?)?
-                    .to_vec1::<f32>()?;
+                let probs =
+                    candle_nn::ops::softmax_last_dim(&(logits / temperature)?)?.to_vec1::<f32>()?;
                 let mut u: f32 = rng.random();
                 let mut pick = probs.len() - 1;
                 for (i, p) in probs.iter().enumerate() {

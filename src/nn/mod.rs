@@ -9,6 +9,7 @@ pub mod linear;
 pub mod lora;
 pub mod norm;
 pub mod ops;
+pub mod peft;
 mod plan;
 pub mod recompute;
 mod var_builder;
@@ -17,6 +18,7 @@ pub use linear::{frozen_matmul, linear, linear_b, linear_no_bias, Linear, LoraAd
 pub use lora::{merge_lora, merged_copy, seed_adapters, LoraConfig, LORA_TARGETS};
 pub use norm::{layer_norm, rms_norm, LayerNorm, RmsNorm};
 pub use ops::{rope, rope_i, softmax_last_dim};
+pub use peft::{load_peft, save_peft, PeftAdapter};
 pub use plan::TrainingPlan;
 pub(crate) use var_builder::LisaBackend;
 pub use var_builder::{frozen_var_builder, named_vars};

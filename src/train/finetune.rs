@@ -108,6 +108,28 @@ impl LlamaFineTune {
         self.save_model_with(dir, dtype, &SaveOptions::default())
     }
 
+    /// For LoRA, writes the adapters in PEFT's format (`adapter_config.json`,
+    /// `adapter_model.safetensors`; see [`save_peft`](crate::nn::save_peft)) with `base_model`
+    /// as `base_model_name_or_path`, and returns true; for the other methods writes nothing
+    /// and returns false.
+    ///
+    /// # Errors
+    /// Those of [`save_peft`](crate::nn::save_peft).
+    pub fn save_adapter(
+        &self,
+        dir: impl AsRef<Path>,
+        dtype: DType,
+        base_model: Option<&str>,
+    ) -> Result<bool> {
+        match &self.lora {
+            None => Ok(false),
+            Some((adapters, lora)) => {
+                crate::nn::save_peft(dir, adapters, lora, base_model, dtype)?;
+                Ok(true)
+            }
+        }
+    }
+
     /// [`save_model`](Self::save_model) with [`SaveOptions`]: shard size, and the directory
     /// the tokenizer files are copied from (the model's own, usually).
     ///

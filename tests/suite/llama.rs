@@ -458,7 +458,10 @@ fn cached_generation_matches_full_recomputation() -> Result<(), Box<dyn std::err
         for _ in 0..12 {
             let ids = Tensor::new(reference.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
             let logits = model.forward(&ids)?.squeeze(0)?;
-            let next = logits.get(reference.len() - 1)?.argmax(0)?.to_scalar::<u32>()?;
+            let next = logits
+                .get(reference.len() - 1)?
+                .argmax(0)?
+                .to_scalar::<u32>()?;
             reference.push(next);
         }
         let want = &reference[prompt.len()..];

@@ -16,6 +16,7 @@ mod llama;
 mod lora;
 mod parity;
 mod parity_hf;
+mod peft;
 mod precision;
 mod recompute;
 mod resume;
