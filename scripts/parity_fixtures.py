@@ -76,6 +76,7 @@ CASES = {
         },
     ),
     "qwen3": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),
+    "phi3": ("phi3", {"pad_token_id": 0, "eos_token_id": 2}),
 }
 # Also written in transformers 4's config format.
 V4 = ["llama3-rope", "qwen2-yarn"]

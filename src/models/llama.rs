@@ -1,22 +1,24 @@
-//! A trainable Llama-family decoder: Llama (2, 3.x), Mistral, Qwen2/2.5 and Qwen3, with
+//! A trainable Llama-family decoder: Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3 and Phi-3, with
 //! Hugging Face tensor names and `config.json` in the formats transformers 4 and 5 write.
 //!
 //! Every `config.json` field that changes the computation is read or refused:
 //!
 //! | field | handling |
 //! |---|---|
-//! | `model_type` | `llama`, `mistral`, `qwen2`, `qwen3`; anything else is refused |
+//! | `model_type` | `llama`, `mistral`, `qwen2`, `qwen3`, `phi3` (fused `qkv_proj`, `gate_up_proj`); anything else is refused |
 //! | `vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, `head_dim` | read |
 //! | `hidden_act` | `silu` only (SwiGLU) |
 //! | `rms_norm_eps` | read |
 //! | `rope_theta`, `rope_scaling` (transformers 4), `rope_parameters` (transformers 5) | read: [`Rope`] (default, linear, llama3, yarn; others refused; θ given twice must agree) |
-//! | `partial_rotary_factor` | 1 only |
 //! | `tie_word_embeddings` | read |
 //! | `attention_bias` | read (q, k, v and o biases; Qwen2 always has q, k, v biases) |
 //! | `mlp_bias` | read |
 //! | Qwen3's `q_norm`/`k_norm` | per-head RMSNorm on queries and keys, from `model_type` |
 //! | `sliding_window`, `use_sliding_window`, `layer_types` | a sequence longer than an enabled window is an error; `layer_types` other than `full_attention`/`sliding_attention` are refused |
 //! | `pretraining_tp` | 1 only |
+//! | `attention_dropout`, `resid_pdrop`, `embd_pdrop`, `hidden_dropout` | 0 only (no dropout here) |
+//! | `partial_rotary_factor` (top level or in the RoPE object) | 1 only |
+//! | `original_max_position_embeddings` (top level, Phi-3) | read for llama3/yarn RoPE |
 //! | `attn_logit_softcapping`, `final_logit_softcapping` | refused unless null |
 //! | `torch_dtype` (4), `dtype` (5) | storage dtype; written back under the name read |
 //! | `bos_token_id`, `eos_token_id`, `max_position_embeddings` and everything else | kept and written back |
@@ -195,11 +197,11 @@ impl LlamaConfig {
     /// Checks that the config is consistent and asks for nothing unsupported.
     pub fn validate(&self) -> Result<()> {
         if let Some(t) = self.model_type.as_deref() {
-            if !matches!(t, "llama" | "mistral" | "qwen2" | "qwen3") {
+            if !matches!(t, "llama" | "mistral" | "qwen2" | "qwen3" | "phi3") {
                 return Err(LisaError::UnsupportedConfig {
                     field: "model_type",
                     value: t.to_string(),
-                    hint: "llama, mistral, qwen2 and qwen3 are supported",
+                    hint: "llama, mistral, qwen2, qwen3 and phi3 are supported",
                 });
             }
         }
@@ -229,6 +231,37 @@ impl LlamaConfig {
                     hint: "full_attention and sliding_attention layers are supported",
                 });
             }
+        }
+        // Dropout changes training (these models train without it here); a rotary fraction
+        // below 1 changes the model.
+        for field in [
+            "attention_dropout",
+            "resid_pdrop",
+            "embd_pdrop",
+            "hidden_dropout",
+        ] {
+            if let Some(v) = self
+                .extra
+                .get(field)
+                .filter(|v| v.as_f64() != Some(0.0) && !v.is_null())
+            {
+                return Err(LisaError::UnsupportedConfig {
+                    field,
+                    value: v.to_string(),
+                    hint: "dropout is not implemented; set it to 0.0",
+                });
+            }
+        }
+        if let Some(v) = self
+            .extra
+            .get("partial_rotary_factor")
+            .filter(|v| v.as_f64() != Some(1.0) && !v.is_null())
+        {
+            return Err(LisaError::UnsupportedConfig {
+                field: "partial_rotary_factor",
+                value: v.to_string(),
+                hint: "only RoPE over the whole head (1.0) is supported",
+            });
         }
         for (field, value) in [
             ("pretraining_tp", self.extra.get("pretraining_tp")),
@@ -307,6 +340,11 @@ impl LlamaConfig {
         )
     }
 
+    /// Whether the projections are Phi-3's fused `qkv_proj` and `gate_up_proj`.
+    pub fn fused_projections(&self) -> bool {
+        self.model_type.as_deref() == Some("phi3")
+    }
+
     /// Whether attention has Qwen3's per-head RMSNorm on queries and keys
     /// (`self_attn.q_norm`, `self_attn.k_norm`).
     pub fn qk_norm(&self) -> bool {
@@ -368,15 +406,24 @@ impl LlamaConfig {
                 add("self_attn.q_norm.weight", vec![self.head_size()]);
                 add("self_attn.k_norm.weight", vec![self.head_size()]);
             }
-            for (name, rows, cols, bias) in [
-                ("self_attn.q_proj", q, h, self.qkv_bias()),
-                ("self_attn.k_proj", kv, h, self.qkv_bias()),
-                ("self_attn.v_proj", kv, h, self.qkv_bias()),
-                ("self_attn.o_proj", h, q, self.attention_bias),
-                ("mlp.gate_proj", i, h, self.mlp_bias),
-                ("mlp.up_proj", i, h, self.mlp_bias),
-                ("mlp.down_proj", h, i, self.mlp_bias),
-            ] {
+            let projections = match self.fused_projections() {
+                true => vec![
+                    ("self_attn.qkv_proj", q + 2 * kv, h, self.qkv_bias()),
+                    ("self_attn.o_proj", h, q, self.attention_bias),
+                    ("mlp.gate_up_proj", 2 * i, h, self.mlp_bias),
+                    ("mlp.down_proj", h, i, self.mlp_bias),
+                ],
+                false => vec![
+                    ("self_attn.q_proj", q, h, self.qkv_bias()),
+                    ("self_attn.k_proj", kv, h, self.qkv_bias()),
+                    ("self_attn.v_proj", kv, h, self.qkv_bias()),
+                    ("self_attn.o_proj", h, q, self.attention_bias),
+                    ("mlp.gate_proj", i, h, self.mlp_bias),
+                    ("mlp.up_proj", i, h, self.mlp_bias),
+                    ("mlp.down_proj", h, i, self.mlp_bias),
+                ],
+            };
+            for (name, rows, cols, bias) in projections {
                 add(&format!("{name}.weight"), vec![rows, cols]);
                 if bias {
                     add(&format!("{name}.bias"), vec![rows]);
@@ -415,10 +462,23 @@ fn projection(
     }
 }
 
+/// Query, key and value projections: three, or Phi-3's one fused `qkv_proj`.
+enum Qkv {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+impl Qkv {
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Self::Split { q, k, v } => vec![q, k, v],
+            Self::Fused(qkv) => vec![qkv],
+        }
+    }
+}
+
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Qkv,
     o: Linear,
     /// Qwen3's per-head RMSNorm weights on queries and keys, and its epsilon.
     qk_norm: Option<(Tensor, Tensor, f64)>,
@@ -428,6 +488,39 @@ struct Attention {
 }
 
 impl Attention {
+    /// Queries and keys (normed for Qwen3, rotated) and values, each `(b, heads, t, d)`.
+    fn project(
+        &self,
+        x: &Tensor,
+        rope_cs: &(Tensor, Tensor),
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, n: usize| {
+            y.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q_dim, kv_dim) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let (q, k, v) = match &self.qkv {
+            Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            Qkv::Fused(qkv) => {
+                let y = qkv.forward(x)?;
+                (
+                    y.narrow(2, 0, q_dim)?,
+                    y.narrow(2, q_dim, kv_dim)?,
+                    y.narrow(2, q_dim + kv_dim, kv_dim)?,
+                )
+            }
+        };
+        let (mut q, mut k) = (split(q, self.heads)?, split(k, self.kv_heads)?);
+        if let Some((qn, kn, eps)) = &self.qk_norm {
+            (q, k) = (rms_norm(&q, qn, *eps)?, rms_norm(&k, kn, *eps)?);
+        }
+        let q = rope(&q, &rope_cs.0, &rope_cs.1)?;
+        let k = rope(&k, &rope_cs.0, &rope_cs.1)?;
+        Ok((q, k, split(v, self.kv_heads)?))
+    }
+
     fn new(c: &LlamaConfig, vb: VarBuilder, lora: Adapters) -> candle_core::Result<Self> {
         let (h, d) = (c.hidden_size, c.head_size());
         let proj = |in_dim, out_dim, bias, name| projection(in_dim, out_dim, bias, &vb, name, lora);
@@ -440,12 +533,19 @@ impl Attention {
             )),
             false => None,
         };
+        let (q_dim, kv_dim) = (c.num_attention_heads * d, c.kv_heads() * d);
+        let qkv = match c.fused_projections() {
+            true => Qkv::Fused(proj(h, q_dim + 2 * kv_dim, c.qkv_bias(), "qkv_proj")?),
+            false => Qkv::Split {
+                q: proj(h, q_dim, c.qkv_bias(), "q_proj")?,
+                k: proj(h, kv_dim, c.qkv_bias(), "k_proj")?,
+                v: proj(h, kv_dim, c.qkv_bias(), "v_proj")?,
+            },
+        };
         Ok(Self {
             qk_norm,
-            q: proj(h, c.num_attention_heads * d, c.qkv_bias(), "q_proj")?,
-            k: proj(h, c.kv_heads() * d, c.qkv_bias(), "k_proj")?,
-            v: proj(h, c.kv_heads() * d, c.qkv_bias(), "v_proj")?,
-            o: proj(c.num_attention_heads * d, h, c.attention_bias, "o_proj")?,
+            qkv,
+            o: proj(q_dim, h, c.attention_bias, "o_proj")?,
             heads: c.num_attention_heads,
             kv_heads: c.kv_heads(),
             head_dim: d,
@@ -459,21 +559,7 @@ impl Attention {
         mask: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let split = |y: Tensor, n: usize| {
-            y.reshape((b, t, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (mut q, mut k) = (
-            split(self.q.forward(x)?, self.heads)?,
-            split(self.k.forward(x)?, self.kv_heads)?,
-        );
-        if let Some((qn, kn, eps)) = &self.qk_norm {
-            (q, k) = (rms_norm(&q, qn, *eps)?, rms_norm(&k, kn, *eps)?);
-        }
-        let q = rope(&q, &rope_cs.0, &rope_cs.1)?;
-        let k = rope(&k, &rope_cs.0, &rope_cs.1)?;
-        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let (q, k, v) = self.project(x, rope_cs)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         causal_attention(&q, &k, &v, mask, scale)?
             .transpose(1, 2)?
@@ -498,21 +584,7 @@ impl Attention {
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let split = |y: Tensor, n: usize| {
-            y.reshape((b, t, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (mut q, mut k) = (
-            split(self.q.forward(x)?, self.heads)?,
-            split(self.k.forward(x)?, self.kv_heads)?,
-        );
-        if let Some((qn, kn, eps)) = &self.qk_norm {
-            (q, k) = (rms_norm(&q, qn, *eps)?, rms_norm(&k, kn, *eps)?);
-        }
-        let q = rope(&q, &rope_cs.0, &rope_cs.1)?;
-        let k = rope(&k, &rope_cs.0, &rope_cs.1)?;
-        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let (q, k, v) = self.project(x, rope_cs)?;
         let (k, v) = match cache.take() {
             Some((ck, cv)) => (
                 Tensor::cat(&[&ck, &k], 2)?.contiguous()?,
@@ -552,16 +624,46 @@ impl Attention {
     }
 }
 
-struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+/// The SwiGLU MLP: gate and up projections, or Phi-3's fused `gate_up_proj` (gate first).
+enum Mlp {
+    Split {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    Fused {
+        gate_up: Linear,
+        down: Linear,
+        width: usize,
+    },
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.down
-            .forward(&swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?)
+        match self {
+            Self::Split { gate, up, down } => {
+                down.forward(&swiglu(&gate.forward(x)?, &up.forward(x)?)?)
+            }
+            Self::Fused {
+                gate_up,
+                down,
+                width,
+            } => {
+                let y = gate_up.forward(x)?;
+                let (gate, up) = (
+                    y.narrow(2, 0, *width)?.contiguous()?,
+                    y.narrow(2, *width, *width)?.contiguous()?,
+                );
+                down.forward(&swiglu(&gate, &up)?)
+            }
+        }
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Self::Split { gate, up, down } => vec![gate, up, down],
+            Self::Fused { gate_up, down, .. } => vec![gate_up, down],
+        }
     }
 }
 
@@ -607,8 +709,9 @@ impl Block {
     /// such a block may be recomputed, since recompute passes gradients to the input only.
     fn frozen(&self) -> bool {
         let a = &self.attn;
-        let m = &self.mlp;
-        let linears = [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down];
+        let mut linears = a.qkv.linears();
+        linears.push(&a.o);
+        linears.extend(self.mlp.linears());
         !self.input_norm.track_op()
             && !self.post_norm.track_op()
             && a.qk_norm
@@ -693,10 +796,17 @@ impl Llama {
                         "post_attention_layernorm.weight",
                         norm_init,
                     )?,
-                    mlp: Mlp {
-                        gate: projection(h, i, bias, &mlp, "gate_proj", mlp_lora)?,
-                        up: projection(h, i, bias, &mlp, "up_proj", mlp_lora)?,
-                        down: projection(i, h, bias, &mlp, "down_proj", mlp_lora)?,
+                    mlp: match c.fused_projections() {
+                        true => Mlp::Fused {
+                            gate_up: projection(h, 2 * i, bias, &mlp, "gate_up_proj", mlp_lora)?,
+                            down: projection(i, h, bias, &mlp, "down_proj", mlp_lora)?,
+                            width: i,
+                        },
+                        false => Mlp::Split {
+                            gate: projection(h, i, bias, &mlp, "gate_proj", mlp_lora)?,
+                            up: projection(h, i, bias, &mlp, "up_proj", mlp_lora)?,
+                            down: projection(i, h, bias, &mlp, "down_proj", mlp_lora)?,
+                        },
                     },
                 }))
             })

@@ -6,8 +6,9 @@ use candle_nn::{VarBuilder, VarMap};
 use crate::error::{LisaError, Result};
 use crate::nn::linear::{Linear, LoraAdapter};
 
-/// The projections LoRA can adapt, by the last part of their Hugging Face names.
-pub const LORA_TARGETS: [&str; 7] = [
+/// The projections LoRA can adapt, by the last part of their Hugging Face names (Phi-3's
+/// fused `qkv_proj` and `gate_up_proj` included; a model adapts those it has).
+pub const LORA_TARGETS: [&str; 9] = [
     "q_proj",
     "k_proj",
     "v_proj",
@@ -15,6 +16,8 @@ pub const LORA_TARGETS: [&str; 7] = [
     "gate_proj",
     "up_proj",
     "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
 ];
 
 /// LoRA settings.
@@ -29,7 +32,7 @@ pub struct LoraConfig {
 }
 
 impl Default for LoraConfig {
-    /// Rank 16, α = 32, all seven projections.
+    /// Rank 16, α = 32, every projection of [`LORA_TARGETS`].
     fn default() -> Self {
         Self {
             rank: 16,

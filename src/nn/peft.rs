@@ -202,13 +202,23 @@ pub fn save_peft(
             })
             .collect::<candle_core::Result<_>>()?
     };
+    // Only the targets the model has (a Llama has no qkv_proj).
+    let targets: Vec<&String> = config
+        .targets
+        .iter()
+        .filter(|t| {
+            tensors
+                .keys()
+                .any(|n| n.ends_with(&format!(".{t}.lora_A.weight")))
+        })
+        .collect();
     let peft_config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": config.rank,
         "lora_alpha": config.alpha,
         "lora_dropout": 0.0,
-        "target_modules": config.targets,
+        "target_modules": targets,
         "bias": "none",
         "fan_in_fan_out": false,
         "use_rslora": false,
