@@ -77,6 +77,21 @@ CASES = {
     ),
     "qwen3": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),
     "phi3": ("phi3", {"pad_token_id": 0, "eos_token_id": 2}),
+    # Small soft-caps, so that capping moves the outputs well beyond the tolerances.
+    "gemma2": (
+        "gemma2",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 3.0,
+            "sliding_window": 64,
+            "tie_word_embeddings": True,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "bos_token_id": 2,
+        },
+    ),
 }
 # Also written in transformers 4's config format.
 V4 = ["llama3-rope", "qwen2-yarn"]

@@ -1,13 +1,16 @@
-//! A trainable Llama-family decoder: Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3 and Phi-3, with
+//! A trainable Llama-family decoder: Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3, Phi-3 and Gemma 2, with
 //! Hugging Face tensor names and `config.json` in the formats transformers 4 and 5 write.
 //!
 //! Every `config.json` field that changes the computation is read or refused:
 //!
 //! | field | handling |
 //! |---|---|
-//! | `model_type` | `llama`, `mistral`, `qwen2`, `qwen3`, `phi3` (fused `qkv_proj`, `gate_up_proj`); anything else is refused |
+//! | `model_type` | `llama`, `mistral`, `qwen2`, `qwen3`, `phi3` (fused `qkv_proj`, `gate_up_proj`), `gemma2`; anything else is refused |
 //! | `vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, `head_dim` | read |
-//! | `hidden_act` | `silu` only (SwiGLU) |
+//! | `hidden_act` | `silu` only (SwiGLU); Gemma 2's `hidden_activation`: `gelu_pytorch_tanh` (GeGLU) |
+//! | Gemma 2's `query_pre_attn_scalar`, `attn_logit_softcapping`, `final_logit_softcapping` | read (transformers' defaults 256, 50, 30 when absent); soft-capping is refused for the other families |
+//! | `use_bidirectional_attention` | false only |
+//! | `pad_token_id` | that embedding row gets no gradient from the input lookup, as `nn.Embedding(padding_idx=…)` |
 //! | `rms_norm_eps` | read |
 //! | `rope_theta`, `rope_scaling` (transformers 4), `rope_parameters` (transformers 5) | read: [`Rope`] (default, linear, llama3, yarn; others refused; θ given twice must agree) |
 //! | `tie_word_embeddings` | read |
@@ -42,7 +45,8 @@ use crate::error::{LisaError, Result};
 use crate::nn::linear::{linear_b, Linear};
 use crate::nn::lora::LoraConfig;
 use crate::nn::ops::{
-    attach1, attach2, causal_attention, causal_mask, compute_dtype, rms_norm, rope, swiglu,
+    attach1, attach2, causal_attention_softcap, causal_mask, compute_dtype, mul_const, rms_norm,
+    rope, swiglu,
 };
 use crate::nn::recompute::recompute;
 use crate::nn::TrainingPlan;
@@ -197,19 +201,43 @@ impl LlamaConfig {
     /// Checks that the config is consistent and asks for nothing unsupported.
     pub fn validate(&self) -> Result<()> {
         if let Some(t) = self.model_type.as_deref() {
-            if !matches!(t, "llama" | "mistral" | "qwen2" | "qwen3" | "phi3") {
+            if !matches!(
+                t,
+                "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma2"
+            ) {
                 return Err(LisaError::UnsupportedConfig {
                     field: "model_type",
                     value: t.to_string(),
-                    hint: "llama, mistral, qwen2, qwen3 and phi3 are supported",
+                    hint: "llama, mistral, qwen2, qwen3, phi3 and gemma2 are supported",
                 });
             }
         }
-        if self.hidden_act != "silu" {
+        match (self.gemma2(), self.activation().as_str()) {
+            (false, "silu") | (true, "gelu_pytorch_tanh" | "gelu_tanh") => {}
+            (false, other) => {
+                return Err(LisaError::UnsupportedConfig {
+                    field: "hidden_act",
+                    value: other.to_string(),
+                    hint: "silu (SwiGLU) is supported, and gelu_pytorch_tanh for Gemma 2",
+                })
+            }
+            (true, other) => {
+                return Err(LisaError::UnsupportedConfig {
+                    field: "hidden_activation",
+                    value: other.to_string(),
+                    hint: "Gemma 2's gelu_pytorch_tanh is supported",
+                })
+            }
+        }
+        if let Some(v) = self
+            .extra
+            .get("use_bidirectional_attention")
+            .filter(|v| v.as_bool() == Some(true))
+        {
             return Err(LisaError::UnsupportedConfig {
-                field: "hidden_act",
-                value: self.hidden_act.clone(),
-                hint: "only silu (SwiGLU) is supported",
+                field: "use_bidirectional_attention",
+                value: v.to_string(),
+                hint: "only causal attention is supported",
             });
         }
         self.rope()?;
@@ -276,6 +304,10 @@ impl LlamaConfig {
         ] {
             let harmless = match field {
                 "pretraining_tp" => value.and_then(Value::as_u64).is_none_or(|tp| tp <= 1),
+                // Gemma 2 computes soft-capping; a cap must be a positive number.
+                _ if self.gemma2() => {
+                    value.is_none_or(|v| v.is_null() || v.as_f64().is_some_and(|c| c > 0.0))
+                }
                 _ => value.is_none_or(Value::is_null),
             };
             if !harmless {
@@ -340,6 +372,60 @@ impl LlamaConfig {
         )
     }
 
+    /// Whether this is Gemma 2: embeddings scaled by √hidden, norms scaling by `1 + w`, norms
+    /// around both the attention and the MLP, GeGLU, soft-capped scores and logits.
+    pub fn gemma2(&self) -> bool {
+        self.model_type.as_deref() == Some("gemma2")
+    }
+
+    fn extra_f64(&self, key: &str) -> Option<f64> {
+        self.extra.get(key).and_then(Value::as_f64)
+    }
+
+    /// A soft-cap field: `null` turns it off; absent means transformers' Gemma 2 default.
+    fn softcap(&self, key: &str, gemma2_default: f64) -> Option<f64> {
+        match (self.gemma2(), self.extra.get(key)) {
+            (true, None) => Some(gemma2_default),
+            (_, Some(v)) => v.as_f64(),
+            (false, None) => None,
+        }
+    }
+
+    /// The MLP activation: Gemma 2's `hidden_activation` (default `gelu_pytorch_tanh`), else
+    /// `hidden_act`.
+    pub fn activation(&self) -> String {
+        match (
+            self.gemma2(),
+            self.extra.get("hidden_activation").and_then(Value::as_str),
+        ) {
+            (true, Some(a)) => a.to_string(),
+            (true, None) => "gelu_pytorch_tanh".to_string(),
+            (false, _) => self.hidden_act.clone(),
+        }
+    }
+
+    /// The factor on q·kᵀ: Gemma 2's `query_pre_attn_scalar^-½` (default 256), else
+    /// `head_dim^-½`.
+    pub fn attention_scale(&self) -> f64 {
+        match self.gemma2() {
+            true => self
+                .extra_f64("query_pre_attn_scalar")
+                .unwrap_or(256.0)
+                .powf(-0.5),
+            false => (self.head_size() as f64).powf(-0.5),
+        }
+    }
+
+    /// Gemma 2's `attn_logit_softcapping`.
+    pub fn attention_softcap(&self) -> Option<f64> {
+        self.softcap("attn_logit_softcapping", 50.0)
+    }
+
+    /// Gemma 2's `final_logit_softcapping`.
+    pub fn final_softcap(&self) -> Option<f64> {
+        self.softcap("final_logit_softcapping", 30.0)
+    }
+
     /// Whether the projections are Phi-3's fused `qkv_proj` and `gate_up_proj`.
     pub fn fused_projections(&self) -> bool {
         self.model_type.as_deref() == Some("phi3")
@@ -356,10 +442,13 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    /// Per-head width.
+    /// Per-head width (Gemma 2's default is 256).
     pub fn head_size(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        match (self.head_dim, self.gemma2()) {
+            (Some(d), _) => d,
+            (None, true) => 256,
+            (None, false) => self.hidden_size / self.num_attention_heads.max(1),
+        }
     }
 
     /// Qwen2 always has q, k and v biases; the others when `attention_bias` says so.
@@ -402,6 +491,10 @@ impl LlamaConfig {
             let mut add = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
             add("input_layernorm.weight", vec![h]);
             add("post_attention_layernorm.weight", vec![h]);
+            if self.gemma2() {
+                add("pre_feedforward_layernorm.weight", vec![h]);
+                add("post_feedforward_layernorm.weight", vec![h]);
+            }
             if self.qk_norm() {
                 add("self_attn.q_norm.weight", vec![self.head_size()]);
                 add("self_attn.k_norm.weight", vec![self.head_size()]);
@@ -480,6 +573,9 @@ impl Qkv {
 struct Attention {
     qkv: Qkv,
     o: Linear,
+    /// The factor on q·kᵀ, and Gemma 2's soft-cap of the scores.
+    scale: f64,
+    softcap: Option<f64>,
     /// Qwen3's per-head RMSNorm weights on queries and keys, and its epsilon.
     qk_norm: Option<(Tensor, Tensor, f64)>,
     heads: usize,
@@ -545,6 +641,8 @@ impl Attention {
         Ok(Self {
             qk_norm,
             qkv,
+            scale: c.attention_scale(),
+            softcap: c.attention_softcap(),
             o: proj(q_dim, h, c.attention_bias, "o_proj")?,
             heads: c.num_attention_heads,
             kv_heads: c.kv_heads(),
@@ -560,8 +658,7 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (q, k, v) = self.project(x, rope_cs)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        causal_attention(&q, &k, &v, mask, scale)?
+        causal_attention_softcap(&q, &k, &v, mask, self.scale, self.softcap)?
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.head_dim))
             .and_then(|y| self.o.forward(&y))
@@ -608,9 +705,12 @@ impl Attention {
             })
             .collect();
         let mask = Tensor::from_vec(mask, (t, total), x.device())?.to_dtype(x.dtype())?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let q = q.reshape((b, self.kv_heads, n * t, self.head_dim))?;
-        let scores = (q.matmul(&k.t()?)? * scale)?
+        let mut scores = (q.matmul(&k.t()?)? * self.scale)?;
+        if let Some(c) = self.softcap {
+            scores = ((scores / c)?.tanh()? * c)?;
+        }
+        let scores = scores
             .reshape((b, self.kv_heads, n, t, total))?
             .broadcast_add(&mask)?
             .reshape((b, self.kv_heads, n * t, total))?;
@@ -630,6 +730,8 @@ enum Mlp {
         gate: Linear,
         up: Linear,
         down: Linear,
+        /// Gemma 2's GeGLU (tanh-approximated GELU) instead of SiLU.
+        gelu: bool,
     },
     Fused {
         gate_up: Linear,
@@ -641,9 +743,18 @@ enum Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Split { gate, up, down } => {
-                down.forward(&swiglu(&gate.forward(x)?, &up.forward(x)?)?)
-            }
+            Self::Split {
+                gate,
+                up,
+                down,
+                gelu: false,
+            } => down.forward(&swiglu(&gate.forward(x)?, &up.forward(x)?)?),
+            Self::Split {
+                gate,
+                up,
+                down,
+                gelu: true,
+            } => down.forward(&(gate.forward(x)?.gelu()? * up.forward(x)?)?),
             Self::Fused {
                 gate_up,
                 down,
@@ -661,7 +772,7 @@ impl Mlp {
 
     fn linears(&self) -> Vec<&Linear> {
         match self {
-            Self::Split { gate, up, down } => vec![gate, up, down],
+            Self::Split { gate, up, down, .. } => vec![gate, up, down],
             Self::Fused { gate_up, down, .. } => vec![gate_up, down],
         }
     }
@@ -672,9 +783,46 @@ struct Block {
     attn: Attention,
     post_norm: Tensor,
     mlp: Mlp,
+    /// Gemma 2's norms before and after the MLP (its `post_norm` then follows the attention).
+    ff_norms: Option<(Tensor, Tensor)>,
+    /// Norm weights scale by `1 + w` (Gemma).
+    norm_offset: bool,
+}
+
+/// `w`, or Gemma's `1 + w` (differentiable in `w`).
+fn norm_weight(w: &Tensor, offset: bool) -> candle_core::Result<Tensor> {
+    match offset {
+        true => w + 1.0,
+        false => Ok(w.clone()),
+    }
 }
 
 impl Block {
+    /// The block around `attn` (the attention on the normed input): Llama's
+    /// `x + attn(norm(x))` then `x + mlp(norm(x))`, or Gemma 2's with the attention output and
+    /// the MLP's input and output normed too.
+    fn around(
+        &self,
+        x: &Tensor,
+        eps: f64,
+        attn: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let norm = |x: &Tensor, w: &Tensor| rms_norm(x, &norm_weight(w, self.norm_offset)?, eps);
+        let h = attn(&norm(x, &self.input_norm)?)?;
+        match &self.ff_norms {
+            None => {
+                let x = (x + h)?;
+                let h = self.mlp.forward(&norm(&x, &self.post_norm)?)?;
+                x + h
+            }
+            Some((pre, post)) => {
+                let x = (x + norm(&h, &self.post_norm)?)?;
+                let h = self.mlp.forward(&norm(&x, pre)?)?;
+                x + norm(&h, post)?
+            }
+        }
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -682,12 +830,7 @@ impl Block {
         mask: &Tensor,
         eps: f64,
     ) -> candle_core::Result<Tensor> {
-        let h = self
-            .attn
-            .forward(&rms_norm(x, &self.input_norm, eps)?, rope_cs, mask)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&rms_norm(&x, &self.post_norm, eps)?)?;
-        x + h
+        self.around(x, eps, |h| self.attn.forward(h, rope_cs, mask))
     }
 
     fn forward_cached(
@@ -697,12 +840,7 @@ impl Block {
         eps: f64,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> candle_core::Result<Tensor> {
-        let h = self
-            .attn
-            .forward_cached(&rms_norm(x, &self.input_norm, eps)?, rope_cs, cache)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&rms_norm(&x, &self.post_norm, eps)?)?;
-        x + h
+        self.around(x, eps, |h| self.attn.forward_cached(h, rope_cs, cache))
     }
 
     /// Whether no tensor of the block needs a gradient (no variable, no LoRA adapter): only
@@ -717,6 +855,10 @@ impl Block {
             && a.qk_norm
                 .as_ref()
                 .is_none_or(|(q, k, _)| !q.track_op() && !k.track_op())
+            && self
+                .ff_norms
+                .as_ref()
+                .is_none_or(|(a, b)| !a.track_op() && !b.track_op())
             && linears.iter().all(|l| {
                 l.lora().is_none()
                     && !l.weight().track_op()
@@ -769,7 +911,8 @@ impl Llama {
     fn build(config: &LlamaConfig, vb: VarBuilder, lora: Adapters) -> Result<Self> {
         config.validate()?;
         let c = config;
-        let norm_init = candle_nn::Init::Const(1.0);
+        // Gemma's norms scale by 1 + w, so they start at 0.
+        let norm_init = candle_nn::Init::Const(if c.gemma2() { 0.0 } else { 1.0 });
         let embed = vb.get_with_hints(
             (c.vocab_size, c.hidden_size),
             "model.embed_tokens.weight",
@@ -796,6 +939,14 @@ impl Llama {
                         "post_attention_layernorm.weight",
                         norm_init,
                     )?,
+                    ff_norms: match c.gemma2() {
+                        true => Some((
+                            vb.get_with_hints(h, "pre_feedforward_layernorm.weight", norm_init)?,
+                            vb.get_with_hints(h, "post_feedforward_layernorm.weight", norm_init)?,
+                        )),
+                        false => None,
+                    },
+                    norm_offset: c.gemma2(),
                     mlp: match c.fused_projections() {
                         true => Mlp::Fused {
                             gate_up: projection(h, 2 * i, bias, &mlp, "gate_up_proj", mlp_lora)?,
@@ -806,6 +957,7 @@ impl Llama {
                             gate: projection(h, i, bias, &mlp, "gate_proj", mlp_lora)?,
                             up: projection(h, i, bias, &mlp, "up_proj", mlp_lora)?,
                             down: projection(i, h, bias, &mlp, "down_proj", mlp_lora)?,
+                            gelu: c.gemma2(),
                         },
                     },
                 }))
@@ -884,10 +1036,12 @@ impl Llama {
         }
         let dtype = self.embed.dtype();
         let device = self.embed.device();
-        let mut x = self
+        let x = self
             .embed
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, t, self.config.hidden_size))?;
+        let x = self.mask_padding_gradient(x, input_ids)?;
+        let mut x = self.scale_embedding(x)?;
         let rope_cs = self.rope_tables(t, dtype, device)?;
         let mask = causal_mask(t, dtype, device)?;
         let eps = self.config.rms_norm_eps;
@@ -902,12 +1056,55 @@ impl Llama {
                 block.forward(&x, &rope_cs, &mask, eps)?
             };
         }
-        Ok(rms_norm(&x, &self.norm, eps)?)
+        Ok(rms_norm(
+            &x,
+            &norm_weight(&self.norm, self.config.gemma2())?,
+            eps,
+        )?)
     }
 
     /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)` (u32), with a causal mask.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(&self.hidden_states(input_ids)?)?)
+        self.cap_logits(self.lm_head.forward(&self.hidden_states(input_ids)?)?)
+    }
+
+    /// As transformers' `nn.Embedding(..., padding_idx=pad_token_id)`: the rows looked up
+    /// for the padding id pass no gradient to the embedding (their values are unchanged).
+    fn mask_padding_gradient(&self, x: Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let pad = self
+            .config
+            .extra
+            .get("pad_token_id")
+            .and_then(Value::as_u64);
+        match pad {
+            Some(pad) if x.track_op() => {
+                let (b, t) = ids.dims2()?;
+                let keep = ids
+                    .ne(pad as u32)?
+                    .to_dtype(x.dtype())?
+                    .reshape((b, t, 1))?;
+                let drop = (1.0 - &keep)?;
+                mul_const(&x, &keep)? + mul_const(&x.detach(), &drop)?
+            }
+            _ => Ok(x),
+        }
+    }
+
+    /// Gemma 2 scales embeddings by √hidden (the factor rounded to the weights' dtype, as
+    /// transformers does).
+    fn scale_embedding(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        match self.config.gemma2() {
+            true => x * (self.config.hidden_size as f64).sqrt(),
+            false => Ok(x),
+        }
+    }
+
+    /// Gemma 2's final soft-cap, `c·tanh(logits / c)`; the logits unchanged otherwise.
+    fn cap_logits(&self, logits: Tensor) -> Result<Tensor> {
+        Ok(match self.config.final_softcap() {
+            Some(c) => ((logits / c)?.tanh()? * c)?,
+            None => logits,
+        })
     }
 
     /// `(cos, sin)` of shape `(t, head_dim / 2)`, made once per forward for every layer.
@@ -937,9 +1134,10 @@ impl Llama {
     /// backward recomputes them (see [`head_loss`]).
     pub fn loss(&self, input_ids: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids)?;
-        match (self.lm_head.bias(), self.lm_head.lora()) {
-            (None, None) => head_loss(&hidden, self.lm_head.weight(), labels),
-            _ => causal_lm_loss(&self.lm_head.forward(&hidden)?, labels),
+        let softcap = self.config.final_softcap();
+        match (self.lm_head.bias(), self.lm_head.lora(), softcap) {
+            (None, None, None) => head_loss(&hidden, self.lm_head.weight(), labels),
+            _ => causal_lm_loss(&self.cap_logits(self.lm_head.forward(&hidden)?)?, labels),
         }
     }
 
@@ -1008,16 +1206,17 @@ impl Llama {
         for _ in 0..max_new_tokens {
             let t = input.len();
             let ids = Tensor::new(input.as_slice(), device)?;
-            let mut x = self.embed.detach().index_select(&ids, 0)?.unsqueeze(0)?;
+            let mut x =
+                self.scale_embedding(self.embed.detach().index_select(&ids, 0)?.unsqueeze(0)?)?;
             let rope_cs = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
             let eps = self.config.rms_norm_eps;
             for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
                 x = block.forward_cached(&x, &rope_cs, eps, layer)?;
             }
-            let last = rms_norm(&x.narrow(1, t - 1, 1)?, &self.norm, eps)?;
+            let norm = norm_weight(&self.norm, self.config.gemma2())?;
+            let last = rms_norm(&x.narrow(1, t - 1, 1)?, &norm, eps)?;
             let logits = self
-                .lm_head
-                .forward(&last)?
+                .cap_logits(self.lm_head.forward(&last)?)?
                 .detach()
                 .flatten_all()?
                 .to_dtype(DType::F32)?;

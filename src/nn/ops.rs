@@ -228,6 +228,19 @@ pub fn causal_attention(
     mask: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    causal_attention_softcap(q, k, v, mask, scale, None)
+}
+
+/// [`causal_attention`] with Gemma 2's soft-capping of the scores: with `softcap = Some(c)`,
+/// `s = c·tanh(q·kᵀ·scale / c)` before the mask.
+pub fn causal_attention_softcap(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let kv = k.dim(1)?;
     if kv == 0 || h % kv != 0 || k.dims4()? != (b, kv, t, d) || v.dims4()? != (b, kv, t, d) {
@@ -238,25 +251,31 @@ pub fn causal_attention(
             v.shape()
         )
     }
-    // Each group of h / kv query heads becomes one tall matrix over its key/value head.
     let n = h / kv;
     let group = move |q: &Tensor| q.contiguous()?.reshape((b, kv, n * t, d));
-    // The (seq, seq) mask is shared by every layer and broadcast over the query heads of a
-    // group, so attention keeps no mask of its own: memory stays linear in seq per layer.
     let mask = mask.detach();
-    let probs = move |q: &Tensor, k: &Tensor| {
-        let scores = (group(q)?.matmul(&k.t()?)? * scale)?
+    // The probabilities, and tanh(u / c) of the raw scores u when capped.
+    let probs = move |q: &Tensor, k: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
+        let raw = (group(q)?.matmul(&k.t()?)? * scale)?;
+        let (scores, tanh) = match softcap {
+            None => (raw, None),
+            Some(c) => {
+                let th = (raw / c)?.tanh()?;
+                ((&th * c)?, Some(th))
+            }
+        };
+        let scores = scores
             .reshape((b, kv, n, t, t))?
             .broadcast_add(&mask)?
             .reshape((b, kv, n * t, t))?;
-        candle_nn::ops::softmax_last_dim(&scores)
+        Ok((candle_nn::ops::softmax_last_dim(&scores)?, tanh))
     };
     let (qd, kd, vd) = (
         q.detach(),
         k.detach().contiguous()?,
         v.detach().contiguous()?,
     );
-    let y = probs(&qd, &kd)?.matmul(&vd)?.reshape((b, h, t, d))?;
+    let y = probs(&qd, &kd)?.0.matmul(&vd)?.reshape((b, h, t, d))?;
     attach3(
         "lisa-causal-attention",
         q,
@@ -270,11 +289,16 @@ pub fn causal_attention(
                 v.detach().contiguous()?,
             );
             let g = group(&g.detach())?;
-            let p = probs(&q, &k)?;
+            let (p, tanh) = probs(&q, &k)?;
             let dv = p.t()?.matmul(&g)?;
             let dp = g.matmul(&v.t()?)?;
             let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
-            let ds = ((dp.broadcast_sub(&row)? * p)? * scale)?;
+            let mut ds = (dp.broadcast_sub(&row)? * p)?;
+            if let Some(th) = tanh {
+                // d(c·tanh(u/c))/du = 1 − tanh²(u/c).
+                ds = (ds * (1.0 - th.sqr()?)?)?;
+            }
+            let ds = (ds * scale)?;
             let dq = ds.matmul(&k)?.reshape((b, h, t, d))?;
             let dk = ds.t()?.matmul(&group(&q)?)?;
             Ok((Some(dq), Some(dk), Some(dv)))

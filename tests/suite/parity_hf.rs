@@ -104,4 +104,5 @@ parity! {
     qwen2_yarn_transformers_4_config => "qwen2-yarn-v4",
     qwen3 => "qwen3",
     phi3 => "phi3",
+    gemma2 => "gemma2",
 }
