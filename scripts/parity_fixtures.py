@@ -92,9 +92,26 @@ CASES = {
             "bos_token_id": 2,
         },
     ),
+    "gemma3": (
+        "gemma3_text",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 64,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            "tie_word_embeddings": True,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "bos_token_id": 2,
+        },
+    ),
 }
 # Also written in transformers 4's config format.
-V4 = ["llama3-rope", "qwen2-yarn"]
+V4 = ["llama3-rope", "qwen2-yarn", "gemma3"]
 IDS_SHAPE = (2, 24)
 
 
@@ -129,6 +146,11 @@ def expectations(model, ids):
 def v4_config(config_json):
     c = copy.deepcopy(config_json)
     rope = c.pop("rope_parameters", None) or {}
+    if "full_attention" in rope:  # Gemma 3: global RoPE at top level, local base apart
+        sliding = rope.get("sliding_attention") or {}
+        c["rope_local_base_freq"] = sliding.get("rope_theta", 10000.0)
+        c["sliding_window_pattern"] = c["layer_types"].index("full_attention") + 1
+        rope = rope["full_attention"]
     c["rope_theta"] = rope.pop("rope_theta", 10000.0)
     c["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
     if "dtype" in c:

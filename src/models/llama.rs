@@ -1,15 +1,17 @@
-//! A trainable Llama-family decoder: Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3, Phi-3 and Gemma 2, with
+//! A trainable Llama-family decoder: Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3, Phi-3, Gemma 2
+//! and Gemma 3 (text), with
 //! Hugging Face tensor names and `config.json` in the formats transformers 4 and 5 write.
 //!
 //! Every `config.json` field that changes the computation is read or refused:
 //!
 //! | field | handling |
 //! |---|---|
-//! | `model_type` | `llama`, `mistral`, `qwen2`, `qwen3`, `phi3` (fused `qkv_proj`, `gate_up_proj`), `gemma2`; anything else is refused |
+//! | `model_type` | `llama`, `mistral`, `qwen2`, `qwen3`, `phi3` (fused `qkv_proj`, `gate_up_proj`), `gemma2`, `gemma3_text`; anything else is refused |
 //! | `vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, `head_dim` | read |
 //! | `hidden_act` | `silu` only (SwiGLU); Gemma 2's `hidden_activation`: `gelu_pytorch_tanh` (GeGLU) |
 //! | Gemma 2's `query_pre_attn_scalar`, `attn_logit_softcapping`, `final_logit_softcapping` | read (transformers' defaults 256, 50, 30 when absent); soft-capping is refused for the other families |
 //! | `use_bidirectional_attention` | false only |
+//! | Gemma 3's `rope_local_base_freq`, `sliding_window_pattern`, `rope_parameters` keyed by layer kind | read: a RoPE per layer kind |
 //! | `pad_token_id` | that embedding row gets no gradient from the input lookup, as `nn.Embedding(padding_idx=…)` |
 //! | `rms_norm_eps` | read |
 //! | `rope_theta`, `rope_scaling` (transformers 4), `rope_parameters` (transformers 5) | read: [`Rope`] (default, linear, llama3, yarn; others refused; θ given twice must agree) |
@@ -203,16 +205,17 @@ impl LlamaConfig {
         if let Some(t) = self.model_type.as_deref() {
             if !matches!(
                 t,
-                "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma2"
+                "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3_text"
             ) {
                 return Err(LisaError::UnsupportedConfig {
                     field: "model_type",
                     value: t.to_string(),
-                    hint: "llama, mistral, qwen2, qwen3, phi3 and gemma2 are supported",
+                    hint:
+                        "llama, mistral, qwen2, qwen3, phi3, gemma2 and gemma3_text are supported",
                 });
             }
         }
-        match (self.gemma2(), self.activation().as_str()) {
+        match (self.gemma(), self.activation().as_str()) {
             (false, "silu") | (true, "gelu_pytorch_tanh" | "gelu_tanh") => {}
             (false, other) => {
                 return Err(LisaError::UnsupportedConfig {
@@ -240,7 +243,7 @@ impl LlamaConfig {
                 hint: "only causal attention is supported",
             });
         }
-        self.rope()?;
+        self.layer_ropes()?;
         if let Some(types) = &self.layer_types {
             if types.len() != self.num_hidden_layers {
                 return Err(LisaError::InvalidConfig(format!(
@@ -305,7 +308,7 @@ impl LlamaConfig {
             let harmless = match field {
                 "pretraining_tp" => value.and_then(Value::as_u64).is_none_or(|tp| tp <= 1),
                 // Gemma 2 computes soft-capping; a cap must be a positive number.
-                _ if self.gemma2() => {
+                _ if self.gemma() => {
                     value.is_none_or(|v| v.is_null() || v.as_f64().is_some_and(|c| c > 0.0))
                 }
                 _ => value.is_none_or(Value::is_null),
@@ -378,6 +381,101 @@ impl LlamaConfig {
         self.model_type.as_deref() == Some("gemma2")
     }
 
+    /// Whether this is Gemma 3's text model: Gemma 2's layout with per-head q/k norms, no
+    /// soft-capping by default, and RoPE of its own for sliding and full attention layers.
+    pub fn gemma3(&self) -> bool {
+        self.model_type.as_deref() == Some("gemma3_text")
+    }
+
+    /// Gemma 2 or Gemma 3.
+    pub fn gemma(&self) -> bool {
+        self.gemma2() || self.gemma3()
+    }
+
+    /// Each layer's attention kind: `layer_types`, or for Gemma 3 without it, every
+    /// `sliding_window_pattern`-th layer (default 6) full and the others sliding, as
+    /// transformers fills it in; `None` for models without per-layer kinds.
+    pub fn layer_kinds(&self) -> Option<Vec<String>> {
+        if let Some(types) = &self.layer_types {
+            return Some(types.clone());
+        }
+        self.gemma3().then(|| {
+            let pattern = self
+                .extra
+                .get("sliding_window_pattern")
+                .and_then(Value::as_u64)
+                .unwrap_or(6)
+                .max(1) as usize;
+            (0..self.num_hidden_layers)
+                .map(|i| match (i + 1) % pattern {
+                    0 => "full_attention".to_string(),
+                    _ => "sliding_attention".to_string(),
+                })
+                .collect()
+        })
+    }
+
+    /// The RoPE of each layer: one for every layer, or Gemma 3's for its full and sliding
+    /// layers (transformers 5's `rope_parameters` keyed by layer kind; transformers 4's
+    /// `rope_theta` + `rope_scaling` for full layers, default 1e6, and `rope_local_base_freq`
+    /// for sliding ones, default 1e4).
+    ///
+    /// # Errors
+    /// Those of [`Rope::from_fields`].
+    pub fn layer_ropes(&self) -> Result<Vec<Rope>> {
+        if !self.gemma3() {
+            return Ok(vec![self.rope()?; self.num_hidden_layers]);
+        }
+        let nested = self
+            .rope_parameters
+            .as_ref()
+            .filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
+        let max = self.max_position_embeddings;
+        let top_original = self
+            .extra
+            .get("original_max_position_embeddings")
+            .and_then(Value::as_f64);
+        let (full, sliding) = match nested {
+            Some(p) => {
+                let kind = |k: &str, theta: f64| {
+                    let mut o = p
+                        .get(k)
+                        .cloned()
+                        .unwrap_or(Value::Object(Default::default()));
+                    if let Some(m) = o.as_object_mut() {
+                        m.entry("rope_theta").or_insert(theta.into());
+                    }
+                    Rope::from_fields(Some(&o), None, None, self.head_size(), max, top_original)
+                };
+                (
+                    kind("full_attention", 1e6)?,
+                    kind("sliding_attention", 1e4)?,
+                )
+            }
+            None => {
+                let full = Rope::from_fields(
+                    self.rope_parameters.as_ref(),
+                    self.rope_scaling.as_ref(),
+                    Some(self.rope_theta.unwrap_or(1e6)),
+                    self.head_size(),
+                    max,
+                    top_original,
+                )?;
+                let local = self.extra_f64("rope_local_base_freq").unwrap_or(1e4);
+                let sliding =
+                    Rope::from_fields(None, None, Some(local), self.head_size(), max, None)?;
+                (full, sliding)
+            }
+        };
+        let kinds = self.layer_kinds().unwrap_or_default();
+        Ok((0..self.num_hidden_layers)
+            .map(|i| match kinds.get(i).map(String::as_str) {
+                Some("sliding_attention") => sliding.clone(),
+                _ => full.clone(),
+            })
+            .collect())
+    }
+
     fn extra_f64(&self, key: &str) -> Option<f64> {
         self.extra.get(key).and_then(Value::as_f64)
     }
@@ -395,7 +493,7 @@ impl LlamaConfig {
     /// `hidden_act`.
     pub fn activation(&self) -> String {
         match (
-            self.gemma2(),
+            self.gemma(),
             self.extra.get("hidden_activation").and_then(Value::as_str),
         ) {
             (true, Some(a)) => a.to_string(),
@@ -407,7 +505,7 @@ impl LlamaConfig {
     /// The factor on q·kᵀ: Gemma 2's `query_pre_attn_scalar^-½` (default 256), else
     /// `head_dim^-½`.
     pub fn attention_scale(&self) -> f64 {
-        match self.gemma2() {
+        match self.gemma() {
             true => self
                 .extra_f64("query_pre_attn_scalar")
                 .unwrap_or(256.0)
@@ -434,7 +532,7 @@ impl LlamaConfig {
     /// Whether attention has Qwen3's per-head RMSNorm on queries and keys
     /// (`self_attn.q_norm`, `self_attn.k_norm`).
     pub fn qk_norm(&self) -> bool {
-        self.model_type.as_deref() == Some("qwen3")
+        self.model_type.as_deref() == Some("qwen3") || self.gemma3()
     }
 
     /// Number of key/value heads.
@@ -444,7 +542,7 @@ impl LlamaConfig {
 
     /// Per-head width (Gemma 2's default is 256).
     pub fn head_size(&self) -> usize {
-        match (self.head_dim, self.gemma2()) {
+        match (self.head_dim, self.gemma()) {
             (Some(d), _) => d,
             (None, true) => 256,
             (None, false) => self.hidden_size / self.num_attention_heads.max(1),
@@ -460,7 +558,7 @@ impl LlamaConfig {
     /// `layer_types` with a `sliding_attention` layer, or (transformers 4) Mistral's
     /// `sliding_window`, Qwen's with `use_sliding_window`.
     pub fn attention_window(&self) -> Option<usize> {
-        let enabled = match (&self.layer_types, self.model_type.as_deref()) {
+        let enabled = match (self.layer_kinds(), self.model_type.as_deref()) {
             (Some(types), _) => types.iter().any(|t| t == "sliding_attention"),
             (None, Some("qwen2" | "qwen3")) => self
                 .extra
@@ -491,7 +589,7 @@ impl LlamaConfig {
             let mut add = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
             add("input_layernorm.weight", vec![h]);
             add("post_attention_layernorm.weight", vec![h]);
-            if self.gemma2() {
+            if self.gemma() {
                 add("pre_feedforward_layernorm.weight", vec![h]);
                 add("post_feedforward_layernorm.weight", vec![h]);
             }
@@ -576,8 +674,9 @@ struct Attention {
     /// The factor on q·kᵀ, and Gemma 2's soft-cap of the scores.
     scale: f64,
     softcap: Option<f64>,
-    /// Qwen3's per-head RMSNorm weights on queries and keys, and its epsilon.
+    /// Per-head RMSNorm weights on queries and keys (Qwen3; Gemma 3 with `1 + w`), epsilon.
     qk_norm: Option<(Tensor, Tensor, f64)>,
+    norm_offset: bool,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -610,7 +709,11 @@ impl Attention {
         };
         let (mut q, mut k) = (split(q, self.heads)?, split(k, self.kv_heads)?);
         if let Some((qn, kn, eps)) = &self.qk_norm {
-            (q, k) = (rms_norm(&q, qn, *eps)?, rms_norm(&k, kn, *eps)?);
+            let (qn, kn) = (
+                norm_weight(qn, self.norm_offset)?,
+                norm_weight(kn, self.norm_offset)?,
+            );
+            (q, k) = (rms_norm(&q, &qn, *eps)?, rms_norm(&k, &kn, *eps)?);
         }
         let q = rope(&q, &rope_cs.0, &rope_cs.1)?;
         let k = rope(&k, &rope_cs.0, &rope_cs.1)?;
@@ -620,7 +723,7 @@ impl Attention {
     fn new(c: &LlamaConfig, vb: VarBuilder, lora: Adapters) -> candle_core::Result<Self> {
         let (h, d) = (c.hidden_size, c.head_size());
         let proj = |in_dim, out_dim, bias, name| projection(in_dim, out_dim, bias, &vb, name, lora);
-        let norm_init = candle_nn::Init::Const(1.0);
+        let norm_init = candle_nn::Init::Const(if c.gemma() { 0.0 } else { 1.0 });
         let qk_norm = match c.qk_norm() {
             true => Some((
                 vb.get_with_hints(d, "q_norm.weight", norm_init)?,
@@ -640,6 +743,7 @@ impl Attention {
         };
         Ok(Self {
             qk_norm,
+            norm_offset: c.gemma(),
             qkv,
             scale: c.attention_scale(),
             softcap: c.attention_softcap(),
@@ -883,7 +987,8 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Linear,
     config: LlamaConfig,
-    rope: Rope,
+    /// Each layer's RoPE (the same for every layer but Gemma 3's).
+    ropes: Vec<Rope>,
 }
 
 impl Llama {
@@ -912,7 +1017,7 @@ impl Llama {
         config.validate()?;
         let c = config;
         // Gemma's norms scale by 1 + w, so they start at 0.
-        let norm_init = candle_nn::Init::Const(if c.gemma2() { 0.0 } else { 1.0 });
+        let norm_init = candle_nn::Init::Const(if c.gemma() { 0.0 } else { 1.0 });
         let embed = vb.get_with_hints(
             (c.vocab_size, c.hidden_size),
             "model.embed_tokens.weight",
@@ -939,14 +1044,14 @@ impl Llama {
                         "post_attention_layernorm.weight",
                         norm_init,
                     )?,
-                    ff_norms: match c.gemma2() {
+                    ff_norms: match c.gemma() {
                         true => Some((
                             vb.get_with_hints(h, "pre_feedforward_layernorm.weight", norm_init)?,
                             vb.get_with_hints(h, "post_feedforward_layernorm.weight", norm_init)?,
                         )),
                         false => None,
                     },
-                    norm_offset: c.gemma2(),
+                    norm_offset: c.gemma(),
                     mlp: match c.fused_projections() {
                         true => Mlp::Fused {
                             gate_up: projection(h, 2 * i, bias, &mlp, "gate_up_proj", mlp_lora)?,
@@ -957,7 +1062,7 @@ impl Llama {
                             gate: projection(h, i, bias, &mlp, "gate_proj", mlp_lora)?,
                             up: projection(h, i, bias, &mlp, "up_proj", mlp_lora)?,
                             down: projection(i, h, bias, &mlp, "down_proj", mlp_lora)?,
-                            gelu: c.gemma2(),
+                            gelu: c.gemma(),
                         },
                     },
                 }))
@@ -983,7 +1088,7 @@ impl Llama {
             norm,
             lm_head,
             config: c.clone(),
-            rope: c.rope()?,
+            ropes: c.layer_ropes()?,
         })
     }
 
@@ -1042,10 +1147,10 @@ impl Llama {
             .reshape((b, t, self.config.hidden_size))?;
         let x = self.mask_padding_gradient(x, input_ids)?;
         let mut x = self.scale_embedding(x)?;
-        let rope_cs = self.rope_tables(t, dtype, device)?;
+        let tables = self.rope_tables(t, dtype, device)?;
         let mask = causal_mask(t, dtype, device)?;
         let eps = self.config.rms_norm_eps;
-        for (i, block) in self.blocks.iter().enumerate() {
+        for (i, (block, rope_cs)) in self.blocks.iter().zip(&tables).enumerate() {
             x = if self.recomputed.binary_search(&i).is_ok() {
                 let (block, rope_cs, mask) = (block.clone(), rope_cs.clone(), mask.clone());
                 recompute(
@@ -1053,12 +1158,12 @@ impl Llama {
                     Arc::new(move |x: &Tensor| block.forward(x, &rope_cs, &mask, eps)),
                 )?
             } else {
-                block.forward(&x, &rope_cs, &mask, eps)?
+                block.forward(&x, rope_cs, &mask, eps)?
             };
         }
         Ok(rms_norm(
             &x,
-            &norm_weight(&self.norm, self.config.gemma2())?,
+            &norm_weight(&self.norm, self.config.gemma())?,
             eps,
         )?)
     }
@@ -1093,7 +1198,7 @@ impl Llama {
     /// Gemma 2 scales embeddings by √hidden (the factor rounded to the weights' dtype, as
     /// transformers does).
     fn scale_embedding(&self, x: Tensor) -> candle_core::Result<Tensor> {
-        match self.config.gemma2() {
+        match self.config.gemma() {
             true => x * (self.config.hidden_size as f64).sqrt(),
             false => Ok(x),
         }
@@ -1107,25 +1212,37 @@ impl Llama {
         })
     }
 
-    /// `(cos, sin)` of shape `(t, head_dim / 2)`, made once per forward for every layer.
+    /// Each layer's `(cos, sin)` of shape `(t, head_dim / 2)`, made once per forward for all
+    /// the layers that share a RoPE.
     fn rope_tables(
         &self,
         t: usize,
         dtype: DType,
         device: &Device,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let d = self.rope.dim;
-        let inv_freq = Tensor::from_vec(self.rope.inv_freq(), (1, d / 2), device)?;
-        let pos = Tensor::arange(0u32, t as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((t, 1))?;
-        let freqs = pos.matmul(&inv_freq)?;
-        let scale = self.rope.attention_factor();
-        let (cos, sin) = match scale == 1.0 {
-            true => (freqs.cos()?, freqs.sin()?),
-            false => ((freqs.cos()? * scale)?, (freqs.sin()? * scale)?),
-        };
-        Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
+    ) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
+        let mut made: Vec<(&Rope, (Tensor, Tensor))> = Vec::new();
+        let mut out = Vec::with_capacity(self.ropes.len());
+        for rope in &self.ropes {
+            if let Some((_, cs)) = made.iter().find(|(r, _)| *r == rope) {
+                out.push(cs.clone());
+                continue;
+            }
+            let d = rope.dim;
+            let inv_freq = Tensor::from_vec(rope.inv_freq(), (1, d / 2), device)?;
+            let pos = Tensor::arange(0u32, t as u32, device)?
+                .to_dtype(DType::F32)?
+                .reshape((t, 1))?;
+            let freqs = pos.matmul(&inv_freq)?;
+            let scale = rope.attention_factor();
+            let (cos, sin) = match scale == 1.0 {
+                true => (freqs.cos()?, freqs.sin()?),
+                false => ((freqs.cos()? * scale)?, (freqs.sin()? * scale)?),
+            };
+            let cs = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
+            made.push((rope, cs.clone()));
+            out.push(cs);
+        }
+        Ok(out)
     }
 
     /// The causal-LM loss of `input_ids` against `labels` (i64, [`IGNORE_INDEX`] to skip):
@@ -1196,7 +1313,7 @@ impl Llama {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let device = self.embed.device();
         let dtype = self.embed.dtype();
-        let (cos, sin) = self.rope_tables(total.max(1), dtype, device)?;
+        let tables = self.rope_tables(total.max(1), dtype, device)?;
         let mut cache = KvCache {
             layers: vec![None; self.blocks.len()],
         };
@@ -1208,12 +1325,13 @@ impl Llama {
             let ids = Tensor::new(input.as_slice(), device)?;
             let mut x =
                 self.scale_embedding(self.embed.detach().index_select(&ids, 0)?.unsqueeze(0)?)?;
-            let rope_cs = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
             let eps = self.config.rms_norm_eps;
-            for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let layers = self.blocks.iter().zip(&tables).zip(cache.layers.iter_mut());
+            for ((block, (cos, sin)), layer) in layers {
+                let rope_cs = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
                 x = block.forward_cached(&x, &rope_cs, eps, layer)?;
             }
-            let norm = norm_weight(&self.norm, self.config.gemma2())?;
+            let norm = norm_weight(&self.norm, self.config.gemma())?;
             let last = rms_norm(&x.narrow(1, t - 1, 1)?, &norm, eps)?;
             let logits = self
                 .cap_logits(self.lm_head.forward(&last)?)?

@@ -105,4 +105,6 @@ parity! {
     qwen3 => "qwen3",
     phi3 => "phi3",
     gemma2 => "gemma2",
+    gemma3 => "gemma3",
+    gemma3_transformers_4_config => "gemma3-v4",
 }
