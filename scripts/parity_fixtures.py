@@ -110,6 +110,18 @@ CASES = {
         },
     ),
 }
+# GPT-2 (for examples/gpt2.rs): Conv1D weights stored (in, out), learned positions, tied head.
+GPT2 = dict(
+    vocab_size=96,
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    n_positions=64,
+    activation_function="gelu_new",
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+)
 # Also written in transformers 4's config format.
 V4 = ["llama3-rope", "qwen2-yarn", "gemma3"]
 IDS_SHAPE = (2, 24)
@@ -186,6 +198,33 @@ def main():
             with open(os.path.join(v4, "config.json"), "w") as f:
                 json.dump(v4_config(config_json), f, indent=2)
             print(f"{name}-v4: same weights, transformers 4 config")
+    gpt2(len(CASES))
+
+
+def gpt2(index):
+    torch.manual_seed(index)
+    config = AutoConfig.for_model("gpt2", **GPT2)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+    g = torch.Generator().manual_seed(100 + index)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if ".ln_" in name and name.endswith(".weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(0.15 * noise)
+    ids = torch.randint(0, GPT2["vocab_size"], IDS_SHAPE, generator=torch.Generator().manual_seed(index))
+    expected = expectations(model, ids)
+    expected["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    expected["model_type"] = "gpt2"
+    path = os.path.join(OUT, "gpt2")
+    shutil.rmtree(path, ignore_errors=True)
+    model.save_pretrained(path)
+    with open(os.path.join(path, "expected.json"), "w") as f:
+        json.dump(expected, f, indent=1)
+    print(f"gpt2: loss {expected['loss']:.6f}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ mod dropin;
 mod errors;
 mod freezing;
 mod frozen_linear;
+mod gpt2;
+#[path = "../../examples/common/gpt2_model.rs"]
+mod gpt2_model;
 mod layer_map;
 mod llama;
 mod lora;
