@@ -25,7 +25,12 @@ if ! [ -x "$cuda_venv/bin/pip" ]; then
         apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv "$cuda_venv"
     fi
 fi
-"$cuda_venv/bin/pip" install --quiet --disable-pip-version-check "${cuda_wheels[@]}"
+# Installed once per wheel list (no network needed afterwards).
+cuda_stamp="$cuda_venv/.candle-lisa-wheels"
+if [ "$(cat "$cuda_stamp" 2>/dev/null)" != "${cuda_wheels[*]}" ]; then
+    "$cuda_venv/bin/pip" install --quiet --disable-pip-version-check "${cuda_wheels[@]}"
+    echo "${cuda_wheels[*]}" >"$cuda_stamp"
+fi
 cuda_root=$(ls -d "$cuda_venv"/lib/python3*/site-packages/nvidia/cu13 | head -n 1)
 export PATH="$cuda_root/bin:$PATH" CUDA_ROOT="$cuda_root" CUDA_PATH="$cuda_root"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CUDARC_CUDA_VERSION=13000
