@@ -358,11 +358,22 @@ impl LlamaConfig {
         Ok(())
     }
 
-    /// The RoPE this config describes, from either `config.json` format (see [`Rope`]).
+    /// The RoPE this config describes, from either `config.json` format (see [`Rope`]); for
+    /// Gemma 3, that of its full-attention layers (each layer's: [`LlamaConfig::layer_ropes`]).
     ///
     /// # Errors
     /// Those of [`Rope::from_fields`].
     pub fn rope(&self) -> Result<Rope> {
+        if self.gemma3() {
+            let kinds = self.layer_kinds().unwrap_or_default();
+            let full = kinds
+                .iter()
+                .position(|k| k == "full_attention")
+                .unwrap_or(0);
+            return self.layer_ropes()?.into_iter().nth(full).ok_or_else(|| {
+                LisaError::InvalidConfig("num_hidden_layers must be at least 1".into())
+            });
+        }
         Rope::from_fields(
             self.rope_parameters.as_ref(),
             self.rope_scaling.as_ref(),

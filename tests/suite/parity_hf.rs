@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_lisa::{load_llama, named_vars, Llama};
 use candle_nn::VarBuilder;
 use serde_json::Value;
@@ -27,15 +27,9 @@ fn check(case: &str) -> Result<(), Error> {
     let model = Llama::new(&config, VarBuilder::from_varmap(&vars, DType::F32, &dev))?;
 
     let ids: Vec<Vec<u32>> = serde_json::from_value(expected["input_ids"].clone())?;
-    let (b, t) = (ids.len(), ids[0].len());
+    let b = ids.len();
     let ids = Tensor::new(ids, &dev)?;
-    let logp = candle_nn::ops::log_softmax(&model.forward(&ids)?, D::Minus1)?;
-    let next = ids.narrow(1, 1, t - 1)?.contiguous()?.unsqueeze(2)?;
-    let got = logp
-        .narrow(1, 0, t - 1)?
-        .contiguous()?
-        .gather(&next, 2)?
-        .squeeze(2)?;
+    let got = crate::common::next_token_logprobs(&model.forward(&ids)?, &ids)?;
     let want: Vec<Vec<f32>> = serde_json::from_value(expected["logprobs"].clone())?;
     let worst = (got - Tensor::new(want, &dev)?)?
         .abs()?

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_lisa::nn::{load_peft, save_peft};
 use candle_lisa::{frozen_var_builder, load_llama, LisaError, Llama};
 use candle_nn::VarBuilder;
@@ -16,17 +16,11 @@ fn fixtures() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn logprobs(model: &Llama, ids: &Tensor) -> candle_core::Result<Tensor> {
-    let t = ids.dim(1)?;
-    let logp = candle_nn::ops::log_softmax(
-        &model.forward(ids).map_err(candle_core::Error::wrap)?,
-        D::Minus1,
-    )?;
-    let next = ids.narrow(1, 1, t - 1)?.contiguous()?.unsqueeze(2)?;
-    logp.narrow(1, 0, t - 1)?
-        .contiguous()?
-        .gather(&next, 2)?
-        .squeeze(2)
+fn logprobs(model: &Llama, ids: &Tensor) -> Result<Tensor, Error> {
+    Ok(crate::common::next_token_logprobs(
+        &model.forward(ids)?,
+        ids,
+    )?)
 }
 
 #[test]

@@ -176,3 +176,16 @@ pub fn lisa_gamma2(
     };
     candle_lisa::LisaAdamW::new(varmap, params, config)
 }
+
+/// `log p(ids[:, t + 1] | ids[:, ..= t])` for every position but the last: the per-token
+/// log-probabilities the transformers fixtures store, `(batch, seq − 1)`, from logits
+/// `(batch, seq, vocab)`.
+pub fn next_token_logprobs(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let t = ids.dim(1)?;
+    let logp = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)?;
+    let next = ids.narrow(1, 1, t - 1)?.contiguous()?.unsqueeze(2)?;
+    logp.narrow(1, 0, t - 1)?
+        .contiguous()?
+        .gather(&next, 2)?
+        .squeeze(2)
+}
