@@ -25,7 +25,8 @@
 //! Methods: `full` (lean AdamW over everything), `lora16`, `lora128` (all seven projections),
 //! `lisa1`, `lisa2`, `lisa4` (γ = 1, 2, 4 on a model rebuilt from the optimizer), their
 //! `-recompute` variants (frozen blocks recomputed in the backward pass), `lisa2-dropin` (a
-//! model built straight from the `VarMap`) and `adamw-candle` (`candle_nn::AdamW`).
+//! model built straight from the `VarMap`), `lisa2-frozen-embed` (the input embedding frozen:
+//! no gradient below the lowest active block) and `adamw-candle` (`candle_nn::AdamW`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -66,7 +67,7 @@ struct Args {
         value_delimiter = ','
     )]
     shape: Vec<String>,
-    /// Methods, comma-separated (default: all eleven).
+    /// Methods, comma-separated (default: all twelve).
     #[arg(long, value_delimiter = ',', default_values_t = METHODS.map(String::from))]
     methods: Vec<String>,
     /// Tokens per sequence (T).

@@ -15,7 +15,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 pub const SHAPES: [&str; 4] = ["smollm2-135m", "llama2-7b-scaled", "llama3.2-1b", "tiny"];
 
 /// Method names, in report order.
-pub const METHODS: [&str; 11] = [
+pub const METHODS: [&str; 12] = [
     "full",
     "adamw-candle",
     "lora16",
@@ -27,6 +27,7 @@ pub const METHODS: [&str; 11] = [
     "lisa1-recompute",
     "lisa2-recompute",
     "lisa4-recompute",
+    "lisa2-frozen-embed",
 ];
 
 /// The Llama config of a shape name.
@@ -79,6 +80,8 @@ pub enum Method {
         drop_in: bool,
         /// Frozen blocks are recomputed in the backward pass.
         recompute: bool,
+        /// The input embedding is frozen (`LisaConfig::train_embedding` off).
+        frozen_embed: bool,
     },
 }
 
@@ -100,10 +103,11 @@ impl std::str::FromStr for Method {
         let (gamma, variant) = rest.split_once('-').unwrap_or((rest, ""));
         let gamma = gamma.parse().map_err(|_| unknown())?;
         match variant {
-            "" | "dropin" | "recompute" => Ok(Method::Lisa {
+            "" | "dropin" | "recompute" | "frozen-embed" => Ok(Method::Lisa {
                 gamma,
                 drop_in: variant == "dropin",
                 recompute: variant == "recompute",
+                frozen_embed: variant == "frozen-embed",
             }),
             _ => Err(unknown()),
         }
@@ -216,12 +220,14 @@ impl Training {
                 gamma,
                 drop_in,
                 recompute,
+                frozen_embed,
             } => {
                 let config = LisaConfig {
                     gamma,
                     period: 2,
                     sampler: sampler.clone(),
                     recompute_frozen: recompute,
+                    train_embedding: !frozen_embed,
                     ..Default::default()
                 };
                 Optim::Lean {

@@ -11,6 +11,18 @@ pub const LLAMA_BLOCK_PATTERN: &str = "model.layers.{i}.";
 /// GPT-2 block names: `transformer.h.{i}.…`.
 pub const GPT2_BLOCK_PATTERN: &str = "transformer.h.{i}.";
 
+/// Name prefixes of input embeddings: Llama-family `model.embed_tokens.`, GPT-2's token and
+/// position embeddings `transformer.wte.` and `transformer.wpe.` (see
+/// [`LisaConfig::train_embedding`]).
+pub const EMBEDDING_PREFIXES: [&str; 3] = [
+    "model.embed_tokens.",
+    "transformer.wte.",
+    "transformer.wpe.",
+];
+
+/// Name prefixes of LM heads (see [`LisaConfig::train_head`]).
+pub const HEAD_PREFIXES: [&str; 1] = ["lm_head."];
+
 /// The block samplers [`LisaConfig`] can name; each is seeded by [`LisaConfig::seed`].
 #[derive(Clone, Debug, PartialEq, Default)]
 pub enum SamplerChoice {
@@ -112,6 +124,16 @@ pub struct LisaConfig {
     pub always_trainable: Vec<String>,
     /// Name prefixes of parameters never to train (no gradient use, no state).
     pub never_trainable: Vec<String>,
+    /// Whether the input embedding ([`EMBEDDING_PREFIXES`]) trains at every step, as in the
+    /// paper (default), or stays frozen. Frozen, it takes no gradient and no state, and the
+    /// backward pass ends at the lowest active block: nothing below it tracks gradients, so
+    /// candle keeps no activations there and runs no backward through it. With tied
+    /// embeddings (no separate head, [`HEAD_PREFIXES`]) the embedding is the head and follows
+    /// [`LisaConfig::train_head`] instead.
+    pub train_embedding: bool,
+    /// Whether the LM head ([`HEAD_PREFIXES`], or the embedding when tied) trains at every
+    /// step (default) or stays frozen.
+    pub train_head: bool,
     /// Recompute frozen blocks in the backward pass instead of keeping their activations
     /// (default off). A model built with [`Llama::from_plan`](crate::Llama::from_plan) from
     /// [`LisaAdamW::plan`](crate::LisaAdamW::plan)
@@ -132,6 +154,8 @@ impl Default for LisaConfig {
             block_pattern: LLAMA_BLOCK_PATTERN.to_string(),
             always_trainable: Vec::new(),
             never_trainable: Vec::new(),
+            train_embedding: true,
+            train_head: true,
             recompute_frozen: false,
         }
     }

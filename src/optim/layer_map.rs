@@ -1,6 +1,6 @@
 //! [`LayerMap`]: which parameter belongs to which block.
 
-use super::config::LisaConfig;
+use super::config::{LisaConfig, EMBEDDING_PREFIXES, HEAD_PREFIXES};
 use crate::error::{LisaError, Result};
 
 /// Where a parameter stands in LISA.
@@ -126,6 +126,33 @@ impl LayerMap {
                 });
             }
         }
+        // The embedding and head policy adds to the never-trained prefixes. Tied embeddings
+        // (no head of their own) are the head.
+        let mut never = config.never_trainable.clone();
+        let matching = |prefixes: &[&str]| -> Vec<String> {
+            prefixes
+                .iter()
+                .filter(|p| names.iter().any(|n| n.starts_with(*p)))
+                .map(|p| p.to_string())
+                .collect()
+        };
+        let (embedding, head) = (matching(&EMBEDDING_PREFIXES), matching(&HEAD_PREFIXES));
+        let tied = head.is_empty();
+        let token_embedding = ["model.embed_tokens.", "transformer.wte."];
+        for p in embedding {
+            let is_head = tied && token_embedding.contains(&p.as_str());
+            let train = if is_head {
+                config.train_head
+            } else {
+                config.train_embedding
+            };
+            if !train {
+                never.push(p);
+            }
+        }
+        if !config.train_head {
+            never.extend(head);
+        }
         let covering = |list: &[String], name: &str| {
             list.iter().find(|p| name.starts_with(p.as_str())).cloned()
         };
@@ -133,7 +160,7 @@ impl LayerMap {
         let mut blocks = vec![Vec::new(); max + 1];
         for (i, (name, index)) in names.iter().zip(&indices).enumerate() {
             let always = covering(&config.always_trainable, name);
-            let never = covering(&config.never_trainable, name);
+            let never = covering(&never, name);
             let group = match (always, never, index) {
                 (Some(always), Some(never), _) => {
                     return Err(LisaError::ConflictingLists {

@@ -9,7 +9,10 @@ pub mod precision;
 pub mod sampler;
 mod state;
 
-pub use config::{LisaConfig, SamplerChoice, GPT2_BLOCK_PATTERN, LLAMA_BLOCK_PATTERN};
+pub use config::{
+    LisaConfig, SamplerChoice, EMBEDDING_PREFIXES, GPT2_BLOCK_PATTERN, HEAD_PREFIXES,
+    LLAMA_BLOCK_PATTERN,
+};
 pub use layer_map::{BlockPattern, LayerMap, ParamGroup};
 pub use lisa::{LisaAdamW, LisaParams, Mode, ParamState};
 pub use precision::{LossScaler, NonFinite};

@@ -207,3 +207,83 @@ fn rebuilt_model_stores_gradients_only_for_trainable_parameters() -> candle_core
     assert_eq!(weight_shaped(&grads), 2 * n);
     Ok(())
 }
+
+/// The embedding and head policy: a frozen embedding gets no gradient, takes no state and
+/// does not move while the head does; a frozen head likewise; tied embeddings follow the
+/// head's setting. (What the frozen embedding saves in the backward pass is measured by the
+/// memory report's `lisa2-frozen-embed`.)
+#[test]
+fn embedding_and_head_policy() -> Result<(), Box<dyn std::error::Error>> {
+    use candle_lisa::{Llama, LlamaConfig};
+    let mut c = LlamaConfig::tiny(40, 16, 6, 4, 2);
+    c.intermediate_size = 24;
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 3, 7, 2, 8, 4]], &Device::Cpu)?;
+    let labels = ids.to_dtype(DType::I64)?;
+    // A seed whose first draw leaves block 0 frozen, so blocks lie below the active ones.
+    let config = |seed: u64| LisaConfig {
+        gamma: 2,
+        period: 100,
+        seed,
+        ..Default::default()
+    };
+    let mut seed = 0;
+    while LisaAdamW::new(&seeded_llama(&c, 4)?, params(), config(seed))?
+        .active_blocks()
+        .contains(&0)
+    {
+        seed += 1;
+    }
+    let run = |c: &LlamaConfig,
+               train_embedding: bool,
+               train_head: bool|
+     -> Result<_, Box<dyn std::error::Error>> {
+        let varmap = seeded_llama(c, 4)?;
+        let config = LisaConfig {
+            train_embedding,
+            train_head,
+            ..config(seed)
+        };
+        let mut opt = LisaAdamW::new(&varmap, params(), config)?;
+        let model = Llama::new(c, opt.var_builder())?;
+        let before = snapshot(&varmap);
+        let grads = model.loss(&ids, &labels)?.backward()?;
+        let embed_var = varmap.data().lock().unwrap()["model.embed_tokens.weight"].clone();
+        let embed_grad = grads.get(embed_var.as_tensor()).is_some();
+        opt.step(&grads)?;
+        let after = snapshot(&varmap);
+        let moved: BTreeSet<String> = before
+            .iter()
+            .filter(|(n, v)| after[*n] != **v)
+            .map(|(n, _)| n.clone())
+            .collect();
+        Ok((opt, embed_grad, moved))
+    };
+    let (embed, head) = ("model.embed_tokens.weight", "lm_head.weight");
+    let (opt, embed_grad, moved) = run(&c, true, true)?;
+    assert!(embed_grad);
+    assert!(moved.contains(embed) && moved.contains(head));
+    assert!(!opt.active_blocks().contains(&0));
+    let (opt, embed_grad, moved) = run(&c, false, true)?;
+    assert!(!moved.contains(embed) && moved.contains(head), "{moved:?}");
+    assert!(
+        opt.trainable_vars().all(|(n, _)| n != embed),
+        "a frozen embedding has no state"
+    );
+    assert!(!embed_grad, "a frozen embedding gets no gradient");
+    let (_, _, moved) = run(&c, true, false)?;
+    assert!(moved.contains(embed) && !moved.contains(head), "{moved:?}");
+
+    // Tied: the embedding is the head.
+    c.tie_word_embeddings = true;
+    let (_, _, moved) = run(&c, false, true)?;
+    assert!(
+        moved.contains(embed),
+        "a tied embedding trains with the head"
+    );
+    let (_, _, moved) = run(&c, true, false)?;
+    assert!(
+        !moved.contains(embed),
+        "a tied embedding freezes with the head"
+    );
+    Ok(())
+}
