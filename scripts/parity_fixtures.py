@@ -127,12 +127,12 @@ V4 = ["llama3-rope", "qwen2-yarn", "gemma3"]
 IDS_SHAPE = (2, 24)
 
 
-def scale_weights(model, seed):
+def scale_weights(model, seed, is_norm=lambda name: name.endswith("norm.weight")):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            if name.endswith("norm.weight"):
+            if is_norm(name):
                 p.copy_(1.0 + 0.2 * noise)
             elif name.endswith(".bias"):
                 p.copy_(0.1 * noise)
@@ -205,16 +205,7 @@ def gpt2(index):
     torch.manual_seed(index)
     config = AutoConfig.for_model("gpt2", **GPT2)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
-    g = torch.Generator().manual_seed(100 + index)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if ".ln_" in name and name.endswith(".weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(0.15 * noise)
+    scale_weights(model, 100 + index, is_norm=lambda n: ".ln_" in n and n.endswith(".weight"))
     ids = torch.randint(0, GPT2["vocab_size"], IDS_SHAPE, generator=torch.Generator().manual_seed(index))
     expected = expectations(model, ids)
     expected["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}

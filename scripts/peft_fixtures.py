@@ -4,6 +4,11 @@ Run by hand from the repository root after scripts/parity_fixtures.py (it adapts
 fixture; needs torch, transformers and peft, whose versions go into expected.json):
 
     python scripts/peft_fixtures.py
+    python scripts/peft_fixtures.py --check runs/finetune   # after a finetune LoRA run
+
+`--check OUT` loads finetune's LoRA adapter (`OUT/lora/adapter`) into PEFT on the bundled
+model and prints its largest logit difference from the merged model finetune saved
+(`OUT/lora/model`): PEFT reads what this crate writes.
 
 It wraps tests/fixtures/parity/llama with a PEFT LoRA (r = 4, alpha = 8, on q, k, v, o, gate,
 up and down), gives lora_B random values (PEFT starts them at zero, which would make the
@@ -61,5 +66,24 @@ def main():
     print("llama-lora ok")
 
 
+def check(out):
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained("assets/tiny-llama", dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, os.path.join(out, "lora", "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "lora", "model"), dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained("assets/tiny-llama", dtype=torch.float32).eval()
+    ids = torch.tensor([list(b"12+30=42")])
+    with torch.no_grad():
+        a, b, c = (m(input_ids=ids).logits for m in (adapted, merged, plain))
+    print(f"PEFT(adapter) vs merged: max logit diff {(a - b).abs().max().item():.2e}; "
+          f"adapter's effect {(a - c).abs().max().item():.2f}")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--check":
+        check(sys.argv[2])
+    else:
+        main()

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_lisa::{load_llama, named_vars, Llama};
+use candle_lisa::{load_llama, Llama};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
@@ -27,54 +27,10 @@ fn check(case: &str) -> Result<(), Error> {
     let model = Llama::new(&config, VarBuilder::from_varmap(&vars, DType::F32, &dev))?;
 
     let ids: Vec<Vec<u32>> = serde_json::from_value(expected["input_ids"].clone())?;
-    let b = ids.len();
+    assert_eq!(ids.len(), 2);
     let ids = Tensor::new(ids, &dev)?;
-    let got = crate::common::next_token_logprobs(&model.forward(&ids)?, &ids)?;
-    let want: Vec<Vec<f32>> = serde_json::from_value(expected["logprobs"].clone())?;
-    let worst = (got - Tensor::new(want, &dev)?)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f32>()?;
-    assert!(worst <= 1e-4, "{case}: log-probs differ by up to {worst}");
-    assert_eq!(b, 2);
-
     let loss = model.loss(&ids, &ids.to_dtype(DType::I64)?)?;
-    let (got, want) = (
-        loss.to_scalar::<f32>()? as f64,
-        expected["loss"].as_f64().ok_or("loss")?,
-    );
-    assert!(
-        (got - want).abs() / want <= 1e-5,
-        "{case}: loss {got} against transformers' {want}"
-    );
-
-    let loss_diff = (got - want).abs() / want;
-    let grads = loss.backward()?;
-    let norms = expected["grad_norms"].as_object().ok_or("grad_norms")?;
-    let named = named_vars(&vars)?;
-    let mut names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
-    let mut want_names: Vec<&str> = norms.keys().map(String::as_str).collect();
-    names.sort();
-    want_names.sort();
-    assert_eq!(names, want_names, "{case}: parameter names");
-    let mut grad_diff = 0f64;
-    for (name, var) in &named {
-        let g = grads
-            .get(var)
-            .ok_or_else(|| format!("{case}: no gradient for {name}"))?;
-        let got = g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
-        let want = norms[name].as_f64().ok_or("norm")?;
-        grad_diff = grad_diff.max((got - want).abs() / want);
-        assert!(
-            (got - want).abs() / want <= 1e-3,
-            "{case}: gradient norm of {name} is {got}, transformers' {want}"
-        );
-    }
-    // The figures, for `cargo test parity_hf -- --nocapture`.
-    eprintln!(
-        "{case}: log-probs within {worst:.1e}, loss within {loss_diff:.1e} relative, gradient norms within {grad_diff:.1e} relative"
-    );
-    Ok(())
+    crate::common::check_against_fixture(case, &expected, &ids, &model.forward(&ids)?, &loss, &vars)
 }
 
 macro_rules! parity {

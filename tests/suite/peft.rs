@@ -39,10 +39,7 @@ fn peft_adapter_loads_and_matches_peft() -> Result<(), Error> {
     let ids = Tensor::new(ids, &dev)?;
     let want: Vec<Vec<f32>> = serde_json::from_value(expected["logprobs"].clone())?;
     let got = logprobs(&model, &ids)?;
-    let worst = (&got - Tensor::new(want, &dev)?)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f32>()?;
+    let worst = crate::common::max_abs_diff(&got, &Tensor::new(want, &dev)?);
     assert!(worst <= 1e-4, "log-probs differ from PEFT's by {worst}");
     // The adapter matters: the base model alone is far off.
     let plain = Llama::new(&config, frozen_var_builder(&base)?)?;

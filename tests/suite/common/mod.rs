@@ -189,3 +189,58 @@ pub fn next_token_logprobs(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
         .gather(&next, 2)?
         .squeeze(2)
 }
+
+/// Checks a model against a transformers fixture's `expected.json`: the per-token log-probs of
+/// `logits` (within 1e-4), `loss` (1e-5 relative) and the gradient norm of every parameter in
+/// `vars` (1e-3 relative; the names must be the fixture's), then prints the figures for
+/// `cargo test … -- --nocapture`.
+pub fn check_against_fixture(
+    case: &str,
+    expected: &serde_json::Value,
+    ids: &Tensor,
+    logits: &Tensor,
+    loss: &Tensor,
+    vars: &VarMap,
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let got = next_token_logprobs(logits, ids)?;
+    let want: Vec<Vec<f32>> = serde_json::from_value(expected["logprobs"].clone())?;
+    let worst = max_abs_diff(&got, &Tensor::new(want, ids.device())?);
+    assert!(worst <= 1e-4, "{case}: log-probs differ by up to {worst}");
+
+    let (got, want) = (
+        loss.to_scalar::<f32>()? as f64,
+        expected["loss"].as_f64().ok_or("loss")?,
+    );
+    let loss_diff = (got - want).abs() / want;
+    assert!(
+        loss_diff <= 1e-5,
+        "{case}: loss {got} against transformers' {want}"
+    );
+
+    let grads = loss.backward()?;
+    let norms = expected["grad_norms"].as_object().ok_or("grad_norms")?;
+    let data = vars.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    let mut want_names: Vec<&String> = norms.keys().collect();
+    names.sort();
+    want_names.sort();
+    assert_eq!(names, want_names, "{case}: parameter names");
+    let mut grad_diff = 0f64;
+    for (name, var) in data.iter() {
+        let g = grads
+            .get(var)
+            .ok_or_else(|| format!("{case}: no gradient for {name}"))?;
+        let got = g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+        let want = norms[name].as_f64().ok_or("norm")?;
+        let diff = (got - want).abs() / want;
+        grad_diff = grad_diff.max(diff);
+        assert!(
+            diff <= 1e-3,
+            "{case}: gradient norm of {name} is {got}, transformers' {want}"
+        );
+    }
+    eprintln!(
+        "{case}: log-probs within {worst:.1e}, loss within {loss_diff:.1e} relative, gradient norms within {grad_diff:.1e} relative"
+    );
+    Ok(())
+}
