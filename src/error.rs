@@ -351,6 +351,30 @@ pub enum LisaError {
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
 
+    /// The ranks of a data-parallel run do not agree on what to train next.
+    #[error(
+        "rank {rank} of {world_size}: {disagreeing} rank(s) drew other blocks than rank 0 \
+         (this rank has {local}{note}); every rank must build its optimizer with the same \
+         LisaConfig (seed and sampler included) and resume from the same checkpoint",
+        note = if *differs { ", which differs" } else { ", as rank 0 does" }
+    )]
+    RankDisagreement {
+        /// This process's rank.
+        rank: usize,
+        /// How many ranks differ from rank 0.
+        disagreeing: usize,
+        /// How many ranks there are.
+        world_size: usize,
+        /// This rank's step, period, active blocks and trainable count.
+        local: String,
+        /// Whether this rank is one of those that differ.
+        differs: bool,
+    },
+
+    /// The communication engine of a data-parallel run failed, or another rank did.
+    #[error("data-parallel communication failed: {0}")]
+    Communication(String),
+
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

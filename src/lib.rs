@@ -86,6 +86,7 @@
 #![warn(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
+pub mod dist;
 pub mod error;
 pub mod io;
 pub mod models;

@@ -166,6 +166,10 @@ pub fn pack_examples(examples: &[Example], seq_len: usize) -> Vec<Example> {
 /// Which examples each optimizer step trains on: a function of the seed and the step alone,
 /// so the data position of a run is its step and a resumed run sees the same batches.
 ///
+/// In a data-parallel run every rank draws the same batch and keeps its own contiguous share
+/// of it ([`for_rank`](Self::for_rank)), so the ranks together train on exactly the examples
+/// one process would, and the data position is still the step.
+///
 /// ```
 /// use candle_lisa::train::StepSampler;
 /// let s = StepSampler::new(7);
@@ -175,12 +179,46 @@ pub fn pack_examples(examples: &[Example], seq_len: usize) -> Vec<Example> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepSampler {
     seed: u64,
+    /// This rank and the number of ranks; (0, 1) in a single process.
+    rank: usize,
+    world_size: usize,
 }
 
 impl StepSampler {
     /// A sampler for `seed`.
     pub fn new(seed: u64) -> Self {
-        Self { seed }
+        Self {
+            seed,
+            rank: 0,
+            world_size: 1,
+        }
+    }
+
+    /// The sampler of rank `rank` of `world_size`: [`micro_batches`](Self::micro_batches)
+    /// gives its share of each step's batch, examples `rank·B/W .. (rank+1)·B/W` of the `B`
+    /// drawn.
+    ///
+    /// ```
+    /// use candle_lisa::train::StepSampler;
+    /// let all = StepSampler::new(7).indices(3, 8, 100);
+    /// let second = StepSampler::new(7).for_rank(1, 2)?;
+    /// assert_eq!(second.indices(3, 8, 100), all);
+    /// # Ok::<(), candle_lisa::LisaError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`LisaError::InvalidConfig`] unless `rank < world_size`.
+    pub fn for_rank(self, rank: usize, world_size: usize) -> Result<Self> {
+        if rank >= world_size {
+            return Err(LisaError::InvalidConfig(format!(
+                "rank {rank} is out of range for {world_size} ranks"
+            )));
+        }
+        Ok(Self {
+            rank,
+            world_size,
+            ..self
+        })
     }
 
     /// `count` indices below `len`, drawn with replacement for `step` (ChaCha8, the same on
@@ -193,10 +231,12 @@ impl StepSampler {
             .collect()
     }
 
-    /// The micro-batches of `step`: `batch_size` examples split into `micro` padded batches.
+    /// The micro-batches of `step`: `batch_size` examples split into `micro` padded batches;
+    /// for a sampler [`for_rank`](Self::for_rank), this rank's share of them.
     ///
     /// # Errors
-    /// Those of [`pad_batch`], and [`LisaError::InvalidConfig`] for no example.
+    /// Those of [`pad_batch`], and [`LisaError::InvalidConfig`] for no example, or for fewer
+    /// examples in a batch than ranks.
     #[allow(clippy::too_many_arguments)]
     pub fn micro_batches(
         &self,
@@ -211,12 +251,17 @@ impl StepSampler {
         if examples.is_empty() {
             return Err(LisaError::InvalidConfig("no training example".into()));
         }
-        let picked: Vec<Example> = self
-            .indices(step, batch_size, examples.len())
-            .into_iter()
-            .map(|i| examples[i].clone())
-            .collect();
-        let size = batch_size.div_ceil(micro.max(1)).max(1);
+        let (rank, world) = (self.rank, self.world_size);
+        if batch_size < world {
+            return Err(LisaError::InvalidConfig(format!(
+                "a batch of {batch_size} cannot be shared by {world} ranks: give each rank \
+                 one example at least"
+            )));
+        }
+        let drawn = self.indices(step, batch_size, examples.len());
+        let share = &drawn[rank * batch_size / world..(rank + 1) * batch_size / world];
+        let picked: Vec<Example> = share.iter().map(|&i| examples[i].clone()).collect();
+        let size = picked.len().div_ceil(micro.max(1)).max(1);
         picked
             .chunks(size)
             .map(|c| pad_batch(c, pad_id, max_len, device))

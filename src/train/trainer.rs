@@ -4,11 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::checkpoint::Checkpointer;
 use super::data::Batch;
 use super::schedule::LrSchedule;
+use crate::dist::{self, Communicator, DEFAULT_BUCKET_BYTES};
 use crate::error::{LisaError, Result};
 use crate::io::io;
 use crate::models::Llama;
@@ -57,18 +58,23 @@ impl Default for TrainerConfig {
 pub struct StepReport {
     /// Updates applied so far ([`LisaAdamW::step_count`]).
     pub step: u64,
-    /// Mean loss over the micro-batches' counted labels.
+    /// Mean loss over the micro-batches' counted labels (data-parallel: over every rank's).
     pub loss: f32,
     /// Global gradient norm before clipping (NaN when a gradient was not finite).
     pub grad_norm: f64,
     /// The learning rate used.
     pub lr: f64,
-    /// Labels that counted.
+    /// Labels that counted (data-parallel: on all ranks together).
     pub tokens: usize,
     /// Whether the step was skipped for a non-finite loss or gradient (nothing written).
     pub skipped: bool,
     /// Whether LISA drew new blocks (the trainer has rebuilt the model).
     pub resampled: bool,
+    /// Data-parallel: bytes of gradients this rank handed to the all-reduce, exactly the
+    /// trainable parameters' bytes (for f16/bf16 over MPI, twice that: see
+    /// [`Communicator::wire_bytes`]). The three numbers agreed on first, and the draw check
+    /// after a redraw, are not counted. 0 in a single process.
+    pub all_reduced_bytes: usize,
 }
 
 /// Rebuilds the model from a [`TrainingPlan`].
@@ -125,6 +131,14 @@ pub struct Trainer<M> {
     /// Steps skipped for a non-finite loss or gradient, in all and in a row.
     skipped: u64,
     consecutive_skipped: usize,
+    /// The other ranks of a data-parallel run, if any.
+    dist: Option<Dist>,
+}
+
+/// A data-parallel trainer's communicator and bucket size.
+struct Dist {
+    comm: Box<dyn Communicator>,
+    bucket_bytes: usize,
 }
 
 impl<M: CausalLm> Trainer<M> {
@@ -153,7 +167,72 @@ impl<M: CausalLm> Trainer<M> {
             config,
             skipped: 0,
             consecutive_skipped: 0,
+            dist: None,
         })
+    }
+
+    /// Makes this trainer one rank of a data-parallel run over `comm` (see [`crate::dist`]):
+    /// from now on each [`step`](Self::step) sums the trainable gradients over all ranks before
+    /// the update, weighted by each rank's counted labels, and
+    /// [`save_checkpoint`](Self::save_checkpoint) writes on rank 0 only. Give each rank its own
+    /// share of every batch
+    /// ([`StepSampler::for_rank`](crate::train::StepSampler::for_rank)).
+    ///
+    /// Collective: every rank calls it. It checks at once that all ranks built the same
+    /// optimizer (the same draw, step and trainable set), as it checks after every redraw.
+    ///
+    /// # Errors
+    /// [`LisaError::RankDisagreement`] on every rank when some rank differs from rank 0 (the
+    /// trainer is then left single-process), and [`LisaError::Communication`].
+    pub fn set_communicator(&mut self, comm: Box<dyn Communicator>) -> Result<()> {
+        dist::check_agreement(
+            comm.as_ref(),
+            &self.device(),
+            &dist::draw_summary(&self.opt),
+        )?;
+        self.dist = Some(Dist {
+            comm,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
+        });
+        Ok(())
+    }
+
+    /// The largest bucket of gradients one all-reduce sends (default
+    /// [`DEFAULT_BUCKET_BYTES`]; a single larger gradient goes alone). Fewer, larger buckets
+    /// mean fewer calls and a larger temporary buffer.
+    ///
+    /// # Errors
+    /// [`LisaError::InvalidConfig`] for 0.
+    pub fn set_bucket_bytes(&mut self, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Err(LisaError::InvalidConfig(
+                "the bucket size must be at least one byte".into(),
+            ));
+        }
+        if let Some(dist) = self.dist.as_mut() {
+            dist.bucket_bytes = bytes;
+        }
+        Ok(())
+    }
+
+    /// The communicator of a data-parallel run.
+    pub fn communicator(&self) -> Option<&dyn Communicator> {
+        self.dist.as_ref().map(|d| d.comm.as_ref())
+    }
+
+    /// This process's rank: 0 in a single process.
+    pub fn rank(&self) -> usize {
+        self.communicator().map_or(0, |c| c.rank())
+    }
+
+    /// How many ranks train together: 1 in a single process.
+    pub fn world_size(&self) -> usize {
+        self.communicator().map_or(1, |c| c.world_size())
+    }
+
+    fn device(&self) -> Device {
+        let device = self.opt.vars().next().map(|(_, v)| v.device().clone());
+        device.unwrap_or(Device::Cpu)
     }
 
     /// One optimizer step over `micro_batches` (at least one).
@@ -172,6 +251,7 @@ impl<M: CausalLm> Trainer<M> {
         let tokens: usize = micro_batches.iter().map(|b| b.tokens).sum();
         let mut acc = GradStore::default();
         let mut loss_sum = 0.0f64;
+        let mut non_finite = false;
         for batch in micro_batches {
             let weight = batch.tokens as f64 / tokens.max(1) as f64;
             // The loss holds the graph: it goes out of scope, and the activations with it,
@@ -180,7 +260,12 @@ impl<M: CausalLm> Trainer<M> {
                 let loss = self.model.loss(batch)?;
                 let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
                 if !value.is_finite() {
-                    return self.skip(lr, tokens, value);
+                    if self.dist.is_none() {
+                        return self.skip(lr, tokens, value);
+                    }
+                    // The other ranks learn of it before any gradient travels.
+                    non_finite = true;
+                    break;
                 }
                 let weighted = match micro_batches.len() {
                     1 => loss,
@@ -199,6 +284,21 @@ impl<M: CausalLm> Trainer<M> {
             }
             loss_sum += value as f64 * weight;
         }
+        let (mut loss, mut tokens, mut all_reduced_bytes) = (loss_sum, tokens, 0);
+        if let Some(d) = &self.dist {
+            let comm = d.comm.as_ref();
+            let totals = dist::totals(comm, &self.device(), tokens, loss_sum, non_finite)?;
+            if totals.non_finite {
+                return self.skip(lr, totals.tokens as usize, f32::NAN);
+            }
+            // Each rank's gradient is of its own mean loss; weighted by its share of the
+            // labels, their sum is the gradient of the mean over all of them.
+            let scale = tokens as f64 / totals.tokens.max(1.0);
+            let vars: Vec<Var> = self.opt.trainable_vars().map(|(_, v)| v.clone()).collect();
+            all_reduced_bytes =
+                dist::all_reduce_gradients(comm, &vars, &mut acc, scale, d.bucket_bytes)?;
+            (loss, tokens) = (totals.loss, totals.tokens as usize);
+        }
         let before = self.opt.skipped_steps();
         match self.config.max_grad_norm {
             Some(max) => self.opt.try_step_clipped(&acc, max)?,
@@ -207,21 +307,26 @@ impl<M: CausalLm> Trainer<M> {
         let grad_norm = self.opt.last_grad_norm().unwrap_or(f64::NAN);
         drop(acc);
         if self.opt.skipped_steps() > before {
-            return self.skip(lr, tokens, loss_sum as f32);
+            return self.skip(lr, tokens, loss as f32);
         }
         self.consecutive_skipped = 0;
         let resampled = self.opt.resampled();
         if resampled {
             self.model = (self.build)(&self.opt.plan())?;
+            if let Some(d) = &self.dist {
+                let summary = dist::draw_summary(&self.opt);
+                dist::check_agreement(d.comm.as_ref(), &self.device(), &summary)?;
+            }
         }
         Ok(StepReport {
             step: self.opt.step_count(),
-            loss: loss_sum as f32,
+            loss: loss as f32,
             grad_norm,
             lr,
             tokens,
             skipped: false,
             resampled,
+            all_reduced_bytes,
         })
     }
 
@@ -241,6 +346,7 @@ impl<M: CausalLm> Trainer<M> {
             tokens,
             skipped: true,
             resampled: false,
+            all_reduced_bytes: 0,
         })
     }
 
@@ -264,9 +370,35 @@ impl<M: CausalLm> Trainer<M> {
     /// trainer's counters (`trainer.json`), and whatever `extra` writes into the directory
     /// (a data position, metrics, a model export).
     ///
+    /// Data-parallel, rank 0 writes (the weights are the same on every rank) and the others
+    /// only wait for it, so that on return the checkpoint is complete everywhere; `extra`
+    /// runs on rank 0 only.
+    ///
     /// # Errors
     /// [`LisaError::Io`] and the errors of `extra`; the previous checkpoints are untouched.
+    /// Data-parallel, a failure on rank 0 is [`LisaError::Communication`] on the others.
     pub fn save_checkpoint(
+        &self,
+        checkpointer: &Checkpointer,
+        extra: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
+        let Some(d) = &self.dist else {
+            return self.write_checkpoint(checkpointer, extra);
+        };
+        let step = self.opt.step_count();
+        let written = (d.comm.rank() == 0).then(|| self.write_checkpoint(checkpointer, extra));
+        let failed = matches!(written, Some(Err(_)));
+        let failed = dist::agree_on_failure(d.comm.as_ref(), &self.device(), failed)?;
+        match written {
+            Some(result) => result,
+            None if failed => Err(LisaError::Communication(format!(
+                "rank 0 could not write the checkpoint of step {step}"
+            ))),
+            None => Ok(checkpointer.root().join(Checkpointer::dir_name(step))),
+        }
+    }
+
+    fn write_checkpoint(
         &self,
         checkpointer: &Checkpointer,
         extra: impl FnOnce(&Path) -> Result<()>,
@@ -292,10 +424,30 @@ impl<M: CausalLm> Trainer<M> {
     /// Restores the newest complete checkpoint of `checkpointer`, if there is one, and
     /// returns its step: weights, optimizer state, counters; the model is rebuilt.
     ///
+    /// Data-parallel, every rank reads the checkpoint (from a file system they share), and
+    /// the ranks then check that they agree.
+    ///
     /// # Errors
     /// [`LisaError::CheckpointMismatch`] for a checkpoint of another run or one that does not
-    /// fit this optimizer; nothing is changed then.
+    /// fit this optimizer; nothing is changed then. Data-parallel, a failure on one rank is
+    /// [`LisaError::Communication`] on the others, and ranks that resumed to different points
+    /// are [`LisaError::RankDisagreement`].
     pub fn resume(&mut self, checkpointer: &Checkpointer) -> Result<Option<u64>> {
+        let result = self.resume_here(checkpointer);
+        let Some(d) = &self.dist else {
+            return result;
+        };
+        let device = self.device();
+        if dist::agree_on_failure(d.comm.as_ref(), &device, result.is_err())? {
+            return result.and(Err(LisaError::Communication(
+                "another rank could not resume".into(),
+            )));
+        }
+        dist::check_agreement(d.comm.as_ref(), &device, &dist::draw_summary(&self.opt))?;
+        result
+    }
+
+    fn resume_here(&mut self, checkpointer: &Checkpointer) -> Result<Option<u64>> {
         let Some(found) = checkpointer.latest()? else {
             return Ok(None);
         };
@@ -305,8 +457,7 @@ impl<M: CausalLm> Trainer<M> {
             reason,
         };
         let path = dir.join(WEIGHTS);
-        let device = self.opt.vars().next().map(|(_, v)| v.device().clone());
-        let device = device.unwrap_or(candle_core::Device::Cpu);
+        let device = self.device();
         let mut saved = candle_core::safetensors::load(&path, &device)?;
         let mut weights = Vec::new();
         for (name, var) in self.opt.vars() {

@@ -4,6 +4,9 @@
 
 mod common;
 
+#[cfg(feature = "mpi")]
+mod dist;
+
 mod bundled;
 mod chat;
 mod checkpoint;
