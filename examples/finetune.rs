@@ -7,6 +7,10 @@
 //! `--help` lists the flags. Everything but the command line, the progress bar and the plot
 //! is the library's [`train`](candle_lisa::train) module. Peak memory is the peak of live heap
 //! bytes, counted by a global allocator in this program (CPU); on CUDA it is device memory.
+//!
+//! Data-parallel, `--dist mpi` (built with `--features mpi`) runs one rank per process under
+//! `mpirun -n N`, and `--dist nccl` (built with `--features nccl`) one per GPU; each rank
+//! trains on its share of every batch, and rank 0 alone prints, evaluates and writes.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -14,9 +18,11 @@ mod common;
 mod plot;
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
+use candle_lisa::dist::Communicator;
 use candle_lisa::models::chat::{chat_example, read_chat_jsonl, ChatTemplate, SpecialTokens};
 use candle_lisa::models::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
 use candle_lisa::models::SaveOptions;
@@ -132,6 +138,16 @@ struct Args {
     /// Continue each method from its newest complete checkpoint in --out.
     #[arg(long)]
     resume: bool,
+    /// Data-parallel training: `mpi` for CPU processes launched by `mpirun -n N` (build with
+    /// `--features mpi`), `nccl` for one process per GPU (build with `--features nccl`; rank
+    /// and world size from RANK/WORLD_SIZE/LOCAL_RANK or Open MPI's environment). --batch-size
+    /// is the batch of all ranks together.
+    #[arg(long, default_value = "none", value_parser = ["none", "mpi", "nccl"])]
+    dist: String,
+    /// `--dist nccl`: the file through which rank 0 hands the other ranks the NCCL id (on a
+    /// file system they share; rank 0 removes it once every rank has joined).
+    #[arg(long, default_value = "runs/nccl-id")]
+    nccl_id_file: PathBuf,
     /// Stop after this step as if interrupted.
     #[arg(long, hide = true)]
     stop_after: Option<usize>,
@@ -372,6 +388,7 @@ fn run_config(args: &Args, method: &str) -> serde_json::Value {
 }
 
 /// Trains one method; returns its summary line for `summary.json`.
+#[allow(clippy::too_many_arguments)]
 fn train(
     method: Method,
     args: &Args,
@@ -380,12 +397,17 @@ fn train(
     eos: u32,
     dtype: DType,
     dev: &Device,
+    comm: Option<&Rc<dyn Communicator>>,
 ) -> Result<serde_json::Value, Error> {
     let name = format!("{method:?}").to_lowercase();
     let heap_base = alloc::reset_peak();
     let mut run = fine_tune(method, args, model_dir, dtype, dev)?;
+    if let Some(comm) = comm {
+        run.trainer.set_communicator(Box::new(comm.clone()))?;
+    }
+    let (rank, world) = (run.trainer.rank(), run.trainer.world_size());
     let dir = args.out.join(&name);
-    if !args.resume {
+    if !args.resume && rank == 0 {
         // A fresh run: an older run's checkpoints would otherwise be the newest to resume.
         let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
     }
@@ -403,22 +425,33 @@ fn train(
         false => 0,
     };
     let metrics = args.out.join("metrics.jsonl");
-    common::truncate_metrics(&metrics, &name, start as u64)?;
-    let mut sink = JsonlSink::append(&metrics)?;
-    let pb = indicatif::ProgressBar::new(args.steps as u64)
-        .with_prefix(name.clone())
-        .with_position(start as u64);
+    // Rank 0 alone writes metrics; the others' sink goes nowhere.
+    let mut sink = match rank {
+        0 => {
+            common::truncate_metrics(&metrics, &name, start as u64)?;
+            Some(JsonlSink::append(&metrics)?)
+        }
+        _ => None,
+    };
+    let pb = match rank {
+        0 => indicatif::ProgressBar::new(args.steps as u64),
+        _ => indicatif::ProgressBar::hidden(),
+    }
+    .with_prefix(name.clone())
+    .with_position(start as u64);
     pb.set_style(indicatif::ProgressStyle::with_template(
         "{prefix:>5} [{bar:30}] {pos}/{len} {msg}",
     )?);
     let (mut tokens, started, mut recent) = (0usize, Instant::now(), Vec::new());
     let mut last_eval = (f32::NAN, None);
     let device_peak = common::DevicePeak::new(dev)?;
-    let sampler = StepSampler::new(args.seed);
+    let sampler = StepSampler::new(args.seed).for_rank(rank, world)?;
+    let mut all_reduced = 0usize;
     for step in start + 1..=args.steps.min(args.stop_after.unwrap_or(usize::MAX)) {
         let (b, micro, t) = (args.batch_size, args.grad_accum, Some(args.seq_len));
         let batches = sampler.micro_batches(&data.train, step as u64, b, micro, eos, t, dev)?;
         let report = run.trainer.step(&batches)?;
+        all_reduced += report.all_reduced_bytes;
         if args.kill_at_step == Some(step) {
             common::kill_self();
         }
@@ -437,9 +470,9 @@ fn train(
         let mut line = json!({
             "method": name, "step": step, "loss": report.loss, "lr": report.lr, "grad_norm": report.grad_norm,
             "skipped": report.skipped, "active_blocks": opt.active_blocks(), "state_bytes": opt.state_bytes(),
-            "elapsed_s": started.elapsed().as_secs_f64(),
+            "elapsed_s": started.elapsed().as_secs_f64(), "all_reduced_bytes": report.all_reduced_bytes,
         });
-        if step % args.eval_every == 0 || step == args.steps {
+        if (step % args.eval_every == 0 || step == args.steps) && rank == 0 {
             last_eval = evaluate(&run.eval_model()?, data, args, eos, dev)?;
             let acc = last_eval
                 .1
@@ -450,12 +483,17 @@ fn train(
             );
             (line["eval_loss"], line["eval_accuracy"]) = (json!(last_eval.0), json!(last_eval.1));
         }
-        sink.record(&line)?;
+        if let Some(sink) = sink.as_mut() {
+            sink.record(&line)?;
+        }
         if step % args.save_every.unwrap_or(args.eval_every) == 0 || step == args.steps {
             run.trainer.save_checkpoint(&ck, |_| Ok(()))?;
         }
     }
     pb.finish_and_clear();
+    if rank != 0 {
+        return Ok(json!({"method": name, "rank": rank}));
+    }
     if last_eval.0.is_nan() {
         last_eval = evaluate(&run.eval_model()?, data, args, eos, dev)?;
     }
@@ -479,7 +517,8 @@ fn train(
         "peak_bytes": device_peak.unwrap_or(alloc::peak() - heap_base),
         "peak_source": if device_peak.is_some() { "high-water mark of the CUDA memory pool over the run, weights included" } else { "heap above the method's start, counted by the allocator" },
         "trainable_params": opt.trainable_params(), "state_bytes": opt.state_bytes(),
-        "skipped_steps": run.trainer.skipped_steps(),
+        "skipped_steps": run.trainer.skipped_steps(), "world_size": world,
+        "all_reduced_bytes_per_step": all_reduced as f64 / (args.steps - start).max(1) as f64,
     }))
 }
 
@@ -493,7 +532,7 @@ fn run(args: Args) -> Result<Vec<serde_json::Value>, Error> {
     {
         return Err("--steps, --batch-size, --grad-accum and --eval-every must be at least 1, --seq-len at least 2".into());
     }
-    let dev = common::device(&args.device)?;
+    let (comm, dev) = communicator(&args)?;
     let dtype: DType = args.dtype.parse()?;
     let model_dir = model_dir(&args);
     if !model_dir.join("config.json").is_file() {
@@ -533,9 +572,10 @@ fn run(args: Args) -> Result<Vec<serde_json::Value>, Error> {
         .copied()
         .ok_or("the model defines no end-of-sequence token")?;
     let data = load_data(&args, tok.as_ref(), eos)?;
+    let rank = comm.as_ref().map_or(0, |c| c.rank());
     std::fs::create_dir_all(&args.out)?;
     let metrics = args.out.join("metrics.jsonl");
-    if !args.resume {
+    if !args.resume && rank == 0 {
         let _ = std::fs::remove_file(&metrics);
     }
     let methods = match args.method {
@@ -544,11 +584,26 @@ fn run(args: Args) -> Result<Vec<serde_json::Value>, Error> {
     };
     let (mut summaries, mut curves) = (Vec::new(), Vec::new());
     for method in methods {
-        let summary = train(method, &args, &model_dir, &data, eos, dtype, &dev)?;
+        let summary = train(
+            method,
+            &args,
+            &model_dir,
+            &data,
+            eos,
+            dtype,
+            &dev,
+            comm.as_ref(),
+        )?;
+        if rank != 0 {
+            continue;
+        }
         let name = summary["method"].as_str().unwrap_or_default().to_string();
         let (train_curve, eval_curve) = plot::curves_from_metrics(&metrics, &name)?;
         curves.push((name, train_curve, eval_curve));
         summaries.push(summary);
+    }
+    if rank != 0 {
+        return Ok(summaries);
     }
     std::fs::write(
         args.out.join("summary.json"),
@@ -561,6 +616,46 @@ fn run(args: Args) -> Result<Vec<serde_json::Value>, Error> {
         args.out.display()
     );
     Ok(summaries)
+}
+
+/// The communicator `--dist` asks for, and the device of this rank.
+fn communicator(args: &Args) -> Result<(Option<Rc<dyn Communicator>>, Device), Error> {
+    match args.dist.as_str() {
+        "none" => Ok((None, common::device(&args.device)?)),
+        #[cfg(feature = "mpi")]
+        "mpi" => {
+            let mpi = candle_lisa::dist::Mpi::init()?;
+            Ok((Some(Rc::new(mpi)), common::device(&args.device)?))
+        }
+        #[cfg(feature = "nccl")]
+        "nccl" => {
+            use candle_lisa::dist::{Nccl, NcclId};
+            let var = |names: &[&str]| {
+                names
+                    .iter()
+                    .find_map(|n| std::env::var(n).ok()?.parse::<usize>().ok())
+            };
+            let rank = var(&["RANK", "OMPI_COMM_WORLD_RANK"]).ok_or("--dist nccl: set RANK")?;
+            let world = var(&["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"])
+                .ok_or("--dist nccl: set WORLD_SIZE")?;
+            let local = var(&["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"]).unwrap_or(rank);
+            if args.device != "cuda" {
+                return Err("--dist nccl trains on GPUs: add --device cuda".into());
+            }
+            let dev = Device::new_cuda(local)?;
+            let wait = std::time::Duration::from_secs(300);
+            let id = NcclId::share_through_file(&args.nccl_id_file, rank, wait)?;
+            let nccl = Nccl::new(&dev, rank, world, id)?;
+            // Every rank has joined: the next launch must not find this run's id.
+            if rank == 0 {
+                std::fs::remove_file(&args.nccl_id_file)?;
+            }
+            Ok((Some(Rc::new(nccl)), dev))
+        }
+        other => {
+            Err(format!("--dist {other} needs this example built with `--features {other}`").into())
+        }
+    }
 }
 
 /// The exit status for a run's result, printing the error.
