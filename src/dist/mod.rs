@@ -8,9 +8,9 @@
 //! less traffic than full fine-tuning (the README's table has the figures).
 //!
 //! The engines are existing ones, behind the small [`Communicator`] trait:
-//! - [`Mpi`] (feature `mpi`) between CPU processes, over the MPI library the program is
+//! - `Mpi` (feature `mpi`) between CPU processes, over the MPI library the program is
 //!   linked against (Open MPI, MPICH). Launch with `mpirun -n 2 …`.
-//! - [`Nccl`] (feature `nccl`) between GPUs, one process per GPU.
+//! - `Nccl` (feature `nccl`) between GPUs, one process per GPU.
 //!
 //! [`Trainer::set_communicator`](crate::train::Trainer::set_communicator) makes a trainer
 //! data-parallel. Each step then:
