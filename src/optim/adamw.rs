@@ -18,14 +18,18 @@ mod cuda;
 /// for t = 1. For an f16 or bf16 parameter, `master` is an f32 copy of the weights made when
 /// the state was created, the update runs on it, and the parameter holds its value rounded to
 /// nearest-even; `m` and `v` are f32. For any other dtype `master` is `None` and `m`, `v` have
-/// the parameter's dtype. `m`, `v` and `master` own their storage (no other tensor shares it),
-/// so the fused update may write them in place.
+/// the parameter's dtype. Compact state ([`CompactState`](super::precision::CompactState)) is
+/// the one exception: `m` and `v` are bf16 (for f32, bf16 and f16 parameters), and `m` being
+/// bf16 is what marks it. `m`, `v` and `master` own their storage (no other tensor shares
+/// it), so the fused update may write them in place. `salt` seeds the stochastic rounding of
+/// compact moments, so that no two parameters round alike.
 #[derive(Debug)]
 pub(crate) struct Moments {
     pub m: Tensor,
     pub v: Tensor,
     pub master: Option<Tensor>,
     pub step: u64,
+    pub salt: u64,
 }
 
 /// Whether parameters of `dtype` get an f32 master copy and f32 moments.
@@ -33,26 +37,53 @@ pub(crate) fn is_half(dtype: DType) -> bool {
     matches!(dtype, DType::F16 | DType::BF16)
 }
 
+/// Whether a parameter of `dtype` can keep compact (bf16) moments: f64 parameters keep
+/// theirs.
+pub(crate) fn can_compact(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
 impl Moments {
-    /// Fresh state for `theta`: zero moments, step 0, and for half precision a master copy
-    /// of `theta`'s current value.
-    pub fn new(theta: &Tensor) -> Result<Self> {
-        if is_half(theta.dtype()) {
-            let master = theta.detach().to_dtype(DType::F32)?;
-            Ok(Self {
-                m: master.zeros_like()?,
-                v: master.zeros_like()?,
-                master: Some(master),
-                step: 0,
-            })
-        } else {
-            Ok(Self {
-                m: theta.zeros_like()?,
-                v: theta.zeros_like()?,
-                master: None,
-                step: 0,
-            })
+    /// Fresh state for `theta`: zero moments (bf16 when `compact` and the dtype allows it),
+    /// step 0, and for half precision a master copy of `theta`'s current value.
+    pub fn new(theta: &Tensor, compact: bool, salt: u64) -> Result<Self> {
+        let master = match is_half(theta.dtype()) {
+            true => Some(theta.detach().to_dtype(DType::F32)?),
+            false => None,
+        };
+        let dtype = match (&master, compact && can_compact(theta.dtype())) {
+            (_, true) => DType::BF16,
+            (Some(_), false) => DType::F32,
+            (None, false) => theta.dtype(),
+        };
+        Ok(Self {
+            m: Tensor::zeros(theta.shape(), dtype, theta.device())?,
+            v: Tensor::zeros(theta.shape(), dtype, theta.device())?,
+            master,
+            step: 0,
+            salt,
+        })
+    }
+
+    /// Whether the moments are compact (bf16).
+    pub fn is_compact(&self) -> bool {
+        self.m.dtype() == DType::BF16
+    }
+
+    /// Converts the moments to compact or back (rounding to nearest when compacting); a
+    /// no-op for f64 parameters and for moments already so.
+    pub fn set_compact(&mut self, theta: &Tensor, compact: bool) -> Result<()> {
+        if !can_compact(theta.dtype()) || compact == self.is_compact() {
+            return Ok(());
         }
+        let dtype = match (compact, &self.master) {
+            (true, _) => DType::BF16,
+            (false, Some(_)) => DType::F32,
+            (false, None) => theta.dtype(),
+        };
+        self.m = self.m.to_dtype(dtype)?;
+        self.v = self.v.to_dtype(dtype)?;
+        Ok(())
     }
 
     /// Bytes held: the moments and the master copy.
@@ -75,7 +106,11 @@ impl Moments {
     pub fn update(&mut self, p: &ParamsAdamW, var: &Var, g: &Tensor, inv_scale: f64) -> Result<()> {
         let t = self.step + 1;
         let theta = var.as_tensor();
-        if fusable(theta, g, self.master.as_ref(), &self.m, &self.v) {
+        if self.is_compact() {
+            let g = g.contiguous()?;
+            let w = self.master.as_ref();
+            adamw_in_place_compact(p, t, theta, &g, w, &self.m, &self.v, inv_scale, self.salt)?;
+        } else if fusable(theta, g, self.master.as_ref(), &self.m, &self.v) {
             adamw_in_place(
                 p,
                 t,
@@ -559,6 +594,166 @@ pub(crate) fn adamw_in_place(
     })
 }
 
+/// Rounds `x` to one of the two nearest bf16 values, up with probability equal to the
+/// fraction of the gap below `x`, so the expected result is `x` (`r`: 16 uniform random bits).
+/// Moments rounded to nearest would stall: 0.999 · v rounds back to v in bf16.
+#[inline(always)]
+pub(crate) fn bf16_stochastic(x: f32, r: u16) -> bf16 {
+    if !x.is_finite() {
+        return bf16::from_f32(x);
+    }
+    bf16::from_bits((x.to_bits().wrapping_add(u32::from(r)) >> 16) as u16)
+}
+
+/// 64 random bits for element `i` of the parameter salted `salt`, at update `t`: the
+/// SplitMix64 finaliser, so the bits depend on nothing but these (not on threads or chunks).
+#[inline(always)]
+pub(crate) fn noise(salt: u64, t: u64, i: u64) -> u64 {
+    let mut z = salt.wrapping_mul(0xA076_1D64_78BD_642F)
+        ^ t.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One element with compact moments: m and v widened to f32, [`Consts::step`] on them, and
+/// stored back rounded stochastically with the bits of element `i`. Returns the new weight.
+#[inline(always)]
+fn compact_step(
+    k: &Consts<f32>,
+    (salt, t, i): (u64, u64, usize),
+    w: f32,
+    g: f32,
+    m: &mut bf16,
+    v: &mut bf16,
+) -> f32 {
+    let r = noise(salt, t, i as u64);
+    let (mut mf, mut vf) = (m.to_f32(), v.to_f32());
+    let next = k.step(w, g, &mut mf, &mut vf);
+    *m = bf16_stochastic(mf, r as u16);
+    *v = bf16_stochastic(vf, (r >> 16) as u16);
+    next
+}
+
+/// The fused update of an f32 parameter with compact moments.
+fn kernel_compact(
+    k: Consts<f32>,
+    (salt, t): (u64, u64),
+    theta: &mut [f32],
+    g: &[f32],
+    m: &mut [bf16],
+    v: &mut [bf16],
+) {
+    theta
+        .par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        .enumerate()
+        .for_each(|(c, ((theta, g), (m, v)))| {
+            let elems = theta.iter_mut().zip(g).zip(m.iter_mut().zip(v));
+            for (j, ((theta, &g), (m, v))) in elems.enumerate() {
+                *theta = compact_step(&k, (salt, t, c * CHUNK + j), *theta, g, m, v);
+            }
+        });
+}
+
+/// The fused update of a half-precision parameter with compact moments: on the f32 master,
+/// rounded to nearest-even into θ.
+#[allow(clippy::too_many_arguments)]
+fn kernel_compact_half<H: Half>(
+    k: Consts<f32>,
+    (salt, t): (u64, u64),
+    theta: &mut [H],
+    g: &[H],
+    master: &mut [f32],
+    m: &mut [bf16],
+    v: &mut [bf16],
+) {
+    theta
+        .par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(master.par_chunks_mut(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        .enumerate()
+        .for_each(|(c, (((theta, g), master), (m, v)))| {
+            let elems = theta.iter_mut().zip(g).zip(master).zip(m.iter_mut().zip(v));
+            for (j, (((theta, &g), w), (m, v))) in elems.enumerate() {
+                *w = compact_step(&k, (salt, t, c * CHUNK + j), *w, g.to_f32(), m, v);
+                *theta = H::from_f32(*w);
+            }
+        });
+}
+
+/// [`adamw_in_place`] for compact moments (bf16, stochastically rounded), on the CPU: θ, g,
+/// the master copy of a half-precision θ, m and v, each read and written once.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adamw_in_place_compact(
+    p: &ParamsAdamW,
+    t: u64,
+    theta: &Tensor,
+    g: &Tensor,
+    master: Option<&Tensor>,
+    m: &Tensor,
+    v: &Tensor,
+    inv_scale: f64,
+    salt: u64,
+) -> Result<()> {
+    let operands = [Some(theta), Some(g), master, Some(m), Some(v)];
+    let on_cpu = operands.iter().flatten().all(|o| o.device().is_cpu());
+    if !on_cpu
+        || !operands
+            .iter()
+            .flatten()
+            .all(|o| o.shape() == theta.shape())
+    {
+        candle_core::bail!("compact optimizer state: operands must be on the CPU, of θ's shape")
+    }
+    let k = Consts::new(&Coefficients::new(p, t), inv_scale);
+    let (g_storage, gl) = g.storage_and_layout();
+    let Storage::Cpu(g_storage) = &*g_storage else {
+        candle_core::bail!("compact optimizer state: the gradient is not on the CPU")
+    };
+    use CpuStorage::{BF16, F16, F32};
+    let bad = || candle_core::Error::Msg("compact optimizer state: unexpected dtypes".into());
+    with_storage_mut(theta, |ts, tl| {
+        with_storage_mut(m, |ms, ml| {
+            with_storage_mut(v, |vs, vl| {
+                let (BF16(ms), BF16(vs)) = (ms, vs) else {
+                    return Err(bad());
+                };
+                let (ms, vs) = (range_mut(ms, ml)?, range_mut(vs, vl)?);
+                let Some(master) = master else {
+                    let (F32(th), F32(gs)) = (ts, g_storage) else {
+                        return Err(bad());
+                    };
+                    let (th, gs) = (range_mut(th, tl)?, range(gs, gl)?);
+                    kernel_compact(k, (salt, t), th, gs, ms, vs);
+                    return Ok(());
+                };
+                with_storage_mut(master, |ws, wl| {
+                    let F32(ws) = ws else {
+                        return Err(bad());
+                    };
+                    let ws = range_mut(ws, wl)?;
+                    match (ts, g_storage) {
+                        (BF16(th), BF16(gs)) => {
+                            let (th, gs) = (range_mut(th, tl)?, range(gs, gl)?);
+                            kernel_compact_half(k, (salt, t), th, gs, ws, ms, vs);
+                        }
+                        (F16(th), F16(gs)) => {
+                            let (th, gs) = (range_mut(th, tl)?, range(gs, gl)?);
+                            kernel_compact_half(k, (salt, t), th, gs, ws, ms, vs);
+                        }
+                        _ => return Err(bad()),
+                    }
+                    Ok(())
+                })
+            })
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -610,7 +805,7 @@ mod tests {
         let reference = var.as_tensor().copy()?;
         let g = Tensor::randn(0f32, 1., (6, 8), &dev)?.t()?;
         assert!(!g.is_contiguous());
-        let mut state = Moments::new(var.as_tensor())?;
+        let mut state = Moments::new(var.as_tensor(), false, 0)?;
         assert!(!fusable(var.as_tensor(), &g, None, &state.m, &state.v));
         state.update(&params(), &var, &g, 1.0)?;
         let zeros = reference.zeros_like()?;
@@ -640,7 +835,7 @@ mod tests {
                 let theta0 = Tensor::randn(0f32, 1., n, &dev)?.to_dtype(dtype)?;
                 let g = (Tensor::randn(0f32, 1e-2, n, &dev)? / inv_scale)?.to_dtype(dtype)?;
                 let var = Var::from_tensor(&theta0)?;
-                let mut state = Moments::new(var.as_tensor())?;
+                let mut state = Moments::new(var.as_tensor(), false, 0)?;
                 let master = state.master.clone().expect("half parameters have a master");
                 assert_eq!(master.dtype(), DType::F32);
                 assert_eq!(state.m.dtype(), DType::F32);
@@ -671,7 +866,7 @@ mod tests {
 
                 // The tensor path, through a non-contiguous gradient, gives the same bits.
                 let var2 = Var::from_tensor(&theta0)?;
-                let mut tensor_state = Moments::new(var2.as_tensor())?;
+                let mut tensor_state = Moments::new(var2.as_tensor(), false, 0)?;
                 tensor_state.m = m0.copy()?;
                 tensor_state.v = v0.copy()?;
                 tensor_state.step = t - 1;
@@ -683,6 +878,87 @@ mod tests {
                 let theta2 = var2.as_tensor().to_dtype(DType::F32)?;
                 assert_eq!(theta2.to_vec1::<f32>()?, rounded.to_vec1::<f32>()?);
             }
+        }
+        Ok(())
+    }
+
+    /// Stochastic rounding is unbiased: over all 2^16 random inputs the mean of the rounded
+    /// values is `x` exactly, and each result is one of the two bf16 neighbours of `x`.
+    #[test]
+    fn stochastic_rounding_is_unbiased() {
+        for x in [
+            1.0f32,
+            1.0 + 1e-3,
+            -3.7e-5,
+            6.1e-9,
+            2.5e4,
+            f32::MIN_POSITIVE,
+            -0.0,
+        ] {
+            let (down, up) = {
+                let t = bf16::from_bits((x.to_bits() >> 16) as u16);
+                (t.to_f64(), bf16::from_bits(t.to_bits() + 1).to_f64())
+            };
+            let mut sum = 0.0f64;
+            for r in 0..=u16::MAX {
+                let y = bf16_stochastic(x, r).to_f64();
+                assert!(y == down || y == up, "{x}: {y} outside [{down}, {up}]");
+                sum += y;
+            }
+            assert_eq!(sum / 65536.0, f64::from(x), "{x}");
+        }
+    }
+
+    /// Compact moments: the weights follow the f32 update exactly (the update reads m and v
+    /// widened and computes in f32), each stored moment is one of the two bf16 neighbours of
+    /// the f32 one, the state is 4 bytes per f32 parameter (8 with a half master), and the
+    /// rounding is the same on every run.
+    #[test]
+    fn compact_moments_round_to_neighbours() -> Result<()> {
+        let dev = Device::Cpu;
+        let neighbours = |exact: &Tensor, got: &Tensor| -> Result<()> {
+            for (e, g) in exact.to_vec1::<f32>()?.iter().zip(got.to_vec1::<bf16>()?) {
+                let down = bf16::from_bits((e.to_bits() >> 16) as u16);
+                let up = bf16::from_bits(down.to_bits() + 1);
+                let exact_bf16 = bf16::from_f32(*e) == g && g.to_f32() == *e;
+                assert!(g == down || g == up || exact_bf16, "{e} stored as {g}");
+            }
+            Ok(())
+        };
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let n = 2 * CHUNK + 5;
+            let theta0 = Tensor::randn(0f32, 1., n, &dev)?.to_dtype(dtype)?;
+            let g = Tensor::randn(0f32, 1e-2, n, &dev)?.to_dtype(dtype)?;
+            let m0 = Tensor::randn(0f32, 1e-3, n, &dev)?.to_dtype(DType::BF16)?;
+            let v0 = Tensor::randn(0f32, 1e-3, n, &dev)?
+                .sqr()?
+                .to_dtype(DType::BF16)?;
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let var = Var::from_tensor(&theta0)?;
+                let mut state = Moments::new(var.as_tensor(), true, 3)?;
+                assert!(state.is_compact());
+                let per = if dtype == DType::F32 { 4 } else { 8 };
+                assert_eq!(state.bytes(), per * n, "{dtype:?}");
+                (state.m, state.v, state.step) = (m0.copy()?, v0.copy()?, 4);
+                let w0 = theta0.to_dtype(DType::F32)?;
+                let (m32, v32) = (m0.to_dtype(DType::F32)?, v0.to_dtype(DType::F32)?);
+                let g32 = g.to_dtype(DType::F32)?;
+                let (want_w, want_m, want_v) = adamw(&params(), 5, &w0, &g32, &m32, &v32)?;
+                state.update(&params(), &var, &g, 1.0)?;
+                let w = match &state.master {
+                    Some(w) => w.clone(),
+                    None => var.as_tensor().clone(),
+                };
+                assert_eq!(w.to_vec1::<f32>()?, want_w.to_vec1::<f32>()?, "{dtype:?}");
+                neighbours(&want_m, &state.m)?;
+                neighbours(&want_v, &state.v)?;
+                runs.push((state.m.to_vec1::<bf16>()?, state.v.to_vec1::<bf16>()?));
+            }
+            assert_eq!(
+                runs[0], runs[1],
+                "{dtype:?}: the rounding is not deterministic"
+            );
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use super::adamw::{sum_squares, Moments};
 use super::config::LisaConfig;
 use super::layer_map::{LayerMap, ParamGroup};
-use super::precision::{LossScaler, NonFinite};
+use super::precision::{CompactState, LossScaler, NonFinite};
 use super::sampler::BlockSampler;
 use crate::error::{LisaError, Result};
 use crate::nn::{LisaBackend, TrainingPlan};
@@ -149,6 +149,8 @@ pub struct LisaAdamW {
     pub(super) params: ParamsAdamW,
     pub(super) mode: Mode,
     pub(super) recompute_frozen: bool,
+    /// Which trainable parameters' moments are bf16 ([`Moments::is_compact`]).
+    pub(super) compact: CompactState,
     pub(super) scaler: Option<LossScaler>,
     pub(super) nonfinite: NonFinite,
     /// `no_decay[i]`: parameter `i` is updated without weight decay.
@@ -299,6 +301,7 @@ impl LisaAdamW {
             params,
             mode,
             recompute_frozen: false,
+            compact: CompactState::Off,
             scaler: None,
             nonfinite: NonFinite::Error,
             no_decay: Vec::new(),
@@ -310,7 +313,7 @@ impl LisaAdamW {
         };
         for i in 0..opt.vars.len() {
             if opt.map.group_at(i) == ParamGroup::Always {
-                opt.state[i] = Some(Moments::new(opt.vars[i].as_tensor())?);
+                opt.state[i] = Some(Moments::new(opt.vars[i].as_tensor(), false, i as u64)?);
             }
         }
         if let Some(first) = opt.draw()? {
@@ -349,7 +352,8 @@ impl LisaAdamW {
         }
         for &b in next.iter().filter(|b| !self.active.contains(b)) {
             for &i in self.map.block_indices(b) {
-                self.state[i] = Some(Moments::new(self.vars[i].as_tensor())?);
+                let compact = self.compact_at(i);
+                self.state[i] = Some(Moments::new(self.vars[i].as_tensor(), compact, i as u64)?);
             }
         }
         self.active = next;
@@ -689,6 +693,63 @@ impl LisaAdamW {
         match self.mode {
             Mode::Full => None,
             Mode::Lisa { period, .. } => Some(period),
+        }
+    }
+
+    /// Keeps the AdamW moments of the parameters `compact` names in bf16 from now on, with
+    /// stochastic rounding (see [compact state](crate::optim::precision#compact-state)): 4
+    /// bytes of state per trainable f32 parameter instead of 8. Moments held now are
+    /// converted (rounded to nearest); blocks activated later get compact moments directly.
+    /// Call it before [`load_state`](Self::load_state) when resuming a run that used it.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_lisa::optim::CompactState;
+    /// use candle_lisa::{load_llama, LisaAdamW, LisaConfig};
+    ///
+    /// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tiny-llama");
+    /// let (_, varmap) = load_llama(dir, DType::F32, &Device::Cpu)?;
+    /// let mut opt = LisaAdamW::new(&varmap, Default::default(), LisaConfig::default())?;
+    /// let before = opt.state_bytes();
+    /// opt.set_compact_state(CompactState::All)?;
+    /// assert_eq!(2 * opt.state_bytes(), before);
+    /// # Ok::<(), candle_lisa::LisaError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`LisaError::InvalidConfig`] when a parameter is not on the CPU (the CUDA and Metal
+    /// updates keep f32 moments); nothing is changed then.
+    pub fn set_compact_state(&mut self, compact: CompactState) -> Result<()> {
+        if compact != CompactState::Off {
+            if let Some(var) = self.vars.iter().find(|v| !v.device().is_cpu()) {
+                return Err(LisaError::InvalidConfig(format!(
+                    "compact optimizer state ({compact:?}) is updated on the CPU only for now, \
+                     and a parameter is on {:?}: keep CompactState::Off there",
+                    var.device()
+                )));
+            }
+        }
+        self.compact = compact;
+        for i in 0..self.vars.len() {
+            let on = self.compact_at(i);
+            if let Some(st) = self.state[i].as_mut() {
+                st.set_compact(self.vars[i].as_tensor(), on)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Which parameters keep compact moments ([`set_compact_state`](Self::set_compact_state)).
+    pub fn compact_state(&self) -> CompactState {
+        self.compact
+    }
+
+    /// Whether parameter `i` keeps compact moments when trainable.
+    pub(super) fn compact_at(&self, i: usize) -> bool {
+        match self.compact {
+            CompactState::Off => false,
+            CompactState::AlwaysTrainable => self.map.group_at(i) == ParamGroup::Always,
+            CompactState::All => true,
         }
     }
 

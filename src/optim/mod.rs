@@ -15,7 +15,7 @@ pub use config::{
 };
 pub use layer_map::{BlockPattern, LayerMap, ParamGroup};
 pub use lisa::{LisaAdamW, LisaParams, Mode, ParamState};
-pub use precision::{LossScaler, NonFinite};
+pub use precision::{CompactState, LossScaler, NonFinite};
 pub use sampler::{
     BlockSampler, GradNormSampler, Order, OrderedSampler, UniformSampler, WeightedSampler,
 };

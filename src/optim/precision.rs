@@ -19,6 +19,27 @@
 //! weights. f32 and f64 parameters are updated in place, with the same bits as
 //! `candle_nn::AdamW`.
 //!
+//! # Compact state
+//!
+//! [`LisaAdamW::set_compact_state`](crate::LisaAdamW::set_compact_state) keeps m and v in
+//! bf16 instead, for the always-trainable parameters (embedding, head, final norm: under LISA
+//! the largest state, held for the whole run) or for every trainable one:
+//!
+//! | parameter dtype | compact state while trainable | bytes per trainable parameter |
+//! |---|---|---|
+//! | f32 | m, v in bf16 | 4 (instead of 8) |
+//! | bf16, f16 | f32 master copy, m, v in bf16 | 8 (instead of 12) |
+//! | f64 | unchanged: m, v in f64 | 16 |
+//!
+//! The update is the same fused pass: each element's m and v are widened to f32, updated as
+//! in f32, and stored back with stochastic rounding, up or down to the neighbouring bf16 values
+//! with the probabilities that make the stored value right on average. Rounding to nearest
+//! would stall the second moment, whose decay by β₂ = 0.999 is below half a bf16 step. The
+//! random bits are a hash of the parameter's index, the element's index and the step, so a run
+//! is deterministic whatever the thread count. The weights and master copies stay exact, so
+//! the trajectory departs from the f32 one only by the moments' rounding (the README gives the
+//! measured gap). It runs on the CPU only: the CUDA kernel keeps f32 moments.
+//!
 //! # Non-finite gradients
 //!
 //! Before anything is written, every gradient the step would use is checked. A NaN or an
@@ -34,6 +55,20 @@
 //! small gradients underflow to zero).
 
 use crate::error::{LisaError, Result};
+
+/// Which trainable parameters keep their AdamW moments in bf16 (see
+/// [compact state](self#compact-state)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CompactState {
+    /// Moments in f32 (f64 for f64 parameters): the default.
+    #[default]
+    Off,
+    /// bf16 moments for the always-trainable parameters (under LISA: embedding, head and
+    /// final norm; in full fine-tuning and LoRA every parameter is always trainable).
+    AlwaysTrainable,
+    /// bf16 moments for every trainable parameter.
+    All,
+}
 
 /// What a step does with a NaN or infinite gradient when no [`LossScaler`] is set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ParamsAdamW;
 
-use super::adamw::{is_half, Moments};
+use super::adamw::{can_compact, is_half, Moments};
 use super::layer_map::ParamGroup;
 use super::lisa::{check_params, LisaAdamW, Mode};
 use super::precision::LossScaler;
@@ -184,15 +184,18 @@ impl LisaAdamW {
             } else {
                 var.dtype()
             };
-            let fits = |t: &Tensor| t.shape() == var.shape() && t.dtype() == state_dtype;
-            if !fits(&m) || !fits(&v) {
+            let compact = self.compact_at(i) && can_compact(var.dtype());
+            let moments_dtype = if compact { DType::BF16 } else { state_dtype };
+            let fits = |t: &Tensor, dtype| t.shape() == var.shape() && t.dtype() == dtype;
+            if !fits(&m, moments_dtype) || !fits(&v, moments_dtype) {
                 return Err(bad(format!(
-                    "the moments of {name} are not {state_dtype:?} of its shape {:?}",
+                    "the moments of {name} are not {moments_dtype:?} of its shape {:?} \
+                     (call set_compact_state as the saved run did before load_state)",
                     var.shape()
                 )));
             }
             match (&master, is_half(var.dtype())) {
-                (Some(w), true) if fits(w) => {}
+                (Some(w), true) if fits(w, DType::F32) => {}
                 (None, false) => {}
                 _ => {
                     return Err(bad(format!(
@@ -203,7 +206,14 @@ impl LisaAdamW {
                     )))
                 }
             }
-            state[i] = Some(Moments { m, v, master, step });
+            let salt = i as u64;
+            state[i] = Some(Moments {
+                m,
+                v,
+                master,
+                step,
+                salt,
+            });
         }
         if let Some(extra) = tensors.keys().next() {
             return Err(bad(format!(

@@ -2,6 +2,7 @@
 //! scaling for f16, non-finite gradients, and a builder that will not convert what trains.
 
 use candle_core::{DType, Device, Tensor, Var};
+use candle_lisa::optim::CompactState;
 use candle_lisa::{LisaAdamW, LisaError, Llama, LlamaConfig, LossScaler, NonFinite};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
@@ -63,8 +64,19 @@ fn train(
     steps: usize,
     params: ParamsAdamW,
 ) -> Result<(f32, VarMap, LisaAdamW), Box<dyn std::error::Error>> {
+    train_compact(dtype, steps, params, CompactState::Off)
+}
+
+/// [`train`] with the moments kept as `compact` says.
+fn train_compact(
+    dtype: DType,
+    steps: usize,
+    params: ParamsAdamW,
+    compact: CompactState,
+) -> Result<(f32, VarMap, LisaAdamW), Box<dyn std::error::Error>> {
     let varmap = varmap(dtype)?;
     let mut opt = lisa_with(&varmap, params)?;
+    opt.set_compact_state(compact)?;
     if dtype == DType::F16 {
         opt.set_loss_scaler(Some(LossScaler::new(1024.0, 2.0, 0.5, 2000)?));
     }
@@ -92,9 +104,14 @@ fn train(
                 trainable += var.elem_count();
                 let half = matches!(dtype, DType::BF16 | DType::F16);
                 assert_eq!(st.master.is_some(), half, "{name}: master iff half");
+                let moments = match compact {
+                    CompactState::All => DType::BF16,
+                    _ if half => DType::F32,
+                    _ => dtype,
+                };
+                assert_eq!(st.m.dtype(), moments, "{name}");
                 if let Some(w) = st.master {
                     assert_eq!(w.dtype(), DType::F32);
-                    assert_eq!(st.m.dtype(), DType::F32);
                     // The weight is the master rounded to nearest-even.
                     assert_eq!(
                         to_f32(var.as_tensor())?,
@@ -104,9 +121,11 @@ fn train(
                 }
             }
         }
-        let per_param = match dtype {
-            DType::F64 => 16,
-            DType::F32 => 8,
+        let per_param = match (dtype, compact) {
+            (DType::F64, _) => 16,
+            (DType::F32, CompactState::All) => 4,
+            (DType::F32, _) => 8,
+            (_, CompactState::All) => 8,
             _ => 12,
         };
         assert_eq!(opt.trainable_params(), trainable);
@@ -309,6 +328,52 @@ fn builder_refuses_to_convert_trainable_parameters() -> Result<(), Box<dyn std::
     let t = vb.get((64, 32), &name)?;
     assert_eq!(t.dtype(), DType::BF16);
     assert_eq!(opt.state_bytes(), bytes);
+    Ok(())
+}
+
+/// Compact (bf16, stochastically rounded) moments through six resamples, in f32 and bf16:
+/// 4 bytes of state per trainable f32 parameter and 8 per bf16 one (its master included),
+/// finite weights, and a final loss near the f32 run's with f32 moments: within 0.1% for
+/// f32 weights (measured 0.001%), 3% for bf16 weights (measured 0.9%). The state saves and loads bit-exactly; an optimizer
+/// without compact state refuses it and is left as it was.
+#[test]
+fn compact_state_tracks_f32_state() -> Result<(), Box<dyn std::error::Error>> {
+    let steps = 24;
+    let (want, _, _) = train(DType::F32, steps, params())?;
+    // bf16 weights alone move the loss by 1.4% (half_precision_tracks_f32), so its bound is
+    // that test's.
+    for (dtype, bound) in [(DType::F32, 1e-3), (DType::BF16, 0.03)] {
+        let (loss, varmap, opt) = train_compact(dtype, steps, params(), CompactState::All)?;
+        let rel = (loss - want).abs() / want;
+        println!(
+            "compact {dtype:?}: loss {loss:.5} vs f32 {want:.5} ({:.3}%)",
+            100.0 * rel
+        );
+        assert!(rel < bound, "{dtype:?}: loss {loss} vs {want}");
+        assert_eq!(opt.period_index(), 6);
+
+        let dir = tempfile::tempdir()?;
+        opt.save_state(dir.path())?;
+        let mut resumed = lisa(&varmap)?;
+        // Without compact state set, the bf16 moments do not fit: an error, nothing changed.
+        assert!(matches!(
+            resumed.load_state(dir.path()),
+            Err(LisaError::InvalidState { .. })
+        ));
+        assert_eq!(resumed.step_count(), 0);
+        resumed.set_compact_state(CompactState::All)?;
+        resumed.load_state(dir.path())?;
+        for name in varmap.data().lock().unwrap().keys() {
+            match (opt.param_state(name), resumed.param_state(name)) {
+                (Some(a), Some(b)) => {
+                    assert_eq!(to_f32(a.m)?, to_f32(b.m)?, "{name}");
+                    assert_eq!(to_f32(a.v)?, to_f32(b.v)?, "{name}");
+                }
+                (None, None) => {}
+                _ => panic!("{name}: trainable in one and not the other"),
+            }
+        }
+    }
     Ok(())
 }
 
