@@ -26,7 +26,7 @@ use candle_lisa::dist::Communicator;
 use candle_lisa::models::chat::{chat_example, read_chat_jsonl, ChatTemplate, SpecialTokens};
 use candle_lisa::models::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
 use candle_lisa::models::SaveOptions;
-use candle_lisa::optim::SamplerChoice;
+use candle_lisa::optim::{CompactState, SamplerChoice};
 use candle_lisa::train::{
     self, eval_loss, read_prompt_response_jsonl, Checkpointer, Cosine, Example, JsonlSink,
     LlamaFineTune, MetricsSink, StepSampler, TrainerConfig,
@@ -115,6 +115,11 @@ struct Args {
     recompute_frozen: bool,
     #[arg(long, default_value_t = 16)]
     lora_rank: usize,
+    /// Keep AdamW moments in bf16 (stochastic rounding): `off`, `always` (the always-trainable
+    /// parameters: embedding, head, final norm; every parameter in full fine-tuning and LoRA)
+    /// or `all`. CPU only.
+    #[arg(long, default_value = "off", value_parser = ["off", "always", "all"])]
+    compact_state: String,
     /// LoRA alpha (default: twice the rank).
     #[arg(long)]
     lora_alpha: Option<f64>,
@@ -383,7 +388,7 @@ fn run_config(args: &Args, method: &str) -> serde_json::Value {
         "max_grad_norm": args.max_grad_norm, "gamma": args.gamma, "period": args.period,
         "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "seed": args.seed,
         "sampler": format!("{:?}", args.sampler),
-        "recompute_frozen": args.recompute_frozen,
+        "recompute_frozen": args.recompute_frozen, "compact_state": args.compact_state,
     })
 }
 
@@ -402,6 +407,12 @@ fn train(
     let name = format!("{method:?}").to_lowercase();
     let heap_base = alloc::reset_peak();
     let mut run = fine_tune(method, args, model_dir, dtype, dev)?;
+    let compact = match args.compact_state.as_str() {
+        "always" => CompactState::AlwaysTrainable,
+        "all" => CompactState::All,
+        _ => CompactState::Off,
+    };
+    run.trainer.optimizer_mut().set_compact_state(compact)?;
     if let Some(comm) = comm {
         run.trainer.set_communicator(Box::new(comm.clone()))?;
     }

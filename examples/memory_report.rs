@@ -26,7 +26,9 @@
 //! `lisa1`, `lisa2`, `lisa4` (γ = 1, 2, 4 on a model rebuilt from the optimizer), their
 //! `-recompute` variants (frozen blocks recomputed in the backward pass), `lisa2-dropin` (a
 //! model built straight from the `VarMap`), `lisa2-frozen-embed` (the input embedding frozen:
-//! no gradient below the lowest active block) and `adamw-candle` (`candle_nn::AdamW`).
+//! no gradient below the lowest active block), `lisa2-compact` (bf16 moments for everything
+//! that trains, `CompactState::All`, with recompute; CPU only, left out on other devices) and
+//! `adamw-candle` (`candle_nn::AdamW`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -67,7 +69,7 @@ struct Args {
         value_delimiter = ','
     )]
     shape: Vec<String>,
-    /// Methods, comma-separated (default: all twelve).
+    /// Methods, comma-separated (default: all thirteen).
     #[arg(long, value_delimiter = ',', default_values_t = METHODS.map(String::from))]
     methods: Vec<String>,
     /// Tokens per sequence (T).
@@ -364,6 +366,8 @@ fn main() -> Result<(), Error> {
                     true if args.recompute_frozen => format!("{m}-recompute"),
                     _ => m.clone(),
                 })
+                // Compact state is updated on the CPU only.
+                .filter(|m| args.device == "cpu" || !m.ends_with("-compact"))
                 .collect();
             // Check every name before the first measurement starts.
             for shape in &args.shape {

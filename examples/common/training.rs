@@ -3,7 +3,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor};
-use candle_lisa::optim::SamplerChoice;
+use candle_lisa::optim::{CompactState, SamplerChoice};
 use candle_lisa::{
     frozen_var_builder, named_vars, LisaAdamW, LisaConfig, Llama, LlamaConfig, LoraConfig,
 };
@@ -15,7 +15,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 pub const SHAPES: [&str; 4] = ["smollm2-135m", "llama2-7b-scaled", "llama3.2-1b", "tiny"];
 
 /// Method names, in report order.
-pub const METHODS: [&str; 12] = [
+pub const METHODS: [&str; 13] = [
     "full",
     "adamw-candle",
     "lora16",
@@ -28,6 +28,7 @@ pub const METHODS: [&str; 12] = [
     "lisa2-recompute",
     "lisa4-recompute",
     "lisa2-frozen-embed",
+    "lisa2-compact",
 ];
 
 /// The Llama config of a shape name.
@@ -82,6 +83,8 @@ pub enum Method {
         recompute: bool,
         /// The input embedding is frozen (`LisaConfig::train_embedding` off).
         frozen_embed: bool,
+        /// Every trainable parameter keeps bf16 moments (`CompactState::All`, CPU only).
+        compact: bool,
     },
 }
 
@@ -103,11 +106,13 @@ impl std::str::FromStr for Method {
         let (gamma, variant) = rest.split_once('-').unwrap_or((rest, ""));
         let gamma = gamma.parse().map_err(|_| unknown())?;
         match variant {
-            "" | "dropin" | "recompute" | "frozen-embed" => Ok(Method::Lisa {
+            "" | "dropin" | "recompute" | "frozen-embed" | "compact" => Ok(Method::Lisa {
                 gamma,
                 drop_in: variant == "dropin",
-                recompute: variant == "recompute",
+                // Compact state is measured with recompute: the leanest LISA.
+                recompute: variant == "recompute" || variant == "compact",
                 frozen_embed: variant == "frozen-embed",
+                compact: variant == "compact",
             }),
             _ => Err(unknown()),
         }
@@ -221,6 +226,7 @@ impl Training {
                 drop_in,
                 recompute,
                 frozen_embed,
+                compact,
             } => {
                 let config = LisaConfig {
                     gamma,
@@ -230,8 +236,12 @@ impl Training {
                     train_embedding: !frozen_embed,
                     ..Default::default()
                 };
+                let mut opt = LisaAdamW::new(&weights.base, params, config)?;
+                if compact {
+                    opt.set_compact_state(CompactState::All)?;
+                }
                 Optim::Lean {
-                    opt: Box::new(LisaAdamW::new(&weights.base, params, config)?),
+                    opt: Box::new(opt),
                     rebuild: !drop_in,
                 }
             }

@@ -360,6 +360,12 @@ impl<M: CausalLm> Trainer<M> {
         &self.opt
     }
 
+    /// The optimizer, to change its settings between steps (compact state, the loss scaler,
+    /// the non-finite policy). The learning rate is the schedule's, set at every step.
+    pub fn optimizer_mut(&mut self) -> &mut LisaAdamW {
+        &mut self.opt
+    }
+
     /// Steps skipped so far for a non-finite loss or gradient.
     pub fn skipped_steps(&self) -> u64 {
         self.skipped
