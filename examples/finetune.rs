@@ -26,13 +26,18 @@ use candle_lisa::dist::Communicator;
 use candle_lisa::models::chat::{chat_example, read_chat_jsonl, ChatTemplate, SpecialTokens};
 use candle_lisa::models::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
 use candle_lisa::models::SaveOptions;
-use candle_lisa::optim::{CompactState, SamplerChoice};
+use candle_lisa::nn::calibrate::observe_linear_inputs;
+use candle_lisa::optim::{outlier_ratios, CompactState, SamplerChoice};
 use candle_lisa::train::{
-    self, eval_loss, read_prompt_response_jsonl, Checkpointer, Cosine, Example, JsonlSink,
-    LlamaFineTune, MetricsSink, StepSampler, TrainerConfig,
+    self, eval_loss, pad_batch, read_prompt_response_jsonl, Checkpointer, Cosine, Example,
+    JsonlSink, LlamaFineTune, MetricsSink, StepSampler, TrainerConfig,
 };
-use candle_lisa::{load_llama, LisaConfig, Llama, LlamaConfig, LoraConfig};
+use candle_lisa::{
+    frozen_var_builder, load_llama, LisaConfig, Llama, LlamaConfig, LoraConfig, TrainingPlan,
+    LLAMA_BLOCK_PATTERN,
+};
 use candle_nn::ParamsAdamW;
+use candle_nn::VarMap;
 use clap::{Parser, ValueEnum};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -109,6 +114,10 @@ struct Args {
     /// weighted:W0,W1,… (one weight per block).
     #[arg(long, default_value = "uniform")]
     sampler: SamplerChoice,
+    /// LISA: sample blocks by OwLore's outlier ratios with threshold M (instead of --sampler),
+    /// from a calibration pass over 64 training examples before training.
+    #[arg(long, value_name = "M")]
+    owlore: Option<f64>,
     /// LISA: recompute frozen blocks in the backward pass instead of keeping their
     /// activations (less memory, one more forward of each frozen block).
     #[arg(long)]
@@ -329,10 +338,17 @@ fn fine_tune(
     method: Method,
     args: &Args,
     model_dir: &Path,
+    data: &Data,
     dtype: DType,
     dev: &Device,
 ) -> Result<LlamaFineTune, Error> {
     let (config, base) = load_llama(model_dir, dtype, dev)?;
+    let sampler = match args.owlore {
+        Some(m) if method == Method::Lisa => {
+            SamplerChoice::Weighted(owlore_weights(&config, &base, data, m, args, dev)?)
+        }
+        _ => args.sampler.clone(),
+    };
     let params = ParamsAdamW {
         lr: args.lr,
         weight_decay: args.weight_decay,
@@ -343,7 +359,7 @@ fn fine_tune(
             gamma: args.gamma,
             period: args.period,
             seed: args.seed,
-            sampler: args.sampler.clone(),
+            sampler,
             recompute_frozen: args.recompute_frozen,
             ..Default::default()
         }),
@@ -377,6 +393,35 @@ fn fine_tune(
     )?)
 }
 
+/// OwLore's block weights for the base model: its forward over the first 64 training
+/// examples (8 at a time), with every Linear's inputs observed.
+fn owlore_weights(
+    config: &LlamaConfig,
+    base: &VarMap,
+    data: &Data,
+    threshold: f64,
+    args: &Args,
+    dev: &Device,
+) -> Result<Vec<f64>, Error> {
+    let plan = TrainingPlan::new(frozen_var_builder(base)?, false);
+    let model = Llama::from_plan(config, &plan)?;
+    let examples = &data.train[..data.train.len().min(64)];
+    let (_, inputs) = observe_linear_inputs(|| {
+        for chunk in examples.chunks(8) {
+            let batch = pad_batch(chunk, 0, Some(args.seq_len), dev)?;
+            model.forward(&batch.ids)?;
+        }
+        Ok(())
+    })?;
+    let ratios = outlier_ratios(base, LLAMA_BLOCK_PATTERN, &inputs, threshold)?;
+    let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.4}")).collect();
+    eprintln!(
+        "OwLore outlier ratios (M = {threshold}): [{}]",
+        shown.join(", ")
+    );
+    Ok(ratios)
+}
+
 /// Everything a resumed run must share with the one it continues (its hash is in each
 /// checkpoint's manifest).
 fn run_config(args: &Args, method: &str) -> serde_json::Value {
@@ -387,7 +432,7 @@ fn run_config(args: &Args, method: &str) -> serde_json::Value {
         "seq_len": args.seq_len, "lr": args.lr, "weight_decay": args.weight_decay,
         "max_grad_norm": args.max_grad_norm, "gamma": args.gamma, "period": args.period,
         "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "seed": args.seed,
-        "sampler": format!("{:?}", args.sampler),
+        "sampler": format!("{:?}", args.sampler), "owlore": args.owlore,
         "recompute_frozen": args.recompute_frozen, "compact_state": args.compact_state,
     })
 }
@@ -406,7 +451,7 @@ fn train(
 ) -> Result<serde_json::Value, Error> {
     let name = format!("{method:?}").to_lowercase();
     let heap_base = alloc::reset_peak();
-    let mut run = fine_tune(method, args, model_dir, dtype, dev)?;
+    let mut run = fine_tune(method, args, model_dir, data, dtype, dev)?;
     let compact = match args.compact_state.as_str() {
         "always" => CompactState::AlwaysTrainable,
         "all" => CompactState::All,

@@ -99,6 +99,7 @@ impl Module for Linear {
         })?;
         let rows = batch.iter().product::<usize>();
         let x2 = x.contiguous()?.reshape((rows, in_dim))?;
+        super::calibrate::record(&x2, &self.weight)?;
         let y = linear_matmul(&x2, &self.weight, "Linear")?;
         let y = match &self.bias {
             None => y,

@@ -5,6 +5,7 @@
 //! Nothing here names an optimizer: a model learns which parameters train from the builder
 //! of its [`TrainingPlan`].
 
+pub mod calibrate;
 pub mod linear;
 pub mod lora;
 pub mod norm;

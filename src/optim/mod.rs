@@ -5,6 +5,7 @@ mod adamw;
 mod config;
 mod layer_map;
 mod lisa;
+mod outliers;
 pub mod precision;
 pub mod sampler;
 mod state;
@@ -15,6 +16,7 @@ pub use config::{
 };
 pub use layer_map::{BlockPattern, LayerMap, ParamGroup};
 pub use lisa::{LisaAdamW, LisaParams, Mode, ParamState};
+pub use outliers::outlier_ratios;
 pub use precision::{CompactState, LossScaler, NonFinite};
 pub use sampler::{
     BlockSampler, GradNormSampler, Order, OrderedSampler, UniformSampler, WeightedSampler,

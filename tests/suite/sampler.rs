@@ -311,3 +311,49 @@ mod samplers {
         Ok(())
     }
 }
+
+/// OwLore's outlier ratios against hand-computed ones: block 0 is the identity read by inputs
+/// whose column norms are √10 and √20 (scores √10, 0, 0, √20; mean 1.909; above 2 × mean: √20
+/// only, 1 of 4); block 1 has one large weight in its last row (scores 3.16, 4.47 twice, 3.16
+/// and 40.25; mean 9.78; above 19.56: 40.25 only, 1 of 6). A block the pass never used and a
+/// threshold that is not positive are errors.
+#[test]
+fn outlier_ratios_by_hand() -> Result<(), Box<dyn std::error::Error>> {
+    use candle_core::{Module, Tensor, Var};
+    use candle_lisa::nn::calibrate::observe_linear_inputs;
+    use candle_lisa::optim::outlier_ratios;
+    use candle_lisa::{Linear, LLAMA_BLOCK_PATTERN};
+    let dev = candle_core::Device::Cpu;
+    let varmap = candle_nn::VarMap::new();
+    let weights = [
+        ("model.layers.0.mlp.w.weight", vec![1f32, 0., 0., 1.], 2),
+        (
+            "model.layers.1.mlp.w.weight",
+            vec![1f32, 1., 1., 1., 1., 9.],
+            3,
+        ),
+    ];
+    let mut layers = Vec::new();
+    for (name, w, rows) in weights {
+        let var = Var::from_tensor(&Tensor::from_vec(w, (rows, 2), &dev)?)?;
+        layers.push(Linear::new(var.as_tensor().detach(), None));
+        varmap.data().lock().unwrap().insert(name.to_string(), var);
+    }
+    let x = Tensor::new(&[[1f32, 2.], [3., 4.]], &dev)?;
+    let (_, inputs) = observe_linear_inputs(|| {
+        for layer in &layers {
+            layer.forward(&x)?;
+        }
+        Ok(())
+    })?;
+    assert_eq!(inputs.len(), 2);
+    let ratios = outlier_ratios(&varmap, LLAMA_BLOCK_PATTERN, &inputs, 2.0)?;
+    assert_eq!(ratios, [0.25, 1.0 / 6.0]);
+    // Only block 0 used: block 1 cannot be scored.
+    let (_, partial) = observe_linear_inputs(|| layers[0].forward(&x))?;
+    assert!(outlier_ratios(&varmap, LLAMA_BLOCK_PATTERN, &partial, 2.0).is_err());
+    assert!(outlier_ratios(&varmap, LLAMA_BLOCK_PATTERN, &inputs, 0.0).is_err());
+    // So high a threshold that nothing is an outlier.
+    assert!(outlier_ratios(&varmap, LLAMA_BLOCK_PATTERN, &inputs, 100.0).is_err());
+    Ok(())
+}
