@@ -1,8 +1,8 @@
 //! Fine-tune a Llama-family model with LISA, LoRA or full AdamW, side by side.
 //!
 //! `cargo run --release --example finetune` fine-tunes the bundled tiny checkpoint on a
-//! bundled arithmetic task (prompt `12+34=`, answer `46`, exact match on 200 held-out
-//! problems) with all three methods, and writes `metrics.jsonl`, `summary.json`, `loss.png`,
+//! bundled task (sorting five digits: prompt `31415=`, answer `11345`, exact match on 200
+//! held-out problems; `--task add` for two-digit addition) with all three methods, and writes `metrics.jsonl`, `summary.json`, `loss.png`,
 //! the fine-tuned models and crash-safe checkpoints under `--out` (default `runs/finetune`).
 //! `--help` lists the flags. Everything but the command line, the progress bar and the plot
 //! is the library's [`train`](candle_lisa::train) module. Peak memory is the peak of live heap
@@ -40,7 +40,7 @@ use candle_nn::ParamsAdamW;
 use candle_nn::VarMap;
 use clap::{Parser, ValueEnum};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
@@ -73,9 +73,13 @@ struct Args {
     model: Option<PathBuf>,
     /// Training data: plain text (`.txt`), JSONL with "prompt" and "response" fields, or chat
     /// JSONL with "messages" (rendered with the model's chat template; only the assistant
-    /// turns are trained on). Default: the bundled arithmetic task.
+    /// turns are trained on). Default: the bundled task (--task).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// The bundled task, without --data: `sort` (five digits into ascending order: `31415=` →
+    /// `11345`) or `add` (`12+34=` → `46`); exact match on 200 held-out problems.
+    #[arg(long, default_value = "sort", value_parser = ["sort", "add"])]
+    task: String,
     /// A Jinja chat template for chat data, when the model directory has none
     /// (`chat_template.jinja` or `tokenizer_config.json`).
     #[arg(long)]
@@ -84,7 +88,7 @@ struct Args {
     device: String,
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     dtype: String,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 500)]
     steps: usize,
     /// Examples per optimizer step.
     #[arg(long, default_value_t = 16)]
@@ -182,7 +186,26 @@ struct Data {
     pairs: Vec<(Vec<u32>, Vec<u32>)>,
 }
 
-/// The bundled task: `a+b=` → `a+b` for a, b in 0..50; 200 held out, chosen by the seed.
+/// The bundled task `sort`: five random digits → the same digits in ascending order
+/// (`31415=` → `11345`); 5000 distinct problems drawn by the seed, the first 200 held out. A
+/// token's answer depends on every digit of the prompt, which takes more than copying.
+fn sorting(seed: u64) -> Vec<(String, String)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut pairs = Vec::new();
+    while pairs.len() < 5000 {
+        let digits: Vec<u8> = (0..5).map(|_| rng.random_range(b'0'..=b'9')).collect();
+        if seen.insert(digits.clone()) {
+            let mut sorted = digits.clone();
+            sorted.sort_unstable();
+            let text = |d: Vec<u8>| String::from_utf8(d).unwrap_or_default();
+            pairs.push((format!("{}=", text(digits)), text(sorted)));
+        }
+    }
+    pairs
+}
+
+/// The bundled task `add`: `a+b=` → `a+b` for a, b in 0..50; 200 held out, chosen by the seed.
 fn arithmetic(seed: u64) -> Vec<(String, String)> {
     let mut pairs: Vec<(u32, u32)> = (0..50).flat_map(|a| (0..50).map(move |b| (a, b))).collect();
     pairs.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
@@ -192,7 +215,8 @@ fn arithmetic(seed: u64) -> Vec<(String, String)> {
 
 fn load_data(args: &Args, tok: &dyn TextTokenizer, eos: u32) -> Result<Data, Error> {
     let pairs = match &args.data {
-        None => arithmetic(args.seed),
+        None if args.task == "add" => arithmetic(args.seed),
+        None => sorting(args.seed),
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read --data {}: {e}", path.display()))?;
@@ -426,7 +450,7 @@ fn owlore_weights(
 /// checkpoint's manifest).
 fn run_config(args: &Args, method: &str) -> serde_json::Value {
     json!({
-        "method": method, "model": args.model, "data": args.data, "dtype": args.dtype,
+        "method": method, "model": args.model, "data": args.data, "task": args.task, "dtype": args.dtype,
         "chat_template": args.chat_template,
         "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
         "seq_len": args.seq_len, "lr": args.lr, "weight_decay": args.weight_decay,

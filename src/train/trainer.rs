@@ -132,12 +132,8 @@ pub struct Trainer<M> {
     skipped: u64,
     consecutive_skipped: usize,
     /// The other ranks of a data-parallel run, if any.
-    dist: Option<Dist>,
-}
-
-/// A data-parallel trainer's communicator and bucket size.
-struct Dist {
-    comm: Box<dyn Communicator>,
+    dist: Option<Box<dyn Communicator>>,
+    /// The largest bucket of gradients one all-reduce sends.
     bucket_bytes: usize,
 }
 
@@ -168,6 +164,7 @@ impl<M: CausalLm> Trainer<M> {
             skipped: 0,
             consecutive_skipped: 0,
             dist: None,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
         })
     }
 
@@ -190,10 +187,7 @@ impl<M: CausalLm> Trainer<M> {
             &self.device(),
             &dist::draw_summary(&self.opt),
         )?;
-        self.dist = Some(Dist {
-            comm,
-            bucket_bytes: DEFAULT_BUCKET_BYTES,
-        });
+        self.dist = Some(comm);
         Ok(())
     }
 
@@ -209,15 +203,13 @@ impl<M: CausalLm> Trainer<M> {
                 "the bucket size must be at least one byte".into(),
             ));
         }
-        if let Some(dist) = self.dist.as_mut() {
-            dist.bucket_bytes = bytes;
-        }
+        self.bucket_bytes = bytes;
         Ok(())
     }
 
     /// The communicator of a data-parallel run.
     pub fn communicator(&self) -> Option<&dyn Communicator> {
-        self.dist.as_ref().map(|d| d.comm.as_ref())
+        self.dist.as_deref()
     }
 
     /// This process's rank: 0 in a single process.
@@ -253,6 +245,11 @@ impl<M: CausalLm> Trainer<M> {
         let mut loss_sum = 0.0f64;
         let mut non_finite = false;
         for batch in micro_batches {
+            // Data-parallel, a share without counted labels adds nothing (its mean loss would
+            // be 0/0); its gradients go out as zeros.
+            if self.dist.is_some() && batch.tokens == 0 {
+                continue;
+            }
             let weight = batch.tokens as f64 / tokens.max(1) as f64;
             // The loss holds the graph: it goes out of scope, and the activations with it,
             // before the gradients are accumulated.
@@ -285,8 +282,7 @@ impl<M: CausalLm> Trainer<M> {
             loss_sum += value as f64 * weight;
         }
         let (mut loss, mut tokens, mut all_reduced_bytes) = (loss_sum, tokens, 0);
-        if let Some(d) = &self.dist {
-            let comm = d.comm.as_ref();
+        if let Some(comm) = self.dist.as_deref() {
             let totals = dist::totals(comm, &self.device(), tokens, loss_sum, non_finite)?;
             if totals.non_finite {
                 return self.skip(lr, totals.tokens as usize, f32::NAN);
@@ -296,7 +292,7 @@ impl<M: CausalLm> Trainer<M> {
             let scale = tokens as f64 / totals.tokens.max(1.0);
             let vars: Vec<Var> = self.opt.trainable_vars().map(|(_, v)| v.clone()).collect();
             all_reduced_bytes =
-                dist::all_reduce_gradients(comm, &vars, &mut acc, scale, d.bucket_bytes)?;
+                dist::all_reduce_gradients(comm, &vars, &mut acc, scale, self.bucket_bytes)?;
             (loss, tokens) = (totals.loss, totals.tokens as usize);
         }
         let before = self.opt.skipped_steps();
@@ -313,9 +309,9 @@ impl<M: CausalLm> Trainer<M> {
         let resampled = self.opt.resampled();
         if resampled {
             self.model = (self.build)(&self.opt.plan())?;
-            if let Some(d) = &self.dist {
+            if let Some(comm) = self.dist.as_deref() {
                 let summary = dist::draw_summary(&self.opt);
-                dist::check_agreement(d.comm.as_ref(), &self.device(), &summary)?;
+                dist::check_agreement(comm, &self.device(), &summary)?;
             }
         }
         Ok(StepReport {
@@ -388,13 +384,13 @@ impl<M: CausalLm> Trainer<M> {
         checkpointer: &Checkpointer,
         extra: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
-        let Some(d) = &self.dist else {
+        let Some(comm) = self.dist.as_deref() else {
             return self.write_checkpoint(checkpointer, extra);
         };
         let step = self.opt.step_count();
-        let written = (d.comm.rank() == 0).then(|| self.write_checkpoint(checkpointer, extra));
+        let written = (comm.rank() == 0).then(|| self.write_checkpoint(checkpointer, extra));
         let failed = matches!(written, Some(Err(_)));
-        let failed = dist::agree_on_failure(d.comm.as_ref(), &self.device(), failed)?;
+        let failed = dist::agree_on_failure(comm, &self.device(), failed)?;
         match written {
             Some(result) => result,
             None if failed => Err(LisaError::Communication(format!(
@@ -440,16 +436,16 @@ impl<M: CausalLm> Trainer<M> {
     /// are [`LisaError::RankDisagreement`].
     pub fn resume(&mut self, checkpointer: &Checkpointer) -> Result<Option<u64>> {
         let result = self.resume_here(checkpointer);
-        let Some(d) = &self.dist else {
+        let Some(comm) = self.dist.as_deref() else {
             return result;
         };
         let device = self.device();
-        if dist::agree_on_failure(d.comm.as_ref(), &device, result.is_err())? {
+        if dist::agree_on_failure(comm, &device, result.is_err())? {
             return result.and(Err(LisaError::Communication(
                 "another rank could not resume".into(),
             )));
         }
-        dist::check_agreement(d.comm.as_ref(), &device, &dist::draw_summary(&self.opt))?;
+        dist::check_agreement(comm, &device, &dist::draw_summary(&self.opt))?;
         result
     }
 
