@@ -15,7 +15,7 @@
 //! - `bandwidth`: the optimizer step (check pass and fused update) on a 128M-element parameter
 //!   against a device-to-device copy in the same run (the target is ≥ 60% of the copy's
 //!   bandwidth), and `candle_nn::AdamW` on the same parameter for comparison;
-//! - `finetune`: the bundled model fine-tuned with LISA on the bundled arithmetic task, the
+//! - `finetune`: the bundled model fine-tuned with LISA on the `a+b=` task (`finetune --task add`), the
 //!   first steps' losses against the CPU, then a few hundred steps on the device;
 //! - `memory`: the memory report's methods on `smollm2-135m` and `llama2-7b-scaled` (f32 and
 //!   bf16, T = 256) and on `llama3.2-1b` (bf16, T = 2048), peak device memory from the CUDA
@@ -367,7 +367,7 @@ fn check_bandwidth(report: &mut Report, dev: &Device, quick: bool) -> Result<(),
     Ok(())
 }
 
-/// LISA on the bundled model and task (`a+b=` → the sum, as the finetune example's default).
+/// LISA on the bundled model and task (`a+b=` → the sum, as `finetune --task add`).
 fn lisa_run(
     args: &Args,
     dev: &Device,
