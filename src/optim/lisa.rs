@@ -770,6 +770,7 @@ impl LisaAdamW {
     /// f32 master copies. Per trainable parameter that is 8 bytes in f32, 16 in f64 and 12
     /// in f16 or bf16 (see the [precision policy](crate::optim::precision)); so exactly
     /// 2 × [`trainable_bytes`](Self::trainable_bytes) when every parameter is f32 or f64.
+    /// With [compact state](Self::set_compact_state), 4 in f32 and 8 in f16 or bf16.
     pub fn state_bytes(&self) -> usize {
         self.state.iter().flatten().map(Moments::bytes).sum()
     }
