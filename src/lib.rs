@@ -16,13 +16,15 @@
 //! optimizer keeps f32 master weights and moments for what trains
 //! ([precision policy](optim::precision), [`LossScaler`] for f16).
 //!
-//! The crate has three layers, and dependencies point one way:
+//! The crate's modules, with dependencies pointing one way:
 //! - [`optim`]: [`LisaAdamW`], its update, samplers, layer map and state I/O;
 //! - [`nn`]: building blocks ([`Linear`], lean ops, recompute, LoRA) and the
 //!   [`TrainingPlan`] a model is built from, which [`LisaAdamW::plan`] produces;
 //! - [`models`]: model families, Hugging Face checkpoint I/O and tokenizers;
 //! - [`train`]: an optional [`Trainer`](train::Trainer) over any of them, with schedules,
-//!   batches and crash-safe checkpoints.
+//!   batches and crash-safe checkpoints;
+//! - [`dist`]: data-parallel training over MPI or NCCL that sends only the trainable
+//!   gradients, which the trainer uses.
 //!
 //! Models and building blocks never name the optimizer type.
 //!
