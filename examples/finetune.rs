@@ -2,8 +2,9 @@
 //!
 //! `cargo run --release --example finetune` fine-tunes the bundled tiny checkpoint on a
 //! bundled task (sorting five digits: prompt `31415=`, answer `11345`, exact match on 200
-//! held-out problems; `--task add` for two-digit addition) with all three methods, and writes `metrics.jsonl`, `summary.json`, `loss.png`,
-//! the fine-tuned models and crash-safe checkpoints under `--out` (default `runs/finetune`).
+//! held-out problems; `--task add` for two-digit addition) with all three methods, and writes
+//! `metrics.jsonl`, `summary.json`, `loss.png`, the fine-tuned models and crash-safe
+//! checkpoints under `--out` (default `runs/finetune`).
 //! `--help` lists the flags. Everything but the command line, the progress bar and the plot
 //! is the library's [`train`](candle_lisa::train) module. Peak memory is the peak of live heap
 //! bytes, counted by a global allocator in this program (CPU); on CUDA it is device memory.

@@ -204,14 +204,16 @@ fn send_bucket(
 }
 
 /// What every rank must agree on for the next step: the updates taken, the period, the
-/// active blocks and the trainable set.
+/// active blocks, the trainable set and the moments' format (ranks rounding their moments
+/// differently would drift apart).
 pub(crate) fn draw_summary(opt: &LisaAdamW) -> String {
     format!(
-        "step {}, period {}, active blocks {:?}, {} trainable parameters",
+        "step {}, period {}, active blocks {:?}, {} trainable parameters, compact state {:?}",
         opt.step_count(),
         opt.period_index(),
         opt.active_blocks(),
-        opt.trainable_params()
+        opt.trainable_params(),
+        opt.compact_state()
     )
 }
 
