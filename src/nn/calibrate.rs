@@ -13,7 +13,7 @@ thread_local! {
 }
 
 /// Identifies a tensor's storage: the same for a variable and every detached view of it, as a
-/// model holds its frozen weights.
+/// model holds its frozen weights (and what the fused update checks for aliasing).
 pub(crate) fn storage_key(t: &Tensor) -> usize {
     let (storage, _) = t.storage_and_layout();
     &*storage as *const Storage as usize

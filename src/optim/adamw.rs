@@ -8,6 +8,8 @@ use candle_nn::ParamsAdamW;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::nn::calibrate::storage_key;
+
 #[cfg(feature = "cuda")]
 mod cuda;
 
@@ -252,12 +254,6 @@ pub(crate) fn fusable(
             let keys: Vec<usize> = all.iter().map(|t| storage_key(t)).collect();
             (0..keys.len()).all(|i| !keys[i + 1..].contains(&keys[i]))
         }
-}
-
-/// Identifies a tensor's storage: equal for tensors that share it.
-fn storage_key(t: &Tensor) -> usize {
-    let (storage, _) = t.storage_and_layout();
-    &*storage as *const Storage as usize
 }
 
 /// Bias corrections and the other constants of update number `t` (1-based), computed in f64
