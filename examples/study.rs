@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! cargo build --release --examples
-//! target/release/examples/study --out runs/study --plot docs/study.png > docs/study.md
+//! RAYON_NUM_THREADS=1 target/release/examples/study --out runs/study --plot docs/study.png > docs/study.md
 //! ```
 //!
 //! Each run is one `finetune` process (the binary next to this one), with the same flags but
