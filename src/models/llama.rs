@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{LisaError, Result};
+use crate::nn::cpu::matmul;
 use crate::nn::linear::{linear_b, Linear};
 use crate::nn::lora::LoraConfig;
 use crate::nn::ops::{
@@ -1415,7 +1416,7 @@ pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor>
     }
     let targets = Targets::new(labels, b, t, v, hidden.dtype())?;
     let rows = move |x: &Tensor| x.detach().reshape((b * t, h));
-    let logits = move |x: &Tensor, w: &Tensor| rows(x)?.matmul(&w.detach().t()?);
+    let logits = move |x: &Tensor, w: &Tensor| matmul(&rows(x)?, &w.t()?);
     let loss = targets.loss(&logits(hidden, w)?)?;
     Ok(attach2(
         "lisa-head-loss",
@@ -1424,9 +1425,9 @@ pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor>
         loss,
         move |x, w, _y, g| {
             let d = targets.dlogits(&logits(x, w)?, g)?.to_dtype(x.dtype())?;
-            let dx = d.matmul(&w.detach())?.reshape((b, t, h))?;
+            let dx = matmul(&d, w)?.reshape((b, t, h))?;
             let dw = match w.track_op() {
-                true => Some(d.t()?.matmul(&rows(x)?)?),
+                true => Some(matmul(&d.t()?, &rows(x)?)?),
                 false => None,
             };
             Ok((Some(dx), dw))

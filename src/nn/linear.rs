@@ -160,7 +160,38 @@ impl CustomOp2 for LinearMatmul {
         "candle-lisa-linear-matmul"
     }
 
-    crate::nn::ops::backend_fwd!(self, |x, lx, w, lw| matmul_fwd(x, lx, w, lw));
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        lx: &Layout,
+        w: &candle_core::CpuStorage,
+        lw: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        match super::cpu::linear_fwd_cpu(x, lx, w, lw) {
+            Some(y) => Ok((y, Shape::from((lx.dims()[0], lw.dims()[0])))),
+            None => matmul_fwd(x, lx, w, lw),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        w: &candle_core::CudaStorage,
+        lw: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        matmul_fwd(x, lx, w, lw)
+    }
+
+    fn metal_fwd(
+        &self,
+        x: &candle_core::MetalStorage,
+        lx: &Layout,
+        w: &candle_core::MetalStorage,
+        lw: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        matmul_fwd(x, lx, w, lw)
+    }
 
     fn bwd(
         &self,
@@ -171,11 +202,11 @@ impl CustomOp2 for LinearMatmul {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.detach();
         let dx = match x.track_op() {
-            true => Some(grad.matmul(&w.detach())?),
+            true => Some(super::cpu::matmul(&grad, w)?),
             false => None,
         };
         let dw = match w.track_op() {
-            true => Some(grad.t()?.matmul(&x.detach())?),
+            true => Some(super::cpu::matmul(&grad.t()?, x)?),
             false => None,
         };
         Ok((dx, dw))

@@ -6,6 +6,7 @@
 //! of its [`TrainingPlan`].
 
 pub mod calibrate;
+pub(crate) mod cpu;
 pub mod linear;
 pub mod lora;
 pub mod norm;

@@ -27,6 +27,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, BinaryOpT, Mul};
 use std::marker::PhantomData;
 
+use super::cpu::{self, matmul};
+
 use std::sync::{Arc, Mutex};
 
 use candle_core::{
@@ -251,12 +253,17 @@ pub fn causal_attention_softcap(
             v.shape()
         )
     }
+    if softcap.is_none() && mask.dims() == [t, t] {
+        if let Some(y) = cpu_attention(q, k, v, mask, scale, cpu::AttnDims { b, h, kv, t, d })? {
+            return Ok(y);
+        }
+    }
     let n = h / kv;
     let group = move |q: &Tensor| q.contiguous()?.reshape((b, kv, n * t, d));
     let mask = mask.detach();
     // The probabilities, and tanh(u / c) of the raw scores u when capped.
     let probs = move |q: &Tensor, k: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
-        let raw = (group(q)?.matmul(&k.t()?)? * scale)?;
+        let raw = (matmul(&group(q)?, &k.t()?)? * scale)?;
         let (scores, tanh) = match softcap {
             None => (raw, None),
             Some(c) => {
@@ -275,7 +282,7 @@ pub fn causal_attention_softcap(
         k.detach().contiguous()?,
         v.detach().contiguous()?,
     );
-    let y = probs(&qd, &kd)?.0.matmul(&vd)?.reshape((b, h, t, d))?;
+    let y = matmul(&probs(&qd, &kd)?.0, &vd)?.reshape((b, h, t, d))?;
     attach3(
         "lisa-causal-attention",
         q,
@@ -290,8 +297,8 @@ pub fn causal_attention_softcap(
             );
             let g = group(&g.detach())?;
             let (p, tanh) = probs(&q, &k)?;
-            let dv = p.t()?.matmul(&g)?;
-            let dp = g.matmul(&v.t()?)?;
+            let dv = matmul(&p.t()?, &g)?;
+            let dp = matmul(&g, &v.t()?)?;
             let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
             let mut ds = (dp.broadcast_sub(&row)? * p)?;
             if let Some(th) = tanh {
@@ -299,11 +306,85 @@ pub fn causal_attention_softcap(
                 ds = (ds * (1.0 - th.sqr()?)?)?;
             }
             let ds = (ds * scale)?;
-            let dq = ds.matmul(&k)?.reshape((b, h, t, d))?;
-            let dk = ds.t()?.matmul(&group(&q)?)?;
+            let dq = matmul(&ds, &k)?.reshape((b, h, t, d))?;
+            let dk = matmul(&ds.t()?, &group(&q)?)?;
             Ok((Some(dq), Some(dk), Some(dv)))
         },
     )
+}
+
+/// [`causal_attention`] on the CPU in f32 by the fused kernels of [`cpu`]: one task per query
+/// head on candle's barrier pool, softmax rows in place, no `(t, t)` tensor. `None` for other
+/// devices and dtypes.
+fn cpu_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    dims: cpu::AttnDims,
+) -> Result<Option<Tensor>> {
+    let all_f32 = [q, k, v, mask]
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
+    if !all_f32 {
+        return Ok(None);
+    }
+    let [qd, kd, vd, md] = [q, k, v, mask].map(|t| t.detach().contiguous());
+    let (qd, kd, vd, md) = (qd?, kd?, vd?, md?);
+    let run = move |g: Option<&Tensor>| -> Result<Vec<Vec<f32>>> {
+        let views = [&qd, &kd, &vd, &md].map(cpu::f32_view);
+        let [Some(q), Some(k), Some(v), Some(m)] = &views else {
+            candle_core::bail!("lisa-causal-attention: inputs are not contiguous f32 on the CPU")
+        };
+        let x = cpu::AttnInputs {
+            q: cpu::f32_slice(q),
+            k: cpu::f32_slice(k),
+            v: cpu::f32_slice(v),
+            mask: cpu::f32_slice(m),
+            scale: scale as f32,
+        };
+        let out = match g {
+            None => cpu::attention_fwd(x, dims).map(|y| vec![y]),
+            Some(g) => {
+                let g = g.detach().contiguous()?;
+                let gv = cpu::f32_view(&g);
+                let gs = gv.as_ref().map(cpu::f32_slice);
+                gs.and_then(|g| cpu::attention_bwd(x, g, dims))
+                    .map(|(dq, dk, dv)| vec![dq, dk, dv])
+            }
+        };
+        out.ok_or_else(|| {
+            candle_core::Error::Msg(format!("lisa-causal-attention: shapes do not fit {dims:?}"))
+        })
+    };
+    let cpu::AttnDims { b, h, kv, t, d } = dims;
+    let y = run(None)?.remove(0);
+    let y = Tensor::from_vec(y, (b, h, t, d), q.device())?;
+    attach3(
+        "lisa-causal-attention",
+        q,
+        k,
+        v,
+        y,
+        move |_q, _k, _v, _y, g| {
+            let mut grads = run(Some(g))?.into_iter();
+            let mut next = |shape: (usize, usize, usize, usize)| -> Result<Option<Tensor>> {
+                let data = grads.next().unwrap_or_default();
+                Ok(Some(Tensor::from_vec(
+                    data,
+                    shape,
+                    &candle_core::Device::Cpu,
+                )?))
+            };
+            Ok((
+                next((b, h, t, d))?,
+                next((b, kv, t, d))?,
+                next((b, kv, t, d))?,
+            ))
+        },
+    )
+    .map(Some)
 }
 
 /// `silu(gate) ⊙ up`, the SwiGLU of Llama's MLP, differentiable; the graph keeps `gate`, `up`
@@ -357,7 +438,6 @@ macro_rules! backend_fwd {
         }
     };
 }
-pub(crate) use backend_fwd;
 
 /// A backend's storage type, and how to find it inside a [`Storage`].
 trait BackendOf: BackendStorage {
