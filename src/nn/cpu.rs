@@ -275,147 +275,6 @@ pub(crate) fn linear_fwd_cpu(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every layout the callers produce (row-major, transposed, batched, a batched transpose,
-    /// an offset view) against a sum in f64 over the same elements.
-    #[test]
-    fn matmul_matches_a_direct_sum() -> Result<()> {
-        let dev = Device::Cpu;
-        let reference = |a: &Tensor, b: &Tensor| -> Result<Vec<f64>> {
-            let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
-            let rank = a.rank();
-            let (m, k, n) = (a.dim(rank - 2)?, a.dim(rank - 1)?, b.dim(rank - 1)?);
-            let batch = a.elem_count() / (m * k);
-            let a = a.reshape((batch, m, k))?.to_vec3::<f64>()?;
-            let b = b.reshape((batch, k, n))?.to_vec3::<f64>()?;
-            let mut out = Vec::new();
-            for (ap, bp) in a.iter().zip(&b) {
-                for row in ap {
-                    out.extend((0..n).map(|j| (0..k).map(|l| row[l] * bp[l][j]).sum::<f64>()));
-                }
-            }
-            Ok(out)
-        };
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 70, 40), &dev)?;
-        let y = Tensor::randn(0f32, 1.0, (2, 3, 40, 90), &dev)?;
-        let wide = Tensor::randn(0f32, 1.0, (300, 260), &dev)?;
-        let cases: Vec<(Tensor, Tensor)> = vec![
-            (x.get(0)?.get(0)?, y.get(0)?.get(0)?),
-            (x.clone(), y.clone()),
-            (y.transpose(2, 3)?, x.transpose(2, 3)?),
-            (x.get(1)?, y.get(1)?.narrow(2, 5, 60)?),
-            (wide.narrow(0, 3, 256)?, wide.t()?.narrow(1, 10, 250)?),
-            (x.get(0)?.get(0)?.narrow(0, 0, 1)?, y.get(0)?.get(0)?),
-        ];
-        for (a, b) in cases {
-            let got = matmul(&a, &b)?;
-            assert_eq!(got.dims(), a.matmul(&b.contiguous()?)?.dims());
-            let got = got.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            let want = reference(&a, &b)?;
-            for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
-            }
-        }
-        assert!(matmul(&x, &x).is_err());
-        Ok(())
-    }
-
-    #[test]
-    fn exp_is_within_3e7_of_f64() {
-        let mut worst = 0f64;
-        for i in -2_000_000..=2_000_000 {
-            let x = i as f32 * 4.3e-5;
-            let want = (x as f64).exp();
-            worst = worst.max(((exp(x) as f64) - want).abs() / want);
-        }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp(-87.4), 0.0);
-        assert_eq!(exp(0.0), 1.0);
-        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
-        assert!(exp(f32::NAN).is_nan());
-    }
-
-    /// The fused attention and its gradients against candle's autograd in f64 through plain
-    /// ops, with grouped queries, a causal mask plus finite random offsets, and a length that
-    /// is no multiple of the vector width.
-    #[test]
-    fn attention_matches_autograd() -> Result<()> {
-        let dev = Device::Cpu;
-        let dims = AttnDims {
-            b: 2,
-            h: 4,
-            kv: 2,
-            t: 37,
-            d: 8,
-        };
-        let AttnDims { b, h, kv, t, d } = dims;
-        let scale = 0.35;
-        let q = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
-        let k = Tensor::randn(0f32, 1.0, (b, kv, t, d), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (b, kv, t, d), &dev)?;
-        let g = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
-        let causal = crate::nn::ops::causal_mask(t, DType::F32, &dev)?;
-        let mask = (causal + Tensor::randn(0f32, 1.0, (t, t), &dev)?)?;
-        let slices = [&q, &k, &v, &mask, &g].map(|t| t.flatten_all()?.to_vec1::<f32>());
-        let [qs, ks, vs, ms, gs] = slices;
-        let (qs, ks, vs, ms, gs) = (qs?, ks?, vs?, ms?, gs?);
-        let x = AttnInputs {
-            q: &qs,
-            k: &ks,
-            v: &vs,
-            mask: &ms,
-            scale,
-        };
-        let y = attention_fwd(x, dims).unwrap();
-        let (dq, dk, dv) = attention_bwd(x, &gs, dims).unwrap();
-
-        let f64v = |t: &Tensor| -> Result<candle_core::Var> {
-            candle_core::Var::from_tensor(&t.to_dtype(DType::F64)?)
-        };
-        let (qv, kv_, vv) = (f64v(&q)?, f64v(&k)?, f64v(&v)?);
-        let n = h / kv;
-        let expand = |t: &Tensor| -> Result<Tensor> {
-            t.unsqueeze(2)?
-                .broadcast_as((b, kv, n, t.dim(2)?, d))?
-                .reshape((b, h, t.dim(2)?, d))
-        };
-        let (ke, ve) = (expand(kv_.as_tensor())?, expand(vv.as_tensor())?);
-        let scores = (qv.as_tensor().matmul(&ke.t()?)? * scale as f64)?
-            .broadcast_add(&mask.to_dtype(DType::F64)?)?;
-        let p = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
-        let want_y = p.matmul(&ve)?;
-        let grads = (&want_y * g.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
-        let close = |got: &[f32], want: &Tensor, what: &str| -> Result<()> {
-            let want = want.flatten_all()?.to_vec1::<f64>()?;
-            assert_eq!(got.len(), want.len(), "{what}");
-            for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "{what}: {g} vs {w}"
-                );
-            }
-            Ok(())
-        };
-        close(&y, &want_y, "y")?;
-        close(&dq, grads.get(qv.as_tensor()).unwrap(), "dq")?;
-        close(&dk, grads.get(kv_.as_tensor()).unwrap(), "dk")?;
-        close(&dv, grads.get(vv.as_tensor()).unwrap(), "dv")?;
-        assert!(attention_fwd(
-            AttnInputs {
-                mask: &ms[1..],
-                ..x
-            },
-            dims
-        )
-        .is_none());
-        Ok(())
-    }
-}
-
 /// `dst (m × n, row stride dst_rs) (+)= a · b` on the calling thread; `accumulate` adds to
 /// what `dst` holds instead of overwriting it.
 ///
@@ -806,5 +665,416 @@ pub(crate) fn f32_slice<'a>(
     match &*view.0 {
         Storage::Cpu(CpuStorage::F32(v)) => &v[view.1.clone()],
         _ => &[],
+    }
+}
+
+/// Elements per task of the elementwise kernels: large enough that handing out a task costs
+/// nothing next to it, small enough to balance (candle's own elementwise ops use the same).
+const ELEMENTS_PER_TASK: usize = 16 * 1024;
+
+/// `N` vectors of `len` elements, filled in parallel on candle's barrier pool: `fill(range,
+/// outs)` writes every element of `outs[i]`, the slots `range` of output `i`. Ranges start
+/// at multiples of `align` elements (a row length, so that no row is split).
+fn par_fill<const N: usize>(
+    len: usize,
+    align: usize,
+    fill: impl Fn(std::ops::Range<usize>, [&mut [std::mem::MaybeUninit<f32>]; N]) + Sync,
+) -> [Vec<f32>; N] {
+    let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::with_capacity(len));
+    let ptrs = outs.each_mut().map(|v| SharedMut(v.as_mut_ptr()));
+    let step = ELEMENTS_PER_TASK.div_ceil(align.max(1)) * align.max(1);
+    let run = |task: usize| {
+        let range = task * step..len.min((task + 1) * step);
+        // SAFETY: the tasks' ranges are disjoint and inside each vector's capacity.
+        let slots = ptrs.map(|p| unsafe {
+            std::slice::from_raw_parts_mut(
+                p.0.add(range.start).cast::<std::mem::MaybeUninit<f32>>(),
+                range.len(),
+            )
+        });
+        fill(range, slots);
+    };
+    let tasks = len.div_ceil(step);
+    match tasks {
+        0 => {}
+        1 => run(0),
+        _ => candle_core::utils::barrier_pool().execute_chunked(tasks, |r| r.for_each(run)),
+    }
+    // SAFETY: `fill` wrote every element of every range, and the ranges cover 0..len.
+    outs.each_mut()
+        .iter_mut()
+        .for_each(|v| unsafe { v.set_len(len) });
+    outs
+}
+
+/// `silu(gate) ⊙ up`, elementwise, `σ(x) = 1 / (1 + e^−x)`.
+pub(crate) fn swiglu_fwd(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let [y] = par_fill(gate.len(), 1, |r, [y]| {
+        for ((y, &g), &u) in y.iter_mut().zip(&gate[r.clone()]).zip(&up[r]) {
+            y.write(g * u / (1.0 + exp(-g)));
+        }
+    });
+    y
+}
+
+/// `(dL/dgate, dL/dup)` of [`swiglu_fwd`] for the output gradient `dy`:
+/// `dup = dy·silu(gate)`, `dgate = dy·up·σ(gate)·(1 + gate − silu(gate))`.
+pub(crate) fn swiglu_bwd(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let [dgate, dup] = par_fill(gate.len(), 1, |r, [dgate, dup]| {
+        let ins = gate[r.clone()].iter().zip(&up[r.clone()]).zip(&dy[r]);
+        for ((dg, du), ((&g, &u), &d)) in dgate.iter_mut().zip(dup.iter_mut()).zip(ins) {
+            let s = 1.0 / (1.0 + exp(-g));
+            let silu = g * s;
+            du.write(d * silu);
+            dg.write(d * u * s * (1.0 + g - silu));
+        }
+    });
+    (dgate, dup)
+}
+
+/// `x / √(mean(x²) + ε) ⊙ w` over rows of `w.len()` elements.
+pub(crate) fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let h = w.len();
+    let [y] = par_fill(x.len(), h, |r, [y]| {
+        for (y, x) in y.chunks_exact_mut(h).zip(x[r].chunks_exact(h)) {
+            let inv = 1.0 / (dot(x, x) / h as f32 + eps).sqrt();
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                y.write(x * inv * w);
+            }
+        }
+    });
+    y
+}
+
+/// Rows per partial sum of the norm weight's gradient: the partial sums, and the order they
+/// are added in, do not depend on the number of threads.
+const ROWS_PER_PARTIAL: usize = 32;
+
+/// `(dL/dx, dL/dw)` of [`rms_norm_fwd`] for the output gradient `dy`, with `r = 1/√(mean(x²)
+/// + ε)` and `n = x·r`: `dx = (dy⊙w − n·mean(dy⊙w⊙n))·r`, `dw = Σ_rows dy⊙n` (when
+/// `with_dw`).
+pub(crate) fn rms_norm_bwd(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+    with_dw: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let h = w.len();
+    let [dx] = par_fill(x.len(), h, |r, [dx]| {
+        let rows = x[r.clone()].chunks_exact(h).zip(dy[r].chunks_exact(h));
+        for (dx, (x, dy)) in dx.chunks_exact_mut(h).zip(rows) {
+            let inv = 1.0 / (dot(x, x) / h as f32 + eps).sqrt();
+            let mut lanes = [0f32; 16];
+            let mut tail = 0f32;
+            // mean(dy⊙w⊙n) = r·Σ dy·w·x / h
+            let (cx, cd, cw) = (x.chunks_exact(16), dy.chunks_exact(16), w.chunks_exact(16));
+            for ((&x, &d), &w) in cx
+                .remainder()
+                .iter()
+                .zip(cd.remainder())
+                .zip(cw.remainder())
+            {
+                tail += d * w * x;
+            }
+            for ((x, d), w) in cx.zip(cd).zip(cw) {
+                for i in 0..16 {
+                    lanes[i] += d[i] * w[i] * x[i];
+                }
+            }
+            let mean = (lanes.iter().sum::<f32>() + tail) * inv / h as f32;
+            for (((dx, &x), &d), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                dx.write((d * w - x * inv * mean) * inv);
+            }
+        }
+    });
+    let dw = with_dw.then(|| {
+        let rows = x.len() / h.max(1);
+        let partials = rows.div_ceil(ROWS_PER_PARTIAL);
+        let [parts] = par_fill(partials * h, h, |r, [out]| {
+            for (p, out) in (r.start / h..r.end / h).zip(out.chunks_exact_mut(h)) {
+                let acc: &mut [f32] = &mut vec![0f32; h];
+                let first = p * ROWS_PER_PARTIAL;
+                for row in first..rows.min(first + ROWS_PER_PARTIAL) {
+                    let (x, dy) = (&x[row * h..(row + 1) * h], &dy[row * h..(row + 1) * h]);
+                    let inv = 1.0 / (dot(x, x) / h as f32 + eps).sqrt();
+                    for ((a, &x), &d) in acc.iter_mut().zip(x).zip(dy) {
+                        *a += d * x * inv;
+                    }
+                }
+                for (o, &a) in out.iter_mut().zip(acc.iter()) {
+                    o.write(a);
+                }
+            }
+        });
+        let mut dw = vec![0f32; h];
+        for part in parts.chunks_exact(h) {
+            dw.iter_mut().zip(part).for_each(|(d, p)| *d += p);
+        }
+        dw
+    });
+    (dx, dw)
+}
+
+/// Rotary embedding in the "rotate half" layout over rows of `d` elements: for row `i`
+/// (position `i mod t`) and `j < d/2`, `y_j = x_j·cos − x_{j+d/2}·sin` and `y_{j+d/2} =
+/// x_{j+d/2}·cos + x_j·sin`, with `cos`, `sin` `(t, d/2)`. With `sign = −1` it is the inverse
+/// rotation (the backward pass).
+pub(crate) fn rope_fwd(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    t: usize,
+    d: usize,
+    sign: f32,
+) -> Vec<f32> {
+    let half = d / 2;
+    let [y] = par_fill(x.len(), d, |r, [y]| {
+        let first = r.start / d;
+        for (i, (y, x)) in y.chunks_exact_mut(d).zip(x[r].chunks_exact(d)).enumerate() {
+            let pos = (first + i) % t;
+            let (c, s) = (
+                &cos[pos * half..(pos + 1) * half],
+                &sin[pos * half..(pos + 1) * half],
+            );
+            let (x1, x2) = x.split_at(half);
+            let (y1, y2) = y.split_at_mut(half);
+            for j in 0..half {
+                let sj = sign * s[j];
+                y1[j].write(x1[j] * c[j] - x2[j] * sj);
+                y2[j].write(x2[j] * c[j] + x1[j] * sj);
+            }
+        }
+    });
+    y
+}
+
+/// Whether every tensor is f32 on the CPU (what the kernels here take).
+pub(crate) fn all_cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+}
+
+/// `f` on the elements of contiguous f32 CPU tensors, borrowed from their storage; an error
+/// for any other tensor.
+pub(crate) fn with_slices<const N: usize, R>(
+    ts: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> R,
+) -> Result<R> {
+    let views = ts.map(f32_view);
+    if views.iter().any(Option::is_none) {
+        candle_core::bail!("candle-lisa CPU kernel: a tensor is not contiguous f32 on the CPU")
+    }
+    let slices = views
+        .each_ref()
+        .map(|v| v.as_ref().map_or(&[][..], f32_slice));
+    Ok(f(slices))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every layout the callers produce (row-major, transposed, batched, a batched transpose,
+    /// an offset view) against a sum in f64 over the same elements.
+    #[test]
+    fn matmul_matches_a_direct_sum() -> Result<()> {
+        let dev = Device::Cpu;
+        let reference = |a: &Tensor, b: &Tensor| -> Result<Vec<f64>> {
+            let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
+            let rank = a.rank();
+            let (m, k, n) = (a.dim(rank - 2)?, a.dim(rank - 1)?, b.dim(rank - 1)?);
+            let batch = a.elem_count() / (m * k);
+            let a = a.reshape((batch, m, k))?.to_vec3::<f64>()?;
+            let b = b.reshape((batch, k, n))?.to_vec3::<f64>()?;
+            let mut out = Vec::new();
+            for (ap, bp) in a.iter().zip(&b) {
+                for row in ap {
+                    out.extend((0..n).map(|j| (0..k).map(|l| row[l] * bp[l][j]).sum::<f64>()));
+                }
+            }
+            Ok(out)
+        };
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 70, 40), &dev)?;
+        let y = Tensor::randn(0f32, 1.0, (2, 3, 40, 90), &dev)?;
+        let wide = Tensor::randn(0f32, 1.0, (300, 260), &dev)?;
+        let cases: Vec<(Tensor, Tensor)> = vec![
+            (x.get(0)?.get(0)?, y.get(0)?.get(0)?),
+            (x.clone(), y.clone()),
+            (y.transpose(2, 3)?, x.transpose(2, 3)?),
+            (x.get(1)?, y.get(1)?.narrow(2, 5, 60)?),
+            (wide.narrow(0, 3, 256)?, wide.t()?.narrow(1, 10, 250)?),
+            (x.get(0)?.get(0)?.narrow(0, 0, 1)?, y.get(0)?.get(0)?),
+        ];
+        for (a, b) in cases {
+            let got = matmul(&a, &b)?;
+            assert_eq!(got.dims(), a.matmul(&b.contiguous()?)?.dims());
+            let got = got.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let want = reference(&a, &b)?;
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+            }
+        }
+        assert!(matmul(&x, &x).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn exp_is_within_3e7_of_f64() {
+        let mut worst = 0f64;
+        for i in -2_000_000..=2_000_000 {
+            let x = i as f32 * 4.3e-5;
+            let want = (x as f64).exp();
+            worst = worst.max(((exp(x) as f64) - want).abs() / want);
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-87.4), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    /// The fused attention and its gradients against candle's autograd in f64 through plain
+    /// ops, with grouped queries, a causal mask plus finite random offsets, and a length that
+    /// is no multiple of the vector width.
+    #[test]
+    fn attention_matches_autograd() -> Result<()> {
+        let dev = Device::Cpu;
+        let dims = AttnDims {
+            b: 2,
+            h: 4,
+            kv: 2,
+            t: 37,
+            d: 8,
+        };
+        let AttnDims { b, h, kv, t, d } = dims;
+        let scale = 0.35;
+        let q = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (b, kv, t, d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (b, kv, t, d), &dev)?;
+        let g = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
+        let causal = crate::nn::ops::causal_mask(t, DType::F32, &dev)?;
+        let mask = (causal + Tensor::randn(0f32, 1.0, (t, t), &dev)?)?;
+        let slices = [&q, &k, &v, &mask, &g].map(|t| t.flatten_all()?.to_vec1::<f32>());
+        let [qs, ks, vs, ms, gs] = slices;
+        let (qs, ks, vs, ms, gs) = (qs?, ks?, vs?, ms?, gs?);
+        let x = AttnInputs {
+            q: &qs,
+            k: &ks,
+            v: &vs,
+            mask: &ms,
+            scale,
+        };
+        let y = attention_fwd(x, dims).unwrap();
+        let (dq, dk, dv) = attention_bwd(x, &gs, dims).unwrap();
+
+        let f64v = |t: &Tensor| -> Result<candle_core::Var> {
+            candle_core::Var::from_tensor(&t.to_dtype(DType::F64)?)
+        };
+        let (qv, kv_, vv) = (f64v(&q)?, f64v(&k)?, f64v(&v)?);
+        let n = h / kv;
+        let expand = |t: &Tensor| -> Result<Tensor> {
+            t.unsqueeze(2)?
+                .broadcast_as((b, kv, n, t.dim(2)?, d))?
+                .reshape((b, h, t.dim(2)?, d))
+        };
+        let (ke, ve) = (expand(kv_.as_tensor())?, expand(vv.as_tensor())?);
+        let scores = (qv.as_tensor().matmul(&ke.t()?)? * scale as f64)?
+            .broadcast_add(&mask.to_dtype(DType::F64)?)?;
+        let p = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
+        let want_y = p.matmul(&ve)?;
+        let grads = (&want_y * g.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
+        let close = |got: &[f32], want: &Tensor, what: &str| -> Result<()> {
+            let want = want.flatten_all()?.to_vec1::<f64>()?;
+            assert_eq!(got.len(), want.len(), "{what}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{what}: {g} vs {w}"
+                );
+            }
+            Ok(())
+        };
+        close(&y, &want_y, "y")?;
+        close(&dq, grads.get(qv.as_tensor()).unwrap(), "dq")?;
+        close(&dk, grads.get(kv_.as_tensor()).unwrap(), "dk")?;
+        close(&dv, grads.get(vv.as_tensor()).unwrap(), "dv")?;
+        assert!(attention_fwd(
+            AttnInputs {
+                mask: &ms[1..],
+                ..x
+            },
+            dims
+        )
+        .is_none());
+        Ok(())
+    }
+
+    /// The ops' f32 CPU paths (these kernels) against their f64 paths (plain candle ops,
+    /// checked by finite differences in the model's gradient test): outputs and every input's
+    /// gradient, through candle's autograd, on rows that are no multiple of the vector width.
+    #[test]
+    fn fused_ops_match_their_f64_paths() -> Result<()> {
+        use crate::nn::ops;
+        use candle_core::Var;
+        type Op = fn(&[Tensor]) -> Result<Tensor>;
+        let dev = Device::Cpu;
+        let (b, h, t, d) = (2, 3, 21, 10);
+        let cos = Tensor::randn(0f32, 1.0, (t + 4, d / 2), &dev)?;
+        let sin = Tensor::randn(0f32, 1.0, (t + 4, d / 2), &dev)?;
+        let cases: Vec<(&str, Vec<Tensor>, Op)> = vec![
+            (
+                "swiglu",
+                vec![
+                    Tensor::randn(0f32, 3.0, (b, t, 37), &dev)?,
+                    Tensor::randn(0f32, 1.0, (b, t, 37), &dev)?,
+                ],
+                |x| ops::swiglu(&x[0], &x[1]),
+            ),
+            (
+                "rms_norm",
+                vec![
+                    Tensor::randn(0f32, 1.0, (b, t, 37), &dev)?,
+                    Tensor::randn(1f32, 0.2, 37, &dev)?,
+                ],
+                |x| ops::rms_norm(&x[0], &x[1], 1e-5),
+            ),
+            (
+                "rope",
+                vec![Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?, cos, sin],
+                |x| ops::rope(&x[0], &x[1], &x[2]),
+            ),
+        ];
+        for (name, inputs, op) in cases {
+            let probe = Tensor::randn(0f64, 1.0, op(&inputs)?.shape(), &dev)?;
+            let run = |dtype: DType| -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
+                let vars = inputs
+                    .iter()
+                    .map(|x| Var::from_tensor(&x.to_dtype(dtype)?))
+                    .collect::<Result<Vec<_>>>()?;
+                let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+                let y = op(&ts)?;
+                let grads = (&y * probe.to_dtype(dtype)?)?.sum_all()?.backward()?;
+                let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>();
+                let gs = vars
+                    .iter()
+                    .map(|v| grads.get(v.as_tensor()).map(flat).transpose())
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((flat(&y)?, gs.into_iter().flatten().collect()))
+            };
+            let (y32, g32) = run(DType::F32)?;
+            let (y64, g64) = run(DType::F64)?;
+            assert_eq!(g32.len(), g64.len(), "{name}: gradients");
+            let pairs = std::iter::once((&y32, &y64)).chain(g32.iter().zip(&g64));
+            for (i, (got, want)) in pairs.enumerate() {
+                assert_eq!(got.len(), want.len());
+                for (g, w) in got.iter().zip(want) {
+                    let ok = (g - w).abs() <= 2e-5 * (1.0 + w.abs());
+                    assert!(ok, "{name} output {i} (0: y, then gradients): {g} vs {w}");
+                }
+            }
+        }
+        Ok(())
     }
 }

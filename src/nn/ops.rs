@@ -57,6 +57,29 @@ pub fn add_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
 /// only, and the backward pass recomputes the per-row scale from `x` (in f32 for
 /// half-precision inputs). A frozen `w` (not tracking gradients) gets no gradient.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let h = x.dim(D::Minus1)?;
+    if cpu::all_cpu_f32(&[x, w]) && w.dims() == [h] {
+        let (xc, wd) = (x.detach().contiguous()?, w.detach());
+        let y = cpu::with_slices([&xc, &wd], |[x, w]| cpu::rms_norm_fwd(x, w, eps as f32))?;
+        let y = Output::CpuF32(y, x.shape().clone());
+        let w_tracks = w.track_op();
+        return attach2("lisa-rms-norm", x, w, y, move |x, w, _y, g| {
+            let (x, w, g) = (
+                x.detach().contiguous()?,
+                w.detach(),
+                g.detach().contiguous()?,
+            );
+            let (dx, dw) = cpu::with_slices([&x, &w, &g], |[x, w, g]| {
+                cpu::rms_norm_bwd(x, w, g, eps as f32, w_tracks)
+            })?;
+            let cpu = &candle_core::Device::Cpu;
+            Ok((
+                Some(Tensor::from_vec(dx, x.shape(), cpu)?),
+                dw.map(|dw| Tensor::from_vec(dw, w.shape(), cpu))
+                    .transpose()?,
+            ))
+        });
+    }
     let y = match x.dtype() {
         // candle's fused op has no f64 kernel.
         DType::F64 => {
@@ -213,6 +236,27 @@ fn upcast(t: &Tensor) -> Result<Tensor> {
 /// candle's fused `rope`, which computes the forward pass. The rotation is orthogonal, so the
 /// backward pass is the same op with `-sin`; the graph keeps only `x` and the output.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_, _, t, d) = x.dims4()?;
+    if cpu::all_cpu_f32(&[x, cos, sin])
+        && d % 2 == 0
+        && cos.dims() == sin.dims()
+        && cos.dims2()?.1 == d / 2
+        && cos.dim(0)? >= t
+    {
+        let [cos, sin] = [cos, sin].map(|c| c.narrow(0, 0, t)?.detach().contiguous());
+        let (cos, sin) = (cos?, sin?);
+        let rotate = move |x: &Tensor, sign: f32| -> Result<Output> {
+            let x = x.detach().contiguous()?;
+            let y = cpu::with_slices([&x, &cos, &sin], |[x, c, s]| {
+                cpu::rope_fwd(x, c, s, t, d, sign)
+            })?;
+            Ok(Output::CpuF32(y, x.shape().clone()))
+        };
+        let y = rotate(x, 1.0)?;
+        return attach1("lisa-rope", x, y, move |_x, _y, g| {
+            Ok(Some(rotate(g, -1.0)?.into_tensor()?))
+        });
+    }
     rotary("lisa-rope", candle_nn::rotary_emb::rope, x, cos, sin)
 }
 
@@ -390,6 +434,21 @@ fn cpu_attention(
 /// `silu(gate) ⊙ up`, the SwiGLU of Llama's MLP, differentiable; the graph keeps `gate`, `up`
 /// and the output, not `silu(gate)`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if cpu::all_cpu_f32(&[gate, up]) && gate.shape() == up.shape() {
+        let (g, u) = (gate.detach().contiguous()?, up.detach().contiguous()?);
+        let y = cpu::with_slices([&g, &u], |[g, u]| cpu::swiglu_fwd(g, u))?;
+        let y = Output::CpuF32(y, gate.shape().clone());
+        return attach2("lisa-swiglu", gate, up, y, |gate, up, _y, dy| {
+            let [g, u, dy] = [gate, up, dy].map(|t| t.detach().contiguous());
+            let (g, u, dy) = (g?, u?, dy?);
+            let (dg, du) = cpu::with_slices([&g, &u, &dy], |[g, u, dy]| cpu::swiglu_bwd(g, u, dy))?;
+            let cpu = &candle_core::Device::Cpu;
+            Ok((
+                Some(Tensor::from_vec(dg, g.shape(), cpu)?),
+                Some(Tensor::from_vec(du, g.shape(), cpu)?),
+            ))
+        });
+    }
     let y = (gate.detach().silu()? * up.detach())?;
     attach2("lisa-swiglu", gate, up, y, |gate, up, _y, g| {
         let (gate, up, g) = (gate.detach(), up.detach(), g.detach());
@@ -442,6 +501,11 @@ macro_rules! backend_fwd {
 /// A backend's storage type, and how to find it inside a [`Storage`].
 trait BackendOf: BackendStorage {
     fn of(storage: &Storage) -> Option<&Self>;
+
+    /// A CPU storage as this backend's, for the CPU itself.
+    fn from_cpu(_storage: candle_core::CpuStorage) -> Option<Self> {
+        None
+    }
 }
 
 impl BackendOf for candle_core::CpuStorage {
@@ -450,6 +514,10 @@ impl BackendOf for candle_core::CpuStorage {
             Storage::Cpu(s) => Some(s),
             _ => None,
         }
+    }
+
+    fn from_cpu(storage: candle_core::CpuStorage) -> Option<Self> {
+        Some(storage)
     }
 }
 
@@ -549,17 +617,42 @@ impl<F> Bwd3 for F where
 {
 }
 
+/// The output of an attached op, computed beforehand.
+pub(crate) enum Output {
+    /// A tensor: the forward pass copies its storage into the graph.
+    Tensor(Tensor),
+    /// A contiguous f32 CPU buffer of this shape, made by the kernels of [`cpu`]: the forward
+    /// pass hands it to the graph as it is, without a copy.
+    CpuF32(Vec<f32>, Shape),
+}
+
+impl From<Tensor> for Output {
+    fn from(t: Tensor) -> Self {
+        Self::Tensor(t)
+    }
+}
+
+impl Output {
+    /// The output as a tensor of its own (when no input tracks gradients).
+    fn into_tensor(self) -> Result<Tensor> {
+        match self {
+            Self::Tensor(t) => Ok(t),
+            Self::CpuF32(v, shape) => Tensor::from_vec(v, shape, &candle_core::Device::Cpu),
+        }
+    }
+}
+
 /// A custom op whose output was computed beforehand, without a graph: the graph keeps the
 /// op's inputs and its output, none of the intermediates, and `bwd` computes the gradients.
 struct Attached<F> {
     name: &'static str,
-    /// The output until the forward pass copies it into the graph, then `None`.
-    out: Mutex<Option<Tensor>>,
+    /// The output until the forward pass hands it to the graph, then `None`.
+    out: Mutex<Option<Output>>,
     bwd: F,
 }
 
 impl<F> Attached<F> {
-    fn new(name: &'static str, y: Tensor, bwd: F) -> Self {
+    fn new(name: &'static str, y: Output, bwd: F) -> Self {
         Self {
             name,
             out: Mutex::new(Some(y)),
@@ -567,9 +660,10 @@ impl<F> Attached<F> {
         }
     }
 
-    /// The output's storage, copied into a fresh contiguous one, and its shape. The copy is
-    /// `affine(1, 0)`, which every backend implements for every float dtype (a same-dtype
-    /// `to_dtype` is not implemented on Metal); it is exact, except that −0 becomes +0.
+    /// The output's storage and shape. A CPU buffer goes as it is; a tensor's storage is
+    /// copied into a fresh contiguous one by `affine(1, 0)`, which every backend implements for
+    /// every float dtype (a same-dtype `to_dtype` is not implemented on Metal); it is exact,
+    /// except that −0 becomes +0.
     fn take<S: BackendOf>(&self) -> Result<(S, Shape)> {
         let out = self
             .out
@@ -577,6 +671,15 @@ impl<F> Attached<F> {
             .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned lock", self.name)))?
             .take()
             .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward run twice", self.name)))?;
+        let out = match out {
+            Output::Tensor(t) => t,
+            Output::CpuF32(v, shape) => {
+                let s = S::from_cpu(candle_core::CpuStorage::F32(v)).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("{}: CPU output on another device", self.name))
+                })?;
+                return Ok((s, shape));
+            }
+        };
         let (s, l) = out.storage_and_layout();
         let s = S::of(&s).ok_or_else(|| {
             candle_core::Error::Msg(format!("{}: output on another device", self.name))
@@ -645,13 +748,13 @@ impl<F: Bwd3> CustomOp3 for Attached<F> {
 pub(crate) fn attach1(
     name: &'static str,
     x: &Tensor,
-    y: Tensor,
+    y: impl Into<Output>,
     bwd: impl Bwd1 + 'static,
 ) -> Result<Tensor> {
     if !x.track_op() {
-        return Ok(y);
+        return y.into().into_tensor();
     }
-    x.apply_op1_arc(Arc::new(Box::new(Attached::new(name, y, bwd))))
+    x.apply_op1_arc(Arc::new(Box::new(Attached::new(name, y.into(), bwd))))
 }
 
 /// [`attach1`] for an op on `a` and `b`; gradients go only to inputs that track them.
@@ -659,13 +762,13 @@ pub(crate) fn attach2(
     name: &'static str,
     a: &Tensor,
     b: &Tensor,
-    y: Tensor,
+    y: impl Into<Output>,
     bwd: impl Bwd2 + 'static,
 ) -> Result<Tensor> {
     if !a.track_op() && !b.track_op() {
-        return Ok(y);
+        return y.into().into_tensor();
     }
-    a.apply_op2_arc(b, Arc::new(Box::new(Attached::new(name, y, bwd))))
+    a.apply_op2_arc(b, Arc::new(Box::new(Attached::new(name, y.into(), bwd))))
 }
 
 /// [`attach1`] for an op on `a`, `b` and `c`; gradients go only to inputs that track them.
@@ -674,11 +777,11 @@ pub(crate) fn attach3(
     a: &Tensor,
     b: &Tensor,
     c: &Tensor,
-    y: Tensor,
+    y: impl Into<Output>,
     bwd: impl Bwd3 + 'static,
 ) -> Result<Tensor> {
     if !a.track_op() && !b.track_op() && !c.track_op() {
-        return Ok(y);
+        return y.into().into_tensor();
     }
-    a.apply_op3_arc(b, c, Arc::new(Box::new(Attached::new(name, y, bwd))))
+    a.apply_op3_arc(b, c, Arc::new(Box::new(Attached::new(name, y.into(), bwd))))
 }
