@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{LisaError, Result};
-use crate::nn::cpu::matmul;
+use crate::nn::cpu::{self, matmul};
 use crate::nn::linear::{linear_b, Linear};
 use crate::nn::lora::LoraConfig;
 use crate::nn::ops::{
@@ -1417,6 +1417,47 @@ pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor>
     let targets = Targets::new(labels, b, t, v, hidden.dtype())?;
     let rows = move |x: &Tensor| x.detach().reshape((b * t, h));
     let logits = move |x: &Tensor, w: &Tensor| matmul(&rows(x)?, &w.t()?);
+    // The gradients of the hidden states and of the head from dL/dlogits.
+    let grads = move |d: Tensor, x: &Tensor, w: &Tensor| -> candle_core::Result<_> {
+        let dx = matmul(&d, w)?.reshape((b, t, h))?;
+        let dw = match w.track_op() {
+            true => Some(matmul(&d.t()?, &rows(x)?)?),
+            false => None,
+        };
+        Ok((Some(dx), dw))
+    };
+    if cpu::all_cpu_f32(&[hidden, w]) {
+        // One pass over each row of logits forward and one (in place) backward.
+        let (labels, weights) = targets.rows()?;
+        let count = targets.count;
+        let logits = move |x: &Tensor, w: &Tensor| -> candle_core::Result<Vec<f32>> {
+            cpu::product::<f32>(&rows(x)?, &w.t()?)
+                .map(|(l, _)| l)
+                .ok_or_else(|| candle_core::Error::Msg("head_loss: logits on the CPU".into()))
+        };
+        let sum = cpu::cross_entropy_fwd(&logits(hidden, w)?, v, &labels, &weights);
+        let loss = Tensor::new((sum / count) as f32, hidden.device())?;
+        return Ok(attach2(
+            "lisa-head-loss",
+            hidden,
+            w,
+            loss,
+            move |x, w, _y, g| {
+                let g = g.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                let coef: Vec<f32> = weights
+                    .iter()
+                    .map(|m| (*m as f64 * g as f64 / count) as f32)
+                    .collect();
+                let mut d = logits(x, w)?;
+                cpu::cross_entropy_bwd(&mut d, v, &labels, &coef);
+                grads(
+                    Tensor::from_vec(d, (b * t, v), &candle_core::Device::Cpu)?,
+                    x,
+                    w,
+                )
+            },
+        )?);
+    }
     let loss = targets.loss(&logits(hidden, w)?)?;
     Ok(attach2(
         "lisa-head-loss",
@@ -1425,12 +1466,7 @@ pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor>
         loss,
         move |x, w, _y, g| {
             let d = targets.dlogits(&logits(x, w)?, g)?.to_dtype(x.dtype())?;
-            let dx = matmul(&d, w)?.reshape((b, t, h))?;
-            let dw = match w.track_op() {
-                true => Some(matmul(&d.t()?, &rows(x)?)?),
-                false => None,
-            };
-            Ok((Some(dx), dw))
+            grads(d, x, w)
         },
     )?)
 }
@@ -1478,6 +1514,17 @@ impl Targets {
             count,
             dtype,
         })
+    }
+
+    /// Per row: the label (clamped into the vocabulary) and its weight (1, or 0 where ignored).
+    fn rows(&self) -> candle_core::Result<(Vec<u32>, Vec<f32>)> {
+        Ok((
+            self.safe.flatten_all()?.to_vec1::<u32>()?,
+            self.mask
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?,
+        ))
     }
 
     /// The mean loss of `(rows, vocab)` logits, a scalar in `self.dtype`.

@@ -167,6 +167,16 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 fn matmul_cpu<T: Elem + candle_core::WithDType>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match product::<T>(a, b) {
+        Some((dst, dims)) => Tensor::from_vec(dst, dims, &Device::Cpu),
+        // candle's own result, or its error for operands that do not fit.
+        None => a.detach().matmul(&b.detach()),
+    }
+}
+
+/// `a · b` as a row-major vector and its dims, for CPU tensors of element type `T`; `None`
+/// when the operands do not fit or their batch dimensions do not fold into one stride.
+pub(crate) fn product<T: Elem>(a: &Tensor, b: &Tensor) -> Option<(Vec<T>, Vec<usize>)> {
     let (ad, bd) = (a.dims(), b.dims());
     let rank = ad.len();
     if rank < 2
@@ -174,28 +184,22 @@ fn matmul_cpu<T: Elem + candle_core::WithDType>(a: &Tensor, b: &Tensor) -> Resul
         || ad[..rank - 2] != bd[..rank - 2]
         || ad[rank - 1] != bd[rank - 2]
     {
-        // candle's own error for the mismatch.
-        return a.detach().matmul(&b.detach());
+        return None;
     }
     let (m, k, n) = (ad[rank - 2], ad[rank - 1], bd[rank - 1]);
     let batch: usize = ad[..rank - 2].iter().product();
     let mut out_dims = ad[..rank - 2].to_vec();
     out_dims.extend([m, n]);
-    if batch * m * n == 0 || k == 0 {
-        return Tensor::zeros(out_dims, T::DTYPE, &Device::Cpu);
-    }
     let (sa, la) = a.storage_and_layout();
     let (sb, lb) = b.storage_and_layout();
     let (Storage::Cpu(sa), Storage::Cpu(sb)) = (&*sa, &*sb) else {
-        return a.detach().matmul(&b.detach());
+        return None;
     };
-    let (Some(da), Some(db)) = (T::slice(sa), T::slice(sb)) else {
-        return a.detach().matmul(&b.detach());
-    };
-    let (Some(a_skip), Some(b_skip)) = (batch_skip(ad, la.stride()), batch_skip(bd, lb.stride()))
-    else {
-        return a.detach().matmul(&b.detach());
-    };
+    let (da, db) = (T::slice(sa)?, T::slice(sb)?);
+    if batch * m * n == 0 || k == 0 {
+        return Some((vec![T::zero(); batch * m * n], out_dims));
+    }
+    let (a_skip, b_skip) = (batch_skip(ad, la.stride())?, batch_skip(bd, lb.stride())?);
     let (sa_, sb_) = (la.stride(), lb.stride());
     let mat = |data, offset, s: &[usize]| MatRef {
         data,
@@ -219,7 +223,7 @@ fn matmul_cpu<T: Elem + candle_core::WithDType>(a: &Tensor, b: &Tensor) -> Resul
         );
         dst.set_len(batch * m * n);
     }
-    Tensor::from_vec(dst, out_dims, &Device::Cpu)
+    Some((dst, out_dims))
 }
 
 /// `x (m × k) · wᵀ` for a weight `w (n × k)`, on storages (a custom op's forward): the CPU
@@ -869,6 +873,64 @@ pub(crate) fn with_slices<const N: usize, R>(
         .each_ref()
         .map(|v| v.as_ref().map_or(&[][..], f32_slice));
     Ok(f(slices))
+}
+
+/// Per row of `logits` (`rows × v`, row-major): `log Σ_j e^{x_j}` minus the logit of the
+/// row's label, times the row's weight (0 for an ignored row); the sum over rows, in row order,
+/// in f64.
+pub(crate) fn cross_entropy_fwd(logits: &[f32], v: usize, labels: &[u32], weights: &[f32]) -> f64 {
+    let [per_row] = par_fill(labels.len(), 1, |r, [out]| {
+        for (o, row) in out.iter_mut().zip(r) {
+            let x = &logits[row * v..(row + 1) * v];
+            let top = max(x);
+            let lanes = x.chunks_exact(16);
+            let mut acc = [0f32; 16];
+            let tail: f32 = lanes.remainder().iter().map(|&x| exp(x - top)).sum();
+            for c in lanes {
+                for (a, &x) in acc.iter_mut().zip(c) {
+                    *a += exp(x - top);
+                }
+            }
+            let lse = top + (acc.iter().sum::<f32>() + tail).ln();
+            let label = labels[row] as usize;
+            o.write(match weights[row] {
+                0.0 => 0.0,
+                w => w * (lse - x[label.min(v - 1)]),
+            });
+        }
+    });
+    per_row.iter().map(|&l| l as f64).sum()
+}
+
+/// `logits ← (softmax(logits) − one_hot(label))·coef` per row, in place: the gradient of
+/// [`cross_entropy_fwd`] with `coef` = the row's weight times the upstream gradient.
+pub(crate) fn cross_entropy_bwd(logits: &mut [f32], v: usize, labels: &[u32], coef: &[f32]) {
+    let base = SharedMut(logits.as_mut_ptr());
+    let run = |rows: std::ops::Range<usize>| {
+        for row in rows {
+            // SAFETY: each row is one task's, inside `logits` (rows·v elements).
+            let x = unsafe { base.block(row * v, v) };
+            let c = coef[row];
+            if c == 0.0 {
+                x.fill(0.0);
+                continue;
+            }
+            let top = max(x);
+            for x in x.iter_mut() {
+                *x = exp(*x - top);
+            }
+            let scale = c / sum(x);
+            for x in x.iter_mut() {
+                *x *= scale;
+            }
+            x[(labels[row] as usize).min(v - 1)] -= c;
+        }
+    };
+    match labels.len() {
+        0 => {}
+        1 => run(0..1),
+        n => candle_core::utils::barrier_pool().execute_chunked(n, run),
+    }
 }
 
 #[cfg(test)]
