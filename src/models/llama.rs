@@ -1435,8 +1435,12 @@ pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor>
                 .map(|(l, _)| l)
                 .ok_or_else(|| candle_core::Error::Msg("head_loss: logits on the CPU".into()))
         };
-        let sum = cpu::cross_entropy_fwd(&logits(hidden, w)?, v, &labels, &weights);
+        // dL/dlogits comes out of the same pass and waits for the backward pass in place of
+        // the logits (as large as the logits the backward pass would otherwise recompute).
+        let mut d = logits(hidden, w)?;
+        let sum = cpu::cross_entropy_fused(&mut d, v, &labels, &weights, (1.0 / count) as f32);
         let loss = Tensor::new((sum / count) as f32, hidden.device())?;
+        let d = std::sync::Mutex::new(Some(d));
         return Ok(attach2(
             "lisa-head-loss",
             hidden,
@@ -1444,12 +1448,28 @@ pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor>
             loss,
             move |x, w, _y, g| {
                 let g = g.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-                let coef: Vec<f32> = weights
-                    .iter()
-                    .map(|m| (*m as f64 * g as f64 / count) as f32)
-                    .collect();
-                let mut d = logits(x, w)?;
-                cpu::cross_entropy_bwd(&mut d, v, &labels, &coef);
+                let kept = d
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("head_loss: poisoned lock".into()))?
+                    .take();
+                let d = match kept {
+                    Some(mut d) => {
+                        if g != 1.0 {
+                            d.iter_mut().for_each(|d| *d *= g);
+                        }
+                        d
+                    }
+                    // A second backward pass over the same graph: recompute.
+                    None => {
+                        let coef: Vec<f32> = weights
+                            .iter()
+                            .map(|m| (*m as f64 * g as f64 / count) as f32)
+                            .collect();
+                        let mut d = logits(x, w)?;
+                        cpu::cross_entropy_bwd(&mut d, v, &labels, &coef);
+                        d
+                    }
+                };
                 grads(
                     Tensor::from_vec(d, (b * t, v), &candle_core::Device::Cpu)?,
                     x,

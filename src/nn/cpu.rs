@@ -875,28 +875,42 @@ pub(crate) fn with_slices<const N: usize, R>(
     Ok(f(slices))
 }
 
-/// Per row of `logits` (`rows × v`, row-major): `log Σ_j e^{x_j}` minus the logit of the
-/// row's label, times the row's weight (0 for an ignored row); the sum over rows, in row order,
-/// in f64.
-pub(crate) fn cross_entropy_fwd(logits: &[f32], v: usize, labels: &[u32], weights: &[f32]) -> f64 {
+/// Cross-entropy over rows of `logits` (`rows × v`, row-major), and its gradient in the same
+/// pass. Returns the loss sum, in row order in f64: per row, `log Σ_j e^{x_j}` minus the logit
+/// of the row's label, times the row's weight (0 for an ignored row). Leaves dL/dlogits in
+/// place of the logits for the loss sum times `scale` ([`cross_entropy_bwd`] with `coef =
+/// weight · scale`), so that the backward pass needs no second product with the head.
+pub(crate) fn cross_entropy_fused(
+    logits: &mut [f32],
+    v: usize,
+    labels: &[u32],
+    weights: &[f32],
+    scale: f32,
+) -> f64 {
+    let base = SharedMut(logits.as_mut_ptr());
     let [per_row] = par_fill(labels.len(), 1, |r, [out]| {
         for (o, row) in out.iter_mut().zip(r) {
-            let x = &logits[row * v..(row + 1) * v];
-            let top = max(x);
-            let lanes = x.chunks_exact(16);
-            let mut acc = [0f32; 16];
-            let tail: f32 = lanes.remainder().iter().map(|&x| exp(x - top)).sum();
-            for c in lanes {
-                for (a, &x) in acc.iter_mut().zip(c) {
-                    *a += exp(x - top);
-                }
+            // SAFETY: each row is one task's, inside `logits` (rows·v elements).
+            let x = unsafe { base.block(row * v, v) };
+            let (weight, label) = (weights[row], (labels[row] as usize).min(v - 1));
+            if weight == 0.0 {
+                x.fill(0.0);
+                o.write(0.0);
+                continue;
             }
-            let lse = top + (acc.iter().sum::<f32>() + tail).ln();
-            let label = labels[row] as usize;
-            o.write(match weights[row] {
-                0.0 => 0.0,
-                w => w * (lse - x[label.min(v - 1)]),
-            });
+            let picked = x[label];
+            let top = max(x);
+            for x in x.iter_mut() {
+                *x = exp(*x - top);
+            }
+            let total = sum(x);
+            o.write(weight * (top + total.ln() - picked));
+            let c = weight * scale;
+            let norm = c / total;
+            for x in x.iter_mut() {
+                *x *= norm;
+            }
+            x[label] -= c;
         }
     });
     per_row.iter().map(|&l| l as f64).sum()

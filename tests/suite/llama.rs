@@ -444,6 +444,26 @@ fn fused_head_loss_matches_loss_on_logits() -> Result<(), Box<dyn std::error::Er
                 "tied {tied}: {name} differs by {diff} (largest entry {scale})"
             );
         }
+        // A second backward pass over the same graph recomputes dL/dlogits; an upstream
+        // gradient other than 1 scales it.
+        let again = fused.backward()?;
+        let tripled = (model.loss(&ids, &labels)? * 3.0)?.backward()?;
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            let first = g_fused.get(var.as_tensor()).expect("fused gradient");
+            let second = again.get(var.as_tensor()).expect("second gradient");
+            let diff = (first - second)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-6,
+                "tied {tied}: {name}: second backward differs by {diff}"
+            );
+            let third = (tripled.get(var.as_tensor()).expect("scaled gradient") / 3.0)?;
+            let diff = (first - third)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = first.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+            assert!(
+                diff < 1e-6 * scale,
+                "tied {tied}: {name}: 3·loss differs by {diff}"
+            );
+        }
     }
     Ok(())
 }
