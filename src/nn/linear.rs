@@ -98,21 +98,26 @@ impl Module for Linear {
             )
         })?;
         let rows = batch.iter().product::<usize>();
-        let x2 = x.contiguous()?.reshape((rows, in_dim))?;
-        super::calibrate::record(&x2, &self.weight)?;
-        let y = linear_matmul(&x2, &self.weight, "Linear")?;
+        let x = x.contiguous()?;
+        super::calibrate::record(&x.detach().reshape((rows, in_dim))?, &self.weight)?;
+        // The matmul takes `x` with its leading dimensions as they are: reshapes around it
+        // would be graph nodes, each costing a gradient-sized zero fill and sum in candle's
+        // backward pass.
+        let y = linear_matmul(&x, &self.weight, "Linear")?;
         let y = match &self.bias {
             None => y,
             Some(b) if b.track_op() => y.broadcast_add(b)?,
             Some(b) => crate::nn::ops::add_const(&y, b)?,
         };
-        let y = match &self.lora {
-            None => y,
-            Some(l) => (y + (x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?,
-        };
-        let mut out = batch.to_vec();
-        out.push(y.dim(1)?);
-        y.reshape(out)
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => {
+                let x2 = x.reshape((rows, in_dim))?;
+                let delta = (x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?;
+                let delta = delta.reshape(y.shape())?;
+                y + delta
+            }
+        }
     }
 }
 
@@ -128,7 +133,7 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// `x · wᵀ` through [`LinearMatmul`], for a trained `w` as for a frozen one; `op` names the
 /// caller in a shape error.
 fn linear_matmul(x: &Tensor, w: &Tensor, op: &'static str) -> Result<Tensor> {
-    let (_, k) = x.dims2()?;
+    let k = x.dim(candle_core::D::Minus1)?;
     let (_, k2) = w.dims2()?;
     if k != k2 {
         return Err(candle_core::Error::ShapeMismatchBinaryOp {
@@ -148,11 +153,30 @@ fn linear_matmul(x: &Tensor, w: &Tensor, op: &'static str) -> Result<Tensor> {
 /// and then once more for `w` (two more weight-sized buffers at the peak of the backward pass).
 struct LinearMatmul;
 
+/// The `(rows, in)` layout of a contiguous input `(…, in)`, and the output shape `(…, out)`.
+fn rows_layout(lx: &Layout, lw: &Layout) -> Result<(Layout, Shape)> {
+    let (n, k) = lw.shape().dims2()?;
+    if !lx.is_contiguous() || lx.dims().last() != Some(&k) {
+        candle_core::bail!(
+            "candle-lisa-linear-matmul: input {:?} is not contiguous with {k} features",
+            lx.shape()
+        )
+    }
+    let mut out = lx.dims().to_vec();
+    *out.last_mut().unwrap_or(&mut 0) = n;
+    let rows = lx.shape().elem_count() / k.max(1);
+    Ok((
+        Layout::contiguous_with_offset((rows, k), lx.start_offset()),
+        Shape::from(out),
+    ))
+}
+
 fn matmul_fwd<S: BackendStorage>(x: &S, lx: &Layout, w: &S, lw: &Layout) -> Result<(S, Shape)> {
+    let (lx, out) = rows_layout(lx, lw)?;
     let (m, k) = lx.shape().dims2()?;
     let (n, _) = lw.shape().dims2()?;
     let wt = lw.transpose(0, 1)?;
-    Ok((x.matmul(w, (1, m, n, k), lx, &wt)?, Shape::from((m, n))))
+    Ok((x.matmul(w, (1, m, n, k), &lx, &wt)?, out))
 }
 
 impl CustomOp2 for LinearMatmul {
@@ -167,8 +191,9 @@ impl CustomOp2 for LinearMatmul {
         w: &candle_core::CpuStorage,
         lw: &Layout,
     ) -> Result<(candle_core::CpuStorage, Shape)> {
-        match super::cpu::linear_fwd_cpu(x, lx, w, lw) {
-            Some(y) => Ok((y, Shape::from((lx.dims()[0], lw.dims()[0])))),
+        let (rows, out) = rows_layout(lx, lw)?;
+        match super::cpu::linear_fwd_cpu(x, &rows, w, lw) {
+            Some(y) => Ok((y, out)),
             None => matmul_fwd(x, lx, w, lw),
         }
     }
@@ -200,13 +225,15 @@ impl CustomOp2 for LinearMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.detach();
+        let (n, k) = w.dims2()?;
+        let rows = x.elem_count() / k.max(1);
+        let grad = grad.detach().reshape((rows, n))?;
         let dx = match x.track_op() {
-            true => Some(super::cpu::matmul(&grad, w)?),
+            true => Some(super::cpu::matmul(&grad, w)?.reshape(x.shape())?),
             false => None,
         };
         let dw = match w.track_op() {
-            true => Some(super::cpu::matmul(&grad.t()?, x)?),
+            true => Some(super::cpu::matmul(&grad.t()?, &x.detach().reshape((rows, k))?)?),
             false => None,
         };
         Ok((dx, dw))
