@@ -8,7 +8,10 @@
 //! core of candle's barrier pool and each block a single-threaded gemm call (the figure
 //! PyTorch's MKL reaches on the same machine). [`matmul`] does the latter.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
+use multiversion::multiversion;
 
 /// Element types the CPU matmul handles itself: the ones `gemm` has kernels for and candle
 /// stores as plain vectors.
@@ -402,6 +405,7 @@ fn max(xs: &[f32]) -> f32 {
 }
 
 /// `row = softmax(row·scale + mask)`, in place.
+#[multiversion(targets = "simd")]
 fn softmax_row(row: &mut [f32], mask: &[f32], scale: f32) {
     for (x, m) in row.iter_mut().zip(mask) {
         *x = *x * scale + m;
@@ -506,6 +510,17 @@ impl AttnInputs<'_> {
                 RowBlock { start, end, cols }
             })
             .collect()
+    }
+}
+
+/// `ds = p ⊙ (dp − Σ_j dp ⊙ p)·scale` over rows of `cols`, with `dp` in `ds` on entry.
+#[multiversion(targets = "simd")]
+fn softmax_grad_rows(ds: &mut [f32], p: &[f32], cols: usize, scale: f32) {
+    for (dsr, pr) in ds.chunks_exact_mut(cols).zip(p.chunks_exact(cols)) {
+        let row = dot(dsr, pr);
+        for (s, &pv) in dsr.iter_mut().zip(pr) {
+            *s = pv * (*s - row) * scale;
+        }
     }
 }
 
@@ -640,14 +655,7 @@ pub(crate) fn attention_bwd(
                     (1, d),
                 );
             }
-            // ds = p ⊙ (dp − Σ_j dp ⊙ p)·scale
-            let rows_ds = ds[..n * cols].chunks_exact_mut(cols);
-            for (dsr, pr) in rows_ds.zip(p[..n * cols].chunks_exact(cols)) {
-                let row = dot(dsr, pr);
-                for (s, &pv) in dsr.iter_mut().zip(pr) {
-                    *s = pv * (*s - row) * x.scale;
-                }
-            }
+            softmax_grad_rows(&mut ds[..n * cols], &p[..n * cols], cols, x.scale);
             // SAFETY: as above.
             unsafe {
                 // dq_block = ds·k[..cols]
@@ -733,7 +741,7 @@ const ELEMENTS_PER_TASK: usize = 16 * 1024;
 fn par_fill<const N: usize>(
     len: usize,
     align: usize,
-    fill: impl Fn(std::ops::Range<usize>, [&mut [std::mem::MaybeUninit<f32>]; N]) + Sync,
+    fill: impl Fn(std::ops::Range<usize>, [&mut [MaybeUninit<f32>]; N]) + Sync,
 ) -> [Vec<f32>; N] {
     let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::with_capacity(len));
     let ptrs = outs.each_mut().map(|v| SharedMut(v.as_mut_ptr()));
@@ -743,7 +751,7 @@ fn par_fill<const N: usize>(
         // SAFETY: the tasks' ranges are disjoint and inside each vector's capacity.
         let slots = ptrs.map(|p| unsafe {
             std::slice::from_raw_parts_mut(
-                p.0.add(range.start).cast::<std::mem::MaybeUninit<f32>>(),
+                p.0.add(range.start).cast::<MaybeUninit<f32>>(),
                 range.len(),
             )
         });
@@ -765,40 +773,60 @@ fn par_fill<const N: usize>(
 /// `silu(gate) ⊙ up`, elementwise, `σ(x) = 1 / (1 + e^−x)`.
 pub(crate) fn swiglu_fwd(gate: &[f32], up: &[f32]) -> Vec<f32> {
     let [y] = par_fill(gate.len(), 1, |r, [y]| {
-        for ((y, &g), &u) in y.iter_mut().zip(&gate[r.clone()]).zip(&up[r]) {
-            y.write(g * u / (1.0 + exp(-g)));
-        }
+        swiglu_chunk(&gate[r.clone()], &up[r], y)
     });
     y
+}
+
+#[multiversion(targets = "simd")]
+fn swiglu_chunk(gate: &[f32], up: &[f32], y: &mut [MaybeUninit<f32>]) {
+    for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+        y.write(g * u / (1.0 + exp(-g)));
+    }
 }
 
 /// `(dL/dgate, dL/dup)` of [`swiglu_fwd`] for the output gradient `dy`:
 /// `dup = dy·silu(gate)`, `dgate = dy·up·σ(gate)·(1 + gate − silu(gate))`.
 pub(crate) fn swiglu_bwd(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let [dgate, dup] = par_fill(gate.len(), 1, |r, [dgate, dup]| {
-        let ins = gate[r.clone()].iter().zip(&up[r.clone()]).zip(&dy[r]);
-        for ((dg, du), ((&g, &u), &d)) in dgate.iter_mut().zip(dup.iter_mut()).zip(ins) {
-            let s = 1.0 / (1.0 + exp(-g));
-            let silu = g * s;
-            du.write(d * silu);
-            dg.write(d * u * s * (1.0 + g - silu));
-        }
+        swiglu_bwd_chunk(&gate[r.clone()], &up[r.clone()], &dy[r], dgate, dup)
     });
     (dgate, dup)
+}
+
+#[multiversion(targets = "simd")]
+fn swiglu_bwd_chunk(
+    gate: &[f32],
+    up: &[f32],
+    dy: &[f32],
+    dgate: &mut [MaybeUninit<f32>],
+    dup: &mut [MaybeUninit<f32>],
+) {
+    let ins = gate.iter().zip(up).zip(dy);
+    for ((dg, du), ((&g, &u), &d)) in dgate.iter_mut().zip(dup.iter_mut()).zip(ins) {
+        let s = 1.0 / (1.0 + exp(-g));
+        let silu = g * s;
+        du.write(d * silu);
+        dg.write(d * u * s * (1.0 + g - silu));
+    }
 }
 
 /// `x / √(mean(x²) + ε) ⊙ w` over rows of `w.len()` elements.
 pub(crate) fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let h = w.len();
-    let [y] = par_fill(x.len(), h, |r, [y]| {
-        for (y, x) in y.chunks_exact_mut(h).zip(x[r].chunks_exact(h)) {
-            let inv = 1.0 / (dot(x, x) / h as f32 + eps).sqrt();
-            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                y.write(x * inv * w);
-            }
-        }
-    });
+    let [y] = par_fill(x.len(), h, |r, [y]| rms_norm_rows(&x[r], w, eps, y));
     y
+}
+
+#[multiversion(targets = "simd")]
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [MaybeUninit<f32>]) {
+    let h = w.len();
+    for (y, x) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+        let inv = 1.0 / (dot(x, x) / h as f32 + eps).sqrt();
+        for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+            y.write(x * inv * w);
+        }
+    }
 }
 
 /// Rows per partial sum of the norm weight's gradient: the partial sums, and the order they
@@ -817,31 +845,7 @@ pub(crate) fn rms_norm_bwd(
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let h = w.len();
     let [dx] = par_fill(x.len(), h, |r, [dx]| {
-        let rows = x[r.clone()].chunks_exact(h).zip(dy[r].chunks_exact(h));
-        for (dx, (x, dy)) in dx.chunks_exact_mut(h).zip(rows) {
-            let inv = 1.0 / (dot(x, x) / h as f32 + eps).sqrt();
-            let mut lanes = [0f32; 16];
-            let mut tail = 0f32;
-            // mean(dy⊙w⊙n) = r·Σ dy·w·x / h
-            let (cx, cd, cw) = (x.chunks_exact(16), dy.chunks_exact(16), w.chunks_exact(16));
-            for ((&x, &d), &w) in cx
-                .remainder()
-                .iter()
-                .zip(cd.remainder())
-                .zip(cw.remainder())
-            {
-                tail += d * w * x;
-            }
-            for ((x, d), w) in cx.zip(cd).zip(cw) {
-                for i in 0..16 {
-                    lanes[i] += d[i] * w[i] * x[i];
-                }
-            }
-            let mean = (lanes.iter().sum::<f32>() + tail) * inv / h as f32;
-            for (((dx, &x), &d), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                dx.write((d * w - x * inv * mean) * inv);
-            }
-        }
+        rms_norm_bwd_rows(&x[r.clone()], &dy[r], w, eps, dx)
     });
     let dw = with_dw.then(|| {
         let rows = x.len() / h.max(1);
@@ -850,13 +854,8 @@ pub(crate) fn rms_norm_bwd(
             for (p, out) in (r.start / h..r.end / h).zip(out.chunks_exact_mut(h)) {
                 let acc: &mut [f32] = &mut vec![0f32; h];
                 let first = p * ROWS_PER_PARTIAL;
-                for row in first..rows.min(first + ROWS_PER_PARTIAL) {
-                    let (x, dy) = (&x[row * h..(row + 1) * h], &dy[row * h..(row + 1) * h]);
-                    let inv = 1.0 / (dot(x, x) / h as f32 + eps).sqrt();
-                    for ((a, &x), &d) in acc.iter_mut().zip(x).zip(dy) {
-                        *a += d * x * inv;
-                    }
-                }
+                let span = first * h..rows.min(first + ROWS_PER_PARTIAL) * h;
+                rms_norm_dw_rows(&x[span.clone()], &dy[span], eps, acc);
                 for (o, &a) in out.iter_mut().zip(acc.iter()) {
                     o.write(a);
                 }
@@ -871,6 +870,49 @@ pub(crate) fn rms_norm_bwd(
     (dx, dw)
 }
 
+/// dL/dx of [`rms_norm_rows`] for whole rows of `x` and `dy`.
+#[multiversion(targets = "simd")]
+fn rms_norm_bwd_rows(x: &[f32], dy: &[f32], w: &[f32], eps: f32, dx: &mut [MaybeUninit<f32>]) {
+    let h = w.len();
+    let rows = x.chunks_exact(h).zip(dy.chunks_exact(h));
+    for (dx, (x, dy)) in dx.chunks_exact_mut(h).zip(rows) {
+        let inv = 1.0 / (dot(x, x) / h as f32 + eps).sqrt();
+        let mut lanes = [0f32; 16];
+        let mut tail = 0f32;
+        // mean(dy⊙w⊙n) = r·Σ dy·w·x / h
+        let (cx, cd, cw) = (x.chunks_exact(16), dy.chunks_exact(16), w.chunks_exact(16));
+        for ((&x, &d), &w) in cx
+            .remainder()
+            .iter()
+            .zip(cd.remainder())
+            .zip(cw.remainder())
+        {
+            tail += d * w * x;
+        }
+        for ((x, d), w) in cx.zip(cd).zip(cw) {
+            for i in 0..16 {
+                lanes[i] += d[i] * w[i] * x[i];
+            }
+        }
+        let mean = (lanes.iter().sum::<f32>() + tail) * inv / h as f32;
+        for (((dx, &x), &d), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+            dx.write((d * w - x * inv * mean) * inv);
+        }
+    }
+}
+
+/// `acc += Σ_rows dy ⊙ x·r` over whole rows of `x` and `dy` (rows of `acc.len()`).
+#[multiversion(targets = "simd")]
+fn rms_norm_dw_rows(x: &[f32], dy: &[f32], eps: f32, acc: &mut [f32]) {
+    let h = acc.len();
+    for (x, dy) in x.chunks_exact(h).zip(dy.chunks_exact(h)) {
+        let inv = 1.0 / (dot(x, x) / h as f32 + eps).sqrt();
+        for ((a, &x), &d) in acc.iter_mut().zip(x).zip(dy) {
+            *a += d * x * inv;
+        }
+    }
+}
+
 /// Rotary embedding in the "rotate half" layout over rows of `d` elements: for row `i`
 /// (position `i mod t`) and `j < d/2`, `y_j = x_j·cos − x_{j+d/2}·sin` and `y_{j+d/2} =
 /// x_{j+d/2}·cos + x_j·sin`, with `cos`, `sin` `(t, d/2)`. With `sign = −1` it is the inverse
@@ -883,25 +925,38 @@ pub(crate) fn rope_fwd(
     d: usize,
     sign: f32,
 ) -> Vec<f32> {
-    let half = d / 2;
     let [y] = par_fill(x.len(), d, |r, [y]| {
         let first = r.start / d;
-        for (i, (y, x)) in y.chunks_exact_mut(d).zip(x[r].chunks_exact(d)).enumerate() {
-            let pos = (first + i) % t;
-            let (c, s) = (
-                &cos[pos * half..(pos + 1) * half],
-                &sin[pos * half..(pos + 1) * half],
-            );
-            let (x1, x2) = x.split_at(half);
-            let (y1, y2) = y.split_at_mut(half);
-            for j in 0..half {
-                let sj = sign * s[j];
-                y1[j].write(x1[j] * c[j] - x2[j] * sj);
-                y2[j].write(x2[j] * c[j] + x1[j] * sj);
-            }
-        }
+        rope_rows(&x[r], (cos, sin), (t, d), sign, first, y)
     });
     y
+}
+
+/// [`rope_fwd`] on whole rows of `x`, the first of which is row `first`.
+#[multiversion(targets = "simd")]
+fn rope_rows(
+    x: &[f32],
+    (cos, sin): (&[f32], &[f32]),
+    (t, d): (usize, usize),
+    sign: f32,
+    first: usize,
+    y: &mut [MaybeUninit<f32>],
+) {
+    let half = d / 2;
+    for (i, (y, x)) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).enumerate() {
+        let pos = (first + i) % t;
+        let (c, s) = (
+            &cos[pos * half..(pos + 1) * half],
+            &sin[pos * half..(pos + 1) * half],
+        );
+        let (x1, x2) = x.split_at(half);
+        let (y1, y2) = y.split_at_mut(half);
+        for j in 0..half {
+            let sj = sign * s[j];
+            y1[j].write(x1[j] * c[j] - x2[j] * sj);
+            y2[j].write(x2[j] * c[j] + x1[j] * sj);
+        }
+    }
 }
 
 /// Whether every tensor is f32 on the CPU (what the kernels here take).
@@ -949,22 +1004,28 @@ pub(crate) fn cross_entropy_fused(
                 o.write(0.0);
                 continue;
             }
-            let picked = x[label];
-            let top = max(x);
-            for x in x.iter_mut() {
-                *x = exp(*x - top);
-            }
-            let total = sum(x);
-            o.write(weight * (top + total.ln() - picked));
-            let c = weight * scale;
-            let norm = c / total;
-            for x in x.iter_mut() {
-                *x *= norm;
-            }
-            x[label] -= c;
+            o.write(cross_entropy_row(x, label, weight, scale));
         }
     });
     per_row.iter().map(|&l| l as f64).sum()
+}
+
+/// One row of [`cross_entropy_fused`]: returns the row's loss, leaves its gradient in `x`.
+#[multiversion(targets = "simd")]
+fn cross_entropy_row(x: &mut [f32], label: usize, weight: f32, scale: f32) -> f32 {
+    let picked = x[label];
+    let top = max(x);
+    for x in x.iter_mut() {
+        *x = exp(*x - top);
+    }
+    let total = sum(x);
+    let c = weight * scale;
+    let norm = c / total;
+    for x in x.iter_mut() {
+        *x *= norm;
+    }
+    x[label] -= c;
+    weight * (top + total.ln() - picked)
 }
 
 /// `logits ← (softmax(logits) − one_hot(label))·coef` per row, in place: the gradient of
