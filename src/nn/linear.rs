@@ -233,7 +233,10 @@ impl CustomOp2 for LinearMatmul {
             false => None,
         };
         let dw = match w.track_op() {
-            true => Some(super::cpu::matmul(&grad.t()?, &x.detach().reshape((rows, k))?)?),
+            true => Some(super::cpu::matmul(
+                &grad.t()?,
+                &x.detach().reshape((rows, k))?,
+            )?),
             false => None,
         };
         Ok((dx, dw))
