@@ -48,8 +48,8 @@ use crate::nn::cpu::{self, matmul};
 use crate::nn::linear::{linear_b, Linear};
 use crate::nn::lora::LoraConfig;
 use crate::nn::ops::{
-    attach1, attach2, causal_attention_softcap, causal_mask, compute_dtype, mul_const, rms_norm,
-    rope, swiglu,
+    attach1, attach2, causal_attention_softcap, causal_attention_token_major, causal_mask,
+    compute_dtype, mul_const, rms_norm, rope, rope_token_major, swiglu,
 };
 use crate::nn::recompute::recompute;
 use crate::nn::TrainingPlan;
@@ -772,12 +772,54 @@ impl Attention {
         rope_cs: &(Tensor, Tensor),
         mask: &Tensor,
     ) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.forward_token_major(x, rope_cs, mask)? {
+            return Ok(y);
+        }
         let (b, t, _) = x.dims3()?;
         let (q, k, v) = self.project(x, rope_cs)?;
         causal_attention_softcap(&q, &k, &v, mask, self.scale, self.softcap)?
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.head_dim))
             .and_then(|y| self.o.forward(&y))
+    }
+}
+
+impl Attention {
+    /// The attention on the CPU in f32, where the fused kernels take the projections as they
+    /// come out, `(b, t, heads·d)`: no head transposes, and three graph nodes (two rotations
+    /// and the attention) instead of fifteen. `None` where they do not apply (another device
+    /// or dtype, Qwen3's per-head norms, Gemma 2's soft-capping), for the general path.
+    fn forward_token_major(
+        &self,
+        x: &Tensor,
+        rope_cs: &(Tensor, Tensor),
+        mask: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if self.qk_norm.is_some() || self.softcap.is_some() || !cpu::all_cpu_f32(&[x, mask]) {
+            return Ok(None);
+        }
+        let (q_dim, kv_dim) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let (q, k, v) = match &self.qkv {
+            Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            Qkv::Fused(qkv) => {
+                let y = qkv.forward(x)?;
+                (
+                    y.narrow(2, 0, q_dim)?.contiguous()?,
+                    y.narrow(2, q_dim, kv_dim)?.contiguous()?,
+                    y.narrow(2, q_dim + kv_dim, kv_dim)?.contiguous()?,
+                )
+            }
+        };
+        let (cos, sin) = rope_cs;
+        let rotate = |t: &Tensor| rope_token_major(t, cos, sin, self.head_dim);
+        let (Some(q), Some(k)) = (rotate(&q)?, rotate(&k)?) else {
+            return Ok(None);
+        };
+        let heads = (self.heads, self.kv_heads);
+        match causal_attention_token_major((&q, &k, &v), mask, self.scale, heads)? {
+            Some(y) => self.o.forward(&y).map(Some),
+            None => Ok(None),
+        }
     }
 }
 

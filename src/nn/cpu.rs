@@ -74,8 +74,9 @@ const COL_ALIGN: usize = 16;
 /// per thread. Every block is one single-threaded gemm call.
 ///
 /// # Safety
-/// Every element `a` and `b` address must lie inside their slices (checked by the callers
-/// from the tensors' layouts), and `dst` must be valid for `batch·m·n` writes.
+/// Every element `a` and `b` address must lie inside their slices (the callers take the
+/// strides from candle layouts, which address only their storage), and `dst` must be valid
+/// for `batch·m·n` writes.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_batched<T: Elem>(
     batch: usize,
@@ -250,7 +251,7 @@ pub(crate) fn linear_fwd_cpu(
         }
         let (sx, sw) = (lx.stride(), lw.stride());
         let mut dst: Vec<T> = Vec::with_capacity(m * n);
-        // SAFETY: as in `matmul_cpu`; `wᵀ` is `w` with its strides swapped.
+        // SAFETY: as in `product`; `wᵀ` is `w` with its strides swapped.
         unsafe {
             gemm_batched(
                 1,
@@ -420,9 +421,9 @@ fn softmax_row(row: &mut [f32], mask: &[f32], scale: f32) {
     }
 }
 
-/// The shapes of a fused attention: `q` is `(b, h, t, d)`, `k` and `v` are `(b, kv, t, d)`
-/// (query head `j` reads key/value head `j / (h / kv)`), the additive mask `(t, t)`; all
-/// contiguous.
+/// The shapes of a fused attention: `b` sequences of `t` positions, `h` query heads and `kv`
+/// key/value heads of `d` elements (query head `j` reads key/value head `j / (h / kv)`), an
+/// additive mask `(t, t)`; all contiguous, in `layout`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct AttnDims {
     pub b: usize,
@@ -430,14 +431,48 @@ pub(crate) struct AttnDims {
     pub kv: usize,
     pub t: usize,
     pub d: usize,
+    pub layout: HeadLayout,
+}
+
+/// Where the heads of `q`, `k`, `v`, the output and the gradients lie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HeadLayout {
+    /// `(b, heads, t, d)`: each head a contiguous `t × d` block.
+    HeadMajor,
+    /// `(b, t, heads·d)`: as the projections make them; a head's rows are `heads·d` apart.
+    TokenMajor,
+}
+
+/// Where one head's `t × d` matrix starts, and its row stride.
+#[derive(Clone, Copy)]
+struct HeadAt {
+    offset: usize,
+    rs: usize,
 }
 
 impl AttnDims {
-    /// Offsets of query head `task = bi·h + hi` and of the key/value head it reads.
-    fn heads(&self, task: usize) -> (usize, usize) {
+    /// Head `hi` of sequence `bi` in a tensor of `heads` heads.
+    fn head(&self, bi: usize, hi: usize, heads: usize) -> HeadAt {
+        let (t, d) = (self.t, self.d);
+        match self.layout {
+            HeadLayout::HeadMajor => HeadAt {
+                offset: (bi * heads + hi) * t * d,
+                rs: d,
+            },
+            HeadLayout::TokenMajor => HeadAt {
+                offset: bi * t * heads * d + hi * d,
+                rs: heads * d,
+            },
+        }
+    }
+
+    /// Query head `task = bi·h + hi`, and the key/value head it reads.
+    fn heads(&self, task: usize) -> (HeadAt, HeadAt) {
         let (bi, hi) = (task / self.h, task % self.h);
-        let kvh = bi * self.kv + hi / (self.h / self.kv);
-        (task * self.t * self.d, kvh * self.t * self.d)
+        (
+            self.head(bi, hi, self.h),
+            self.head(bi, hi / (self.h / self.kv), self.kv),
+        )
     }
 }
 
@@ -457,10 +492,10 @@ impl AttnInputs<'_> {
     /// (the mask is −∞ beyond them).
     fn probs(&self, dims: &AttnDims, task: usize, rows: RowBlock, p: &mut [f32]) {
         let (t, d) = (dims.t, dims.d);
-        let (qo, ko) = dims.heads(task);
+        let (qh, kh) = dims.heads(task);
         let RowBlock { start, end, cols } = rows;
-        // SAFETY: q_h and k_h are `t × d` blocks inside q and k (checked by `check`); the
-        // block's rows of q_h and its first `cols` rows of k_h lie inside them; p holds
+        // SAFETY: q_h and k_h are `t × d` matrices inside q and k (checked by `check`); the
+        // block's rows of q_h and the first `cols` rows of k_h lie inside them; p holds
         // `(end − start) × cols` elements; kᵀ reads k with its strides swapped.
         unsafe {
             gemm_serial(
@@ -468,10 +503,10 @@ impl AttnInputs<'_> {
                 p.as_mut_ptr(),
                 cols,
                 false,
-                self.q[qo + start * d..].as_ptr(),
-                (d, 1),
-                self.k[ko..].as_ptr(),
-                (1, d),
+                self.q.as_ptr().add(qh.offset + start * qh.rs),
+                (qh.rs, 1),
+                self.k.as_ptr().add(kh.offset),
+                (1, kh.rs),
             );
         }
         let masks = self.mask[start * t..end * t].chunks_exact(t);
@@ -481,7 +516,7 @@ impl AttnInputs<'_> {
     }
 
     fn check(&self, dims: &AttnDims) -> bool {
-        let AttnDims { b, h, kv, t, d } = *dims;
+        let AttnDims { b, h, kv, t, d, .. } = *dims;
         kv > 0
             && h % kv == 0
             && self.q.len() == b * h * t * d
@@ -553,6 +588,11 @@ unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
+    /// The element at `offset` (a method, so that closures capture the whole `SharedMut`).
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+
     /// The `len` elements at `offset`.
     ///
     /// # Safety
@@ -563,7 +603,7 @@ impl SharedMut {
     }
 }
 
-/// `softmax(q·kᵀ·scale + mask)·v`, `(b, h, t, d)`; `None` when the slices do not fit `dims`.
+/// `softmax(q·kᵀ·scale + mask)·v`, laid out as `q`; `None` when the slices do not fit `dims`.
 pub(crate) fn attention_fwd(x: AttnInputs<'_>, dims: AttnDims) -> Option<Vec<f32>> {
     if !x.check(&dims) {
         return None;
@@ -574,22 +614,22 @@ pub(crate) fn attention_fwd(x: AttnInputs<'_>, dims: AttnDims) -> Option<Vec<f32
     let out = SharedMut(y.as_mut_ptr());
     for_each_head(&dims, 1, |task, bufs| {
         let p = &mut bufs[0];
-        let (qo, vo) = dims.heads(task);
+        let (qh, vh) = dims.heads(task);
         for &rows in &blocks {
             let RowBlock { start, end, cols } = rows;
             x.probs(&dims, task, rows, p);
-            // SAFETY: each task writes the rows of its own head's block of y; the first
-            // `cols` rows of v_h lie inside v.
+            // SAFETY: each task writes the rows of its own head of y (laid out as q); the
+            // first `cols` rows of v_h lie inside v.
             unsafe {
                 gemm_serial(
                     (end - start, d, cols),
-                    out.block(qo + start * d, (end - start) * d).as_mut_ptr(),
-                    d,
+                    out.at(qh.offset + start * qh.rs),
+                    qh.rs,
                     false,
                     p.as_ptr(),
                     (cols, 1),
-                    x.v[vo..].as_ptr(),
-                    (d, 1),
+                    x.v.as_ptr().add(vh.offset),
+                    (vh.rs, 1),
                 );
             }
         }
@@ -597,8 +637,8 @@ pub(crate) fn attention_fwd(x: AttnInputs<'_>, dims: AttnDims) -> Option<Vec<f32
     Some(y)
 }
 
-/// The gradients `(dq, dk, dv)` of [`attention_fwd`] for the output gradient `g`
-/// (`(b, h, t, d)`, contiguous). The probabilities are recomputed block by block; with grouped
+/// The gradients `(dq, dk, dv)` of [`attention_fwd`] for the output gradient `g` (laid out as
+/// `q`), each laid out as its input. The probabilities are recomputed block by block; with grouped
 /// queries, each query head's share of dk and dv is summed into its key/value head afterwards,
 /// in head order. `None` when the slices do not fit `dims`.
 pub(crate) fn attention_bwd(
@@ -622,12 +662,14 @@ pub(crate) fn attention_bwd(
     );
     for_each_head(&dims, 2, |task, bufs| {
         let [p, ds] = bufs else { unreachable!() };
-        let (qo, ko) = dims.heads(task);
+        let (qh, kh) = dims.heads(task);
+        // This query head's shares of dk and dv: contiguous `t × d` blocks.
+        let own = task * t * d;
         for &rows in &blocks {
             let RowBlock { start, end, cols } = rows;
             let n = end - start;
             x.probs(&dims, task, rows, p);
-            let gb = &g[qo + start * d..qo + end * d];
+            let gb = g[qh.offset + start * qh.rs..].as_ptr();
             // SAFETY: each task writes the blocks of its own query head in dq, dk and dv;
             // the reads stay inside q, k, v and g (checked above) and the scratch buffers
             // (`n × cols` elements).
@@ -635,13 +677,13 @@ pub(crate) fn attention_bwd(
                 // dv_h[..cols] += pᵀ·g_block
                 gemm_serial(
                     (cols, d, n),
-                    dv_out.block(qo, cols * d).as_mut_ptr(),
+                    dv_out.at(own),
                     d,
                     true,
                     p.as_ptr(),
                     (1, cols),
-                    gb.as_ptr(),
-                    (d, 1),
+                    gb,
+                    (qh.rs, 1),
                 );
                 // dp = g_block·v[..cols]ᵀ
                 gemm_serial(
@@ -649,51 +691,57 @@ pub(crate) fn attention_bwd(
                     ds.as_mut_ptr(),
                     cols,
                     false,
-                    gb.as_ptr(),
-                    (d, 1),
-                    x.v[ko..].as_ptr(),
-                    (1, d),
+                    gb,
+                    (qh.rs, 1),
+                    x.v.as_ptr().add(kh.offset),
+                    (1, kh.rs),
                 );
             }
             softmax_grad_rows(&mut ds[..n * cols], &p[..n * cols], cols, x.scale);
             // SAFETY: as above.
             unsafe {
-                // dq_block = ds·k[..cols]
+                // dq_block = ds·k[..cols], laid out as q
                 gemm_serial(
                     (n, d, cols),
-                    dq_out.block(qo + start * d, n * d).as_mut_ptr(),
-                    d,
+                    dq_out.at(qh.offset + start * qh.rs),
+                    qh.rs,
                     false,
                     ds.as_ptr(),
                     (cols, 1),
-                    x.k[ko..].as_ptr(),
-                    (d, 1),
+                    x.k.as_ptr().add(kh.offset),
+                    (kh.rs, 1),
                 );
                 // dk_h[..cols] += dsᵀ·q_block
                 gemm_serial(
                     (cols, d, n),
-                    dk_out.block(qo, cols * d).as_mut_ptr(),
+                    dk_out.at(own),
                     d,
                     true,
                     ds.as_ptr(),
                     (1, cols),
-                    x.q[qo + start * d..].as_ptr(),
-                    (d, 1),
+                    x.q.as_ptr().add(qh.offset + start * qh.rs),
+                    (qh.rs, 1),
                 );
             }
         }
     });
+    // Sum each group's shares (in head order) into its key/value head, laid out as k and v.
     let group = dims.h / dims.kv;
-    let (dk, dv) = match group {
-        1 => (dk, dv),
+    let (dk, dv) = match (group, dims.layout) {
+        (1, HeadLayout::HeadMajor) => (dk, dv),
         _ => {
             let fold = |parts: Vec<f32>| -> Vec<f32> {
-                let block = t * d;
-                let mut out = vec![0f32; dims.b * dims.kv * block];
-                for (kvh, o) in out.chunks_exact_mut(block).enumerate() {
-                    for part in parts[kvh * group * block..(kvh + 1) * group * block].chunks(block)
-                    {
-                        o.iter_mut().zip(part).for_each(|(o, p)| *o += p);
+                let mut out = vec![0f32; dims.b * dims.kv * t * d];
+                for bi in 0..dims.b {
+                    for kvi in 0..dims.kv {
+                        let at = dims.head(bi, kvi, dims.kv);
+                        for share in 0..group {
+                            let own = ((bi * dims.h) + kvi * group + share) * t * d;
+                            for (i, part) in parts[own..own + t * d].chunks_exact(d).enumerate() {
+                                let row = &mut out[at.offset + i * at.rs..][..d];
+                                row.iter_mut().zip(part).for_each(|(o, p)| *o += p);
+                            }
+                        }
                     }
                 }
                 out
@@ -913,21 +961,20 @@ fn rms_norm_dw_rows(x: &[f32], dy: &[f32], eps: f32, acc: &mut [f32]) {
     }
 }
 
-/// Rotary embedding in the "rotate half" layout over rows of `d` elements: for row `i`
-/// (position `i mod t`) and `j < d/2`, `y_j = x_j·cos − x_{j+d/2}·sin` and `y_{j+d/2} =
-/// x_{j+d/2}·cos + x_j·sin`, with `cos`, `sin` `(t, d/2)`. With `sign = −1` it is the inverse
-/// rotation (the backward pass).
+/// Rotary embedding in the "rotate half" layout over rows of `row` elements, each `row / d`
+/// heads of `d`: for row `i` (position `i mod t`) and `j < d/2` in each head, `y_j = x_j·cos −
+/// x_{j+d/2}·sin` and `y_{j+d/2} = x_{j+d/2}·cos + x_j·sin`, with `cos`, `sin` `(t, d/2)`. With
+/// `sign = −1` it is the inverse rotation (the backward pass). `row = d` for `(b, h, t, d)`,
+/// `row = h·d` for `(b, t, h·d)`.
 pub(crate) fn rope_fwd(
     x: &[f32],
-    cos: &[f32],
-    sin: &[f32],
-    t: usize,
-    d: usize,
+    (cos, sin): (&[f32], &[f32]),
+    (t, d, row): (usize, usize, usize),
     sign: f32,
 ) -> Vec<f32> {
-    let [y] = par_fill(x.len(), d, |r, [y]| {
-        let first = r.start / d;
-        rope_rows(&x[r], (cos, sin), (t, d), sign, first, y)
+    let [y] = par_fill(x.len(), row, |r, [y]| {
+        let first = r.start / row;
+        rope_rows(&x[r], (cos, sin), (t, d, row), sign, first, y)
     });
     y
 }
@@ -937,24 +984,26 @@ pub(crate) fn rope_fwd(
 fn rope_rows(
     x: &[f32],
     (cos, sin): (&[f32], &[f32]),
-    (t, d): (usize, usize),
+    (t, d, row): (usize, usize, usize),
     sign: f32,
     first: usize,
     y: &mut [MaybeUninit<f32>],
 ) {
     let half = d / 2;
-    for (i, (y, x)) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).enumerate() {
+    for (i, (y, x)) in y.chunks_exact_mut(row).zip(x.chunks_exact(row)).enumerate() {
         let pos = (first + i) % t;
         let (c, s) = (
             &cos[pos * half..(pos + 1) * half],
             &sin[pos * half..(pos + 1) * half],
         );
-        let (x1, x2) = x.split_at(half);
-        let (y1, y2) = y.split_at_mut(half);
-        for j in 0..half {
-            let sj = sign * s[j];
-            y1[j].write(x1[j] * c[j] - x2[j] * sj);
-            y2[j].write(x2[j] * c[j] + x1[j] * sj);
+        for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            let (x1, x2) = x.split_at(half);
+            let (y1, y2) = y.split_at_mut(half);
+            for j in 0..half {
+                let sj = sign * s[j];
+                y1[j].write(x1[j] * c[j] - x2[j] * sj);
+                y2[j].write(x2[j] * c[j] + x1[j] * sj);
+            }
         }
     }
 }
@@ -1129,14 +1178,16 @@ mod tests {
     #[test]
     fn attention_matches_autograd() -> Result<()> {
         // One row block; three (the last partial) under a causal mask, so that blocks see
-        // different numbers of keys; and a mask with no −∞ at all.
-        for (t, causal) in [(37, true), (150, true), (150, false)] {
-            attention_case(t, causal)?;
+        // different numbers of keys; and a mask with no −∞ at all; in both layouts.
+        for layout in [HeadLayout::HeadMajor, HeadLayout::TokenMajor] {
+            for (t, causal) in [(37, true), (150, true), (150, false)] {
+                attention_case(t, causal, layout)?;
+            }
         }
         Ok(())
     }
 
-    fn attention_case(t: usize, causal: bool) -> Result<()> {
+    fn attention_case(t: usize, causal: bool, layout: HeadLayout) -> Result<()> {
         let dev = Device::Cpu;
         let dims = AttnDims {
             b: 2,
@@ -1144,8 +1195,16 @@ mod tests {
             kv: 2,
             t,
             d: 8,
+            layout,
         };
-        let AttnDims { b, h, kv, t, d } = dims;
+        let AttnDims { b, h, kv, t, d, .. } = dims;
+        // The kernels' layout of a `(b, heads, t, d)` tensor, flattened.
+        let laid = |x: &Tensor| -> Result<Vec<f32>> {
+            match layout {
+                HeadLayout::HeadMajor => x.flatten_all()?.to_vec1::<f32>(),
+                HeadLayout::TokenMajor => x.transpose(1, 2)?.flatten_all()?.to_vec1::<f32>(),
+            }
+        };
         let scale = 0.35;
         let q = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (b, kv, t, d), &dev)?;
@@ -1155,9 +1214,8 @@ mod tests {
         if causal {
             mask = (mask + crate::nn::ops::causal_mask(t, DType::F32, &dev)?)?;
         }
-        let slices = [&q, &k, &v, &mask, &g].map(|t| t.flatten_all()?.to_vec1::<f32>());
-        let [qs, ks, vs, ms, gs] = slices;
-        let (qs, ks, vs, ms, gs) = (qs?, ks?, vs?, ms?, gs?);
+        let (qs, ks, vs, gs) = (laid(&q)?, laid(&k)?, laid(&v)?, laid(&g)?);
+        let ms = mask.flatten_all()?.to_vec1::<f32>()?;
         let x = AttnInputs {
             q: &qs,
             k: &ks,
@@ -1185,12 +1243,13 @@ mod tests {
         let want_y = p.matmul(&ve)?;
         let grads = (&want_y * g.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
         let close = |got: &[f32], want: &Tensor, what: &str| -> Result<()> {
-            let want = want.flatten_all()?.to_vec1::<f64>()?;
+            let want = laid(&want.to_dtype(DType::F32)?)?;
+            let want: Vec<f64> = want.iter().map(|&w| w as f64).collect();
             assert_eq!(got.len(), want.len(), "{what}");
             for (g, w) in got.iter().zip(&want) {
                 assert!(
                     (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "{what}: {g} vs {w}"
+                    "{what} ({layout:?}): {g} vs {w}"
                 );
             }
             Ok(())

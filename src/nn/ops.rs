@@ -237,27 +237,94 @@ fn upcast(t: &Tensor) -> Result<Tensor> {
 /// backward pass is the same op with `-sin`; the graph keeps only `x` and the output.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (_, _, t, d) = x.dims4()?;
-    if cpu::all_cpu_f32(&[x, cos, sin])
-        && d % 2 == 0
-        && cos.dims() == sin.dims()
-        && cos.dims2()?.1 == d / 2
-        && cos.dim(0)? >= t
-    {
-        let [cos, sin] = [cos, sin].map(|c| c.narrow(0, 0, t)?.detach().contiguous());
-        let (cos, sin) = (cos?, sin?);
-        let rotate = move |x: &Tensor, sign: f32| -> Result<Output> {
-            let x = x.detach().contiguous()?;
-            let y = cpu::with_slices([&x, &cos, &sin], |[x, c, s]| {
-                cpu::rope_fwd(x, c, s, t, d, sign)
-            })?;
-            Ok(Output::CpuF32(y, x.shape().clone()))
-        };
-        let y = rotate(x, 1.0)?;
-        return attach1("lisa-rope", x, y, move |_x, _y, g| {
-            Ok(Some(rotate(g, -1.0)?.into_tensor()?))
-        });
+    if let Some(y) = cpu_rope(x, cos, sin, (t, d, d))? {
+        return Ok(y);
     }
     rotary("lisa-rope", candle_nn::rotary_emb::rope, x, cos, sin)
+}
+
+/// [`rope`] on `x` `(b, t, heads·d)`, as the projections make it: each head's `d` elements
+/// rotated by its position. Only on the CPU in f32 (the fused kernel); `None` elsewhere.
+pub(crate) fn rope_token_major(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    d: usize,
+) -> Result<Option<Tensor>> {
+    let (_, t, row) = x.dims3()?;
+    if d == 0 || row % d != 0 {
+        candle_core::bail!("rope: rows of {row} are no whole number of heads of {d}")
+    }
+    cpu_rope(x, cos, sin, (t, d, row))
+}
+
+/// The rotation by the fused CPU kernel, rows of `row` elements at `t` positions, heads of `d`;
+/// `None` off the CPU, for other dtypes, or for tables that do not fit.
+fn cpu_rope(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    (t, d, row): (usize, usize, usize),
+) -> Result<Option<Tensor>> {
+    let fits = d % 2 == 0
+        && cos.dims() == sin.dims()
+        && cos.rank() == 2
+        && cos.dim(1)? == d / 2
+        && cos.dim(0)? >= t;
+    if !cpu::all_cpu_f32(&[x, cos, sin]) || !fits {
+        return Ok(None);
+    }
+    let [cos, sin] = [cos, sin].map(|c| c.narrow(0, 0, t)?.detach().contiguous());
+    let (cos, sin) = (cos?, sin?);
+    let rotate = move |x: &Tensor, sign: f32| -> Result<Output> {
+        let x = x.detach().contiguous()?;
+        let y = cpu::with_slices([&x, &cos, &sin], |[x, c, s]| {
+            cpu::rope_fwd(x, (c, s), (t, d, row), sign)
+        })?;
+        Ok(Output::CpuF32(y, x.shape().clone()))
+    };
+    let y = rotate(x, 1.0)?;
+    attach1("lisa-rope", x, y, move |_x, _y, g| {
+        Ok(Some(rotate(g, -1.0)?.into_tensor()?))
+    })
+    .map(Some)
+}
+
+/// [`causal_attention`] on tensors laid out as the projections make them: `q` `(b, t, h·d)`,
+/// `k` and `v` `(b, t, kv·d)`; the output is `(b, t, h·d)`, the output projection's input. No
+/// transposes, so no copies and no graph nodes for them. Only on the CPU in f32 (the fused
+/// kernels); `None` elsewhere.
+pub(crate) fn causal_attention_token_major(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    mask: &Tensor,
+    scale: f64,
+    (h, kv): (usize, usize),
+) -> Result<Option<Tensor>> {
+    let (b, t, qw) = q.dims3()?;
+    let d = qw / h.max(1);
+    let fits = kv > 0
+        && h % kv == 0
+        && qw == h * d
+        && k.dims() == [b, t, kv * d]
+        && v.dims() == [b, t, kv * d]
+        && mask.dims() == [t, t];
+    if !fits {
+        candle_core::bail!(
+            "causal_attention: q {:?}, k {:?}, v {:?} do not fit (b, t, h·d) and (b, t, kv·d) with h = {h}, kv = {kv}",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        )
+    }
+    let dims = cpu::AttnDims {
+        b,
+        h,
+        kv,
+        t,
+        d,
+        layout: cpu::HeadLayout::TokenMajor,
+    };
+    cpu_attention(q, k, v, mask, scale, dims)
 }
 
 /// Causal scaled dot-product attention, differentiable: `softmax(q·kᵀ·scale + mask)·v`.
@@ -298,7 +365,21 @@ pub fn causal_attention_softcap(
         )
     }
     if softcap.is_none() && mask.dims() == [t, t] {
-        if let Some(y) = cpu_attention(q, k, v, mask, scale, cpu::AttnDims { b, h, kv, t, d })? {
+        if let Some(y) = cpu_attention(
+            q,
+            k,
+            v,
+            mask,
+            scale,
+            cpu::AttnDims {
+                b,
+                h,
+                kv,
+                t,
+                d,
+                layout: cpu::HeadLayout::HeadMajor,
+            },
+        )? {
             return Ok(y);
         }
     }
@@ -402,9 +483,8 @@ fn cpu_attention(
             candle_core::Error::Msg(format!("lisa-causal-attention: shapes do not fit {dims:?}"))
         })
     };
-    let cpu::AttnDims { b, h, kv, t, d } = dims;
-    let y = run(None)?.remove(0);
-    let y = Tensor::from_vec(y, (b, h, t, d), q.device())?;
+    let y = Output::CpuF32(run(None)?.remove(0), q.shape().clone());
+    let shapes = [q, k, v].map(|t| t.shape().clone());
     attach3(
         "lisa-causal-attention",
         q,
@@ -413,7 +493,7 @@ fn cpu_attention(
         y,
         move |_q, _k, _v, _y, g| {
             let mut grads = run(Some(g))?.into_iter();
-            let mut next = |shape: (usize, usize, usize, usize)| -> Result<Option<Tensor>> {
+            let mut next = |shape: &Shape| -> Result<Option<Tensor>> {
                 let data = grads.next().unwrap_or_default();
                 Ok(Some(Tensor::from_vec(
                     data,
@@ -421,11 +501,7 @@ fn cpu_attention(
                     &candle_core::Device::Cpu,
                 )?))
             };
-            Ok((
-                next((b, h, t, d))?,
-                next((b, kv, t, d))?,
-                next((b, kv, t, d))?,
-            ))
+            Ok((next(&shapes[0])?, next(&shapes[1])?, next(&shapes[2])?))
         },
     )
     .map(Some)
