@@ -9,8 +9,10 @@ Needs torch, transformers and peft (tested with torch 2.15.0, transformers 5.24.
 0.21.2). For every shape and method it runs, in turn, a PyTorch process (this script with
 --child) and candle-lisa's (`memory_report --child`), both with the same thread count,
 B = 1, T = 256, random token ids, `--steps` steps of which the first is not timed, and reads
-each process's peak RSS from wait4(2). It prints a Markdown table and, with --json, one line per
-process.
+each process's peak RSS from wait4(2). With `--rounds N` it goes through every configuration N
+times, in turn, and takes the median over the rounds of each process's median step time (on a
+shared machine speed drifts over minutes; interleaving spreads the drift over both sides). It
+prints a Markdown table and, with --json, one line per process.
 
 The PyTorch side is transformers' LlamaForCausalLM in f32 with torch.optim.AdamW:
 - full: every parameter;
@@ -127,6 +129,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="passes over every configuration")
     ap.add_argument("--ours", default="target/release/examples/memory_report")
     ap.add_argument("--json", help="write one JSON line per process here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -136,33 +139,46 @@ def main():
     if args.child:
         return child(args)
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
-    rows = []
-    for shape in args.shapes.split(","):
-        for method in args.methods.split(","):
-            common = ["--steps", str(args.steps), "--seq-len", str(args.seq_len)]
-            torch_cmd = [sys.executable, __file__, "--child", "--shape", shape, "--method", method,
-                         "--threads", str(args.threads)] + common
-            ours_cmd = [args.ours, "--child", "--shape", shape, "--methods", method,
-                        "--batch-size", "1"] + common
-            t, t_rss = run(torch_cmd, env)
-            o, o_rss = run(ours_cmd, env)
-            rows.append((shape, method, t, t_rss, o, o_rss))
-            print(f"{shape} {method}: torch {t['step_ms_median']:.0f} ms, ours "
-                  f"{o['step_ms_median']:.0f} ms", file=sys.stderr)
+    runs = {}  # (shape, method) -> [(torch json, torch rss, ours json, ours rss)] per round
+    for rnd in range(args.rounds):
+        for shape in args.shapes.split(","):
+            for method in args.methods.split(","):
+                common = ["--steps", str(args.steps), "--seq-len", str(args.seq_len)]
+                torch_cmd = [sys.executable, __file__, "--child", "--shape", shape, "--method",
+                             method, "--threads", str(args.threads)] + common
+                ours_cmd = [args.ours, "--child", "--shape", shape, "--methods", method,
+                            "--batch-size", "1"] + common
+                t, t_rss = run(torch_cmd, env)
+                o, o_rss = run(ours_cmd, env)
+                runs.setdefault((shape, method), []).append((t, t_rss, o, o_rss))
+                print(f"round {rnd + 1}: {shape} {method}: torch {t['step_ms_median']:.0f} ms, "
+                      f"ours {o['step_ms_median']:.0f} ms", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
-            for shape, method, t, t_rss, o, o_rss in rows:
-                f.write(json.dumps({"side": "pytorch", **t, "peak_rss": t_rss}) + "\n")
-                f.write(json.dumps({"side": "candle-lisa", **o, "peak_rss": o_rss}) + "\n")
-    print(f"B = 1, T = {args.seq_len}, f32, {args.threads} threads, {args.steps} steps "
-          "(median of all but the first); peak RSS of the whole process")
+            for (shape, method), rounds in runs.items():
+                for rnd, (t, t_rss, o, o_rss) in enumerate(rounds):
+                    f.write(json.dumps({"side": "pytorch", "round": rnd, **t, "peak_rss": t_rss}) + "\n")
+                    f.write(json.dumps({"side": "candle-lisa", "round": rnd, **o, "peak_rss": o_rss})
+                            + "\n")
+
+    def median(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+    rows = []
+    for (shape, method), rounds in runs.items():
+        t_ms = median([r[0]["step_ms_median"] for r in rounds])
+        o_ms = median([r[2]["step_ms_median"] for r in rounds])
+        rows.append((shape, method, t_ms, max(r[1] for r in rounds), o_ms, max(r[3] for r in rounds)))
+    print(f"B = 1, T = {args.seq_len}, f32, {args.threads} threads, {args.steps} steps per process "
+          f"(median of all but the first), median over {args.rounds} interleaved rounds; peak RSS "
+          "of the whole process (the largest over the rounds)")
     print()
     print("| shape | method | PyTorch step ms | candle-lisa step ms | ratio | PyTorch peak RSS MB "
           "| candle-lisa peak RSS MB | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for shape, method, t, t_rss, o, o_rss in rows:
-        print(f"| {shape} | {method} | {t['step_ms_median']:.0f} | {o['step_ms_median']:.0f} | "
-              f"{o['step_ms_median'] / t['step_ms_median']:.2f}× | {t_rss / 1e6:.0f} | "
+        print(f"| {shape} | {method} | {t:.0f} | {o:.0f} | {o / t:.2f}× | {t_rss / 1e6:.0f} | "
               f"{o_rss / 1e6:.0f} | {o_rss / t_rss:.2f}× |")
 
 
