@@ -406,7 +406,12 @@ fn max(xs: &[f32]) -> f32 {
 }
 
 /// `row = softmax(row·scale + mask)`, in place.
-#[multiversion(targets = "simd")]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon",
+))]
 fn softmax_row(row: &mut [f32], mask: &[f32], scale: f32) {
     for (x, m) in row.iter_mut().zip(mask) {
         *x = *x * scale + m;
@@ -549,7 +554,12 @@ impl AttnInputs<'_> {
 }
 
 /// `ds = p ⊙ (dp − Σ_j dp ⊙ p)·scale` over rows of `cols`, with `dp` in `ds` on entry.
-#[multiversion(targets = "simd")]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon",
+))]
 fn softmax_grad_rows(ds: &mut [f32], p: &[f32], cols: usize, scale: f32) {
     for (dsr, pr) in ds.chunks_exact_mut(cols).zip(p.chunks_exact(cols)) {
         let row = dot(dsr, pr);
@@ -826,7 +836,12 @@ pub(crate) fn swiglu_fwd(gate: &[f32], up: &[f32]) -> Vec<f32> {
     y
 }
 
-#[multiversion(targets = "simd")]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon",
+))]
 fn swiglu_chunk(gate: &[f32], up: &[f32], y: &mut [MaybeUninit<f32>]) {
     for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
         y.write(g * u / (1.0 + exp(-g)));
@@ -842,7 +857,12 @@ pub(crate) fn swiglu_bwd(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec
     (dgate, dup)
 }
 
-#[multiversion(targets = "simd")]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon",
+))]
 fn swiglu_bwd_chunk(
     gate: &[f32],
     up: &[f32],
@@ -866,7 +886,12 @@ pub(crate) fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     y
 }
 
-#[multiversion(targets = "simd")]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon",
+))]
 fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [MaybeUninit<f32>]) {
     let h = w.len();
     for (y, x) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
@@ -919,7 +944,12 @@ pub(crate) fn rms_norm_bwd(
 }
 
 /// dL/dx of [`rms_norm_rows`] for whole rows of `x` and `dy`.
-#[multiversion(targets = "simd")]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon",
+))]
 fn rms_norm_bwd_rows(x: &[f32], dy: &[f32], w: &[f32], eps: f32, dx: &mut [MaybeUninit<f32>]) {
     let h = w.len();
     let rows = x.chunks_exact(h).zip(dy.chunks_exact(h));
@@ -950,7 +980,12 @@ fn rms_norm_bwd_rows(x: &[f32], dy: &[f32], w: &[f32], eps: f32, dx: &mut [Maybe
 }
 
 /// `acc += Σ_rows dy ⊙ x·r` over whole rows of `x` and `dy` (rows of `acc.len()`).
-#[multiversion(targets = "simd")]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon",
+))]
 fn rms_norm_dw_rows(x: &[f32], dy: &[f32], eps: f32, acc: &mut [f32]) {
     let h = acc.len();
     for (x, dy) in x.chunks_exact(h).zip(dy.chunks_exact(h)) {
@@ -980,7 +1015,12 @@ pub(crate) fn rope_fwd(
 }
 
 /// [`rope_fwd`] on whole rows of `x`, the first of which is row `first`.
-#[multiversion(targets = "simd")]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon",
+))]
 fn rope_rows(
     x: &[f32],
     (cos, sin): (&[f32], &[f32]),
@@ -1060,7 +1100,12 @@ pub(crate) fn cross_entropy_fused(
 }
 
 /// One row of [`cross_entropy_fused`]: returns the row's loss, leaves its gradient in `x`.
-#[multiversion(targets = "simd")]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.2",
+    "aarch64+neon",
+))]
 fn cross_entropy_row(x: &mut [f32], label: usize, weight: f32, scale: f32) -> f32 {
     let picked = x[label];
     let top = max(x);
