@@ -445,22 +445,24 @@ fn fused_head_loss_matches_loss_on_logits() -> Result<(), Box<dyn std::error::Er
             );
         }
         // A second backward pass over the same graph recomputes dL/dlogits; an upstream
-        // gradient other than 1 scales it.
+        // gradient other than 1 scales it. Both round differently from the first pass (the
+        // model's weights are random, so sums with cancellation vary from run to run): within
+        // 1e-5 of the largest entry, about 2⁻¹⁷, the f32 rounding of a sum of hundreds of terms.
         let again = fused.backward()?;
         let tripled = (model.loss(&ids, &labels)? * 3.0)?.backward()?;
         for (name, var) in varmap.data().lock().unwrap().iter() {
             let first = g_fused.get(var.as_tensor()).expect("fused gradient");
             let second = again.get(var.as_tensor()).expect("second gradient");
+            let scale = first.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
             let diff = (first - second)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(
-                diff < 1e-6,
+                diff < 1e-5 * scale,
                 "tied {tied}: {name}: second backward differs by {diff}"
             );
             let third = (tripled.get(var.as_tensor()).expect("scaled gradient") / 3.0)?;
             let diff = (first - third)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            let scale = first.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
             assert!(
-                diff < 1e-6 * scale,
+                diff < 1e-5 * scale,
                 "tied {tied}: {name}: 3·loss differs by {diff}"
             );
         }
