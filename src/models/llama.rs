@@ -1302,7 +1302,8 @@ impl Llama {
     /// The causal-LM loss of `input_ids` against `labels` (i64, [`IGNORE_INDEX`] to skip):
     /// the value of [`causal_lm_loss`] on [`forward`](Self::forward)'s logits, but the
     /// `(batch, seq, vocab)` logits are never kept: the LM head and the loss are one op whose
-    /// backward recomputes them (see [`head_loss`]).
+    /// backward recomputes them (on the CPU in f32 it keeps their gradient from the forward
+    /// pass instead; see [`head_loss`]).
     pub fn loss(&self, input_ids: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids)?;
         let softcap = self.config.final_softcap();
@@ -1448,6 +1449,12 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 /// computed, and the backward pass recomputes them to get dL/dhidden and, when `w` tracks
 /// gradients, dL/dw. At a large vocabulary the logits are the largest activations of a
 /// training step, and their gradient one more tensor of the same size.
+///
+/// On the CPU in f32 one fused pass over the logits computes the loss and leaves dL/dlogits in
+/// their place, and the op keeps that buffer until its backward pass (which then needs no
+/// second product with the head): the same size as the logits the backward pass would
+/// recompute, held from the loss to the start of the backward pass, when the whole graph is
+/// alive anyway, so the step's peak does not grow.
 pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, t, h) = hidden.dims3()?;
     let (v, wh) = w.dims2()?;
@@ -1469,7 +1476,7 @@ pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor>
         Ok((Some(dx), dw))
     };
     if cpu::all_cpu_f32(&[hidden, w]) {
-        // One pass over each row of logits forward and one (in place) backward.
+        // One pass over each row of logits; it leaves dL/dlogits in their place.
         let (labels, weights) = targets.rows()?;
         let count = targets.count;
         let logits = move |x: &Tensor, w: &Tensor| -> candle_core::Result<Vec<f32>> {

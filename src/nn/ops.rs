@@ -6,10 +6,12 @@
 //! avoid both:
 //! - [`mul_const`] and [`add_const`] treat their second operand as a constant: their backward
 //!   returns dL/dx only.
-//! - [`rms_norm`], [`rope`], [`causal_attention`] and [`swiglu`] compute their output with
-//!   candle's fused kernels (which have no backward) outside the graph, and attach it through a
-//!   custom op that keeps only the inputs and the output; their backward recomputes what it
-//!   needs. [`causal_attention`] keeps no `seq × seq` tensor at all.
+//! - [`rms_norm`], [`rope`], [`causal_attention`] and [`swiglu`] compute their output outside
+//!   the graph and attach it through a custom op that keeps only the inputs and the output;
+//!   their backward recomputes what it needs. [`causal_attention`] keeps no `seq × seq` tensor
+//!   at all. On the CPU in f32 forward and backward are the fused kernels of `nn::cpu` (one
+//!   pass each, on candle's thread pool, their output handed to the graph without a copy);
+//!   elsewhere candle's fused kernels (which have no backward) and plain tensor ops.
 //!
 //! Unlike candle's fused `rms_norm`, `rope` and `softmax_last_dim`, every op here has a
 //! backward.
@@ -449,10 +451,7 @@ fn cpu_attention(
     scale: f64,
     dims: cpu::AttnDims,
 ) -> Result<Option<Tensor>> {
-    let all_f32 = [q, k, v, mask]
-        .iter()
-        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
-    if !all_f32 {
+    if !cpu::all_cpu_f32(&[q, k, v, mask]) {
         return Ok(None);
     }
     let [qd, kd, vd, md] = [q, k, v, mask].map(|t| t.detach().contiguous());
