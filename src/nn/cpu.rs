@@ -7,6 +7,14 @@
 //! through candle's matmul, 270–295 GFLOP/s with the output split into one column block per
 //! core of candle's barrier pool and each block a single-threaded gemm call (the figure
 //! PyTorch's MKL reaches on the same machine). [`matmul`] does the latter.
+//!
+//! The rest are the f32 kernels of the model's ops, forward and backward, one pass each on
+//! the same pool: attention (per query head, in blocks of 64 rows over only the keys a block
+//! can see, in either head layout), RMSNorm, RoPE, SwiGLU and the LM head's cross-entropy.
+//! Their inner loops are compiled for several instruction sets and picked at run time
+//! (`multiversion`). Their sums run in fixed lanes and fixed row groups, so their results do
+//! not depend on the thread count; a matmul's column blocks do, and gemm may then sum in
+//! another order.
 
 use std::mem::MaybeUninit;
 
