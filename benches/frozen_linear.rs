@@ -1,6 +1,9 @@
 //! A frozen projection, forward and backward, at SmolLM2-135M's shapes (B = 1, T = 256): the
 //! crate's frozen-aware `Linear` (no weight gradient) against candle's stock `Linear` over the
-//! same detached weight (which computes and stores one anyway).
+//! same detached weight (which computes and stores one anyway). Then the forward product alone
+//! (`x · wᵀ`, `(256, in) × (in, out)`): the crate's `frozen_matmul` (on the CPU, one
+//! single-threaded gemm call per column block per thread of candle's pool) against candle's
+//! `matmul` (gemm through rayon); the throughput is in multiply-adds × 2, i.e. FLOP/s.
 //!
 //! `cargo bench --bench frozen_linear`
 
@@ -40,6 +43,34 @@ fn frozen_linear(c: &mut Criterion) {
         });
         group.bench_function(BenchmarkId::new("candle_linear", proj), |b| {
             b.iter(|| run(&stock))
+        });
+    }
+    group.finish();
+
+    let (dev, mut group) = common::group(c, "matmul_forward", 20, 1, 3);
+    for (proj, inp, out) in [
+        ("q_o_576x576", 576, 576),
+        ("k_v_576x192", 576, 192),
+        ("gate_up_576x1536", 576, 1536),
+        ("down_1536x576", 1536, 576),
+    ] {
+        let x = Tensor::randn(0f32, 1., (rows, inp), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.02, (out, inp), &dev).unwrap();
+        let wt = w.t().unwrap().contiguous().unwrap();
+        group.throughput(Throughput::Elements((2 * rows * inp * out) as u64));
+        group.bench_function(BenchmarkId::new("lisa_frozen_matmul", proj), |b| {
+            b.iter(|| {
+                let y = candle_lisa::frozen_matmul(&x, &w).unwrap();
+                dev.synchronize().unwrap();
+                y
+            })
+        });
+        group.bench_function(BenchmarkId::new("candle_matmul", proj), |b| {
+            b.iter(|| {
+                let y = x.matmul(&wt).unwrap();
+                dev.synchronize().unwrap();
+                y
+            })
         });
     }
     group.finish();
