@@ -97,9 +97,8 @@ pub mod optim;
 pub mod train;
 
 pub use error::{LisaError, Result};
-pub use models::{
-    causal_lm_loss, head_loss, load_llama, save_llama, Llama, LlamaConfig, IGNORE_INDEX,
-};
+pub use models::{load_llama, save_llama, Llama, LlamaConfig};
+pub use nn::loss::{causal_lm_loss, head_loss, IGNORE_INDEX};
 pub use nn::{
     frozen_matmul, frozen_var_builder, layer_norm, linear, linear_b, linear_no_bias, merge_lora,
     named_vars, rms_norm, LayerNorm, Linear, LoraAdapter, LoraConfig, RmsNorm, TrainingPlan,
@@ -113,3 +112,19 @@ pub use optim::{
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/finetuning.md")]
+pub struct FinetuningGuideDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/custom-models.md")]
+pub struct CustomModelsGuideDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/precision.md")]
+pub struct PrecisionGuideDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/distributed.md")]
+pub struct DistributedGuideDoctests;

@@ -192,7 +192,7 @@ impl CustomOp2 for LinearMatmul {
         lw: &Layout,
     ) -> Result<(candle_core::CpuStorage, Shape)> {
         let (rows, out) = rows_layout(lx, lw)?;
-        match super::cpu::linear_fwd_cpu(x, &rows, w, lw) {
+        match super::kernels::linear_fwd_cpu(x, &rows, w, lw) {
             Some(y) => Ok((y, out)),
             None => matmul_fwd(x, lx, w, lw),
         }
@@ -229,11 +229,11 @@ impl CustomOp2 for LinearMatmul {
         let rows = x.elem_count() / k.max(1);
         let grad = grad.detach().reshape((rows, n))?;
         let dx = match x.track_op() {
-            true => Some(super::cpu::matmul(&grad, w)?.reshape(x.shape())?),
+            true => Some(super::kernels::matmul(&grad, w)?.reshape(x.shape())?),
             false => None,
         };
         let dw = match w.track_op() {
-            true => Some(super::cpu::matmul(
+            true => Some(super::kernels::matmul(
                 &grad.t()?,
                 &x.detach().reshape((rows, k))?,
             )?),

@@ -6,9 +6,11 @@
 //! of its [`TrainingPlan`].
 
 pub mod calibrate;
-pub(crate) mod cpu;
+pub(crate) mod custom_op;
+pub(crate) mod kernels;
 pub mod linear;
 pub mod lora;
+pub mod loss;
 pub mod norm;
 pub mod ops;
 pub mod peft;

@@ -9,7 +9,7 @@
 //! - [`rms_norm`], [`rope`], [`causal_attention`] and [`swiglu`] compute their output outside
 //!   the graph and attach it through a custom op that keeps only the inputs and the output;
 //!   their backward recomputes what it needs. [`causal_attention`] keeps no `seq × seq` tensor
-//!   at all. On the CPU in f32 forward and backward are the fused kernels of `nn::cpu` (one
+//!   at all. On the CPU in f32 forward and backward are the fused kernels of `nn::kernels` (one
 //!   pass each, on candle's thread pool, their output handed to the graph without a copy);
 //!   elsewhere candle's fused kernels (which have no backward) and plain tensor ops.
 //!
@@ -25,17 +25,13 @@
 //!
 //! Everything else is ordinary `Tensor` ops on detached tensors.
 
-use candle_core::backend::BackendStorage;
-use candle_core::op::{Add, BinaryOpT, Mul};
 use std::marker::PhantomData;
 
-use super::cpu::{self, matmul};
+use candle_core::op::{Add, Mul};
+use candle_core::{DType, Result, Shape, Tensor, D};
 
-use std::sync::{Arc, Mutex};
-
-use candle_core::{
-    CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
-};
+use super::custom_op::{attach1, attach2, attach3, ConstOp, Grads3, Output};
+use super::kernels::{self, matmul};
 
 /// `x ⊙ c` with `c` broadcast to `x`'s shape and treated as a constant (no gradient for it).
 pub fn mul_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
@@ -60,9 +56,9 @@ pub fn add_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
 /// half-precision inputs). A frozen `w` (not tracking gradients) gets no gradient.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let h = x.dim(D::Minus1)?;
-    if cpu::all_cpu_f32(&[x, w]) && w.dims() == [h] {
+    if kernels::all_cpu_f32(&[x, w]) && w.dims() == [h] {
         let (xc, wd) = (x.detach().contiguous()?, w.detach());
-        let y = cpu::with_slices([&xc, &wd], |[x, w]| cpu::rms_norm_fwd(x, w, eps as f32))?;
+        let y = kernels::with_slices([&xc, &wd], |[x, w]| kernels::rms_norm_fwd(x, w, eps as f32))?;
         let y = Output::CpuF32(y, x.shape().clone());
         let w_tracks = w.track_op();
         return attach2("lisa-rms-norm", x, w, y, move |x, w, _y, g| {
@@ -71,8 +67,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
                 w.detach(),
                 g.detach().contiguous()?,
             );
-            let (dx, dw) = cpu::with_slices([&x, &w, &g], |[x, w, g]| {
-                cpu::rms_norm_bwd(x, w, g, eps as f32, w_tracks)
+            let (dx, dw) = kernels::with_slices([&x, &w, &g], |[x, w, g]| {
+                kernels::rms_norm_bwd(x, w, g, eps as f32, w_tracks)
             })?;
             let cpu = &candle_core::Device::Cpu;
             Ok((
@@ -273,15 +269,15 @@ fn cpu_rope(
         && cos.rank() == 2
         && cos.dim(1)? == d / 2
         && cos.dim(0)? >= t;
-    if !cpu::all_cpu_f32(&[x, cos, sin]) || !fits {
+    if !kernels::all_cpu_f32(&[x, cos, sin]) || !fits {
         return Ok(None);
     }
     let [cos, sin] = [cos, sin].map(|c| c.narrow(0, 0, t)?.detach().contiguous());
     let (cos, sin) = (cos?, sin?);
     let rotate = move |x: &Tensor, sign: f32| -> Result<Output> {
         let x = x.detach().contiguous()?;
-        let y = cpu::with_slices([&x, &cos, &sin], |[x, c, s]| {
-            cpu::rope_fwd(x, (c, s), (t, d, row), sign)
+        let y = kernels::with_slices([&x, &cos, &sin], |[x, c, s]| {
+            kernels::rope_fwd(x, (c, s), (t, d, row), sign)
         })?;
         Ok(Output::CpuF32(y, x.shape().clone()))
     };
@@ -318,13 +314,13 @@ pub(crate) fn causal_attention_token_major(
             v.shape()
         )
     }
-    let dims = cpu::AttnDims {
+    let dims = kernels::AttnDims {
         b,
         h,
         kv,
         t,
         d,
-        layout: cpu::HeadLayout::TokenMajor,
+        layout: kernels::HeadLayout::TokenMajor,
     };
     cpu_attention(q, k, v, mask, scale, dims)
 }
@@ -373,13 +369,13 @@ pub fn causal_attention_softcap(
             v,
             mask,
             scale,
-            cpu::AttnDims {
+            kernels::AttnDims {
                 b,
                 h,
                 kv,
                 t,
                 d,
-                layout: cpu::HeadLayout::HeadMajor,
+                layout: kernels::HeadLayout::HeadMajor,
             },
         )? {
             return Ok(y);
@@ -449,32 +445,32 @@ fn cpu_attention(
     v: &Tensor,
     mask: &Tensor,
     scale: f64,
-    dims: cpu::AttnDims,
+    dims: kernels::AttnDims,
 ) -> Result<Option<Tensor>> {
-    if !cpu::all_cpu_f32(&[q, k, v, mask]) {
+    if !kernels::all_cpu_f32(&[q, k, v, mask]) {
         return Ok(None);
     }
     let [qd, kd, vd, md] = [q, k, v, mask].map(|t| t.detach().contiguous());
     let (qd, kd, vd, md) = (qd?, kd?, vd?, md?);
     let run = move |g: Option<&Tensor>| -> Result<Vec<Vec<f32>>> {
-        let views = [&qd, &kd, &vd, &md].map(cpu::f32_view);
+        let views = [&qd, &kd, &vd, &md].map(kernels::f32_view);
         let [Some(q), Some(k), Some(v), Some(m)] = &views else {
             candle_core::bail!("lisa-causal-attention: inputs are not contiguous f32 on the CPU")
         };
-        let x = cpu::AttnInputs {
-            q: cpu::f32_slice(q),
-            k: cpu::f32_slice(k),
-            v: cpu::f32_slice(v),
-            mask: cpu::f32_slice(m),
+        let x = kernels::AttnInputs {
+            q: kernels::f32_slice(q),
+            k: kernels::f32_slice(k),
+            v: kernels::f32_slice(v),
+            mask: kernels::f32_slice(m),
             scale: scale as f32,
         };
         let out = match g {
-            None => cpu::attention_fwd(x, dims).map(|y| vec![y]),
+            None => kernels::attention_fwd(x, dims).map(|y| vec![y]),
             Some(g) => {
                 let g = g.detach().contiguous()?;
-                let gv = cpu::f32_view(&g);
-                let gs = gv.as_ref().map(cpu::f32_slice);
-                gs.and_then(|g| cpu::attention_bwd(x, g, dims))
+                let gv = kernels::f32_view(&g);
+                let gs = gv.as_ref().map(kernels::f32_slice);
+                gs.and_then(|g| kernels::attention_bwd(x, g, dims))
                     .map(|(dq, dk, dv)| vec![dq, dk, dv])
             }
         };
@@ -509,14 +505,15 @@ fn cpu_attention(
 /// `silu(gate) ⊙ up`, the SwiGLU of Llama's MLP, differentiable; the graph keeps `gate`, `up`
 /// and the output, not `silu(gate)`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if cpu::all_cpu_f32(&[gate, up]) && gate.shape() == up.shape() {
+    if kernels::all_cpu_f32(&[gate, up]) && gate.shape() == up.shape() {
         let (g, u) = (gate.detach().contiguous()?, up.detach().contiguous()?);
-        let y = cpu::with_slices([&g, &u], |[g, u]| cpu::swiglu_fwd(g, u))?;
+        let y = kernels::with_slices([&g, &u], |[g, u]| kernels::swiglu_fwd(g, u))?;
         let y = Output::CpuF32(y, gate.shape().clone());
         return attach2("lisa-swiglu", gate, up, y, |gate, up, _y, dy| {
             let [g, u, dy] = [gate, up, dy].map(|t| t.detach().contiguous());
             let (g, u, dy) = (g?, u?, dy?);
-            let (dg, du) = cpu::with_slices([&g, &u, &dy], |[g, u, dy]| cpu::swiglu_bwd(g, u, dy))?;
+            let (dg, du) =
+                kernels::with_slices([&g, &u, &dy], |[g, u, dy]| kernels::swiglu_bwd(g, u, dy))?;
             let cpu = &candle_core::Device::Cpu;
             Ok((
                 Some(Tensor::from_vec(dg, g.shape(), cpu)?),
@@ -543,320 +540,4 @@ pub fn causal_mask(seq: usize, dtype: DType, device: &candle_core::Device) -> Re
         .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(mask, (seq, seq), device)?.to_dtype(dtype)
-}
-
-/// The `cpu_fwd`, `cuda_fwd` and `metal_fwd` of a custom op whose forward is one expression
-/// generic over the backend storage: `backend_fwd!(self, |s1, l1, s2, l2| f(s1, l1, s2, l2))`
-/// names the receiver and the (storage, layout) arguments; the same code runs on every device.
-macro_rules! backend_fwd {
-    ($this:tt, |$($s:ident, $l:ident),*| $body:expr) => {
-        fn cpu_fwd(
-            &$this,
-            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),*
-        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            $body
-        }
-
-        fn cuda_fwd(
-            &$this,
-            $($s: &candle_core::CudaStorage, $l: &candle_core::Layout),*
-        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-            $body
-        }
-
-        fn metal_fwd(
-            &$this,
-            $($s: &candle_core::MetalStorage, $l: &candle_core::Layout),*
-        ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
-            $body
-        }
-    };
-}
-
-/// A backend's storage type, and how to find it inside a [`Storage`].
-trait BackendOf: BackendStorage {
-    fn of(storage: &Storage) -> Option<&Self>;
-
-    /// A CPU storage as this backend's, for the CPU itself.
-    fn from_cpu(_storage: candle_core::CpuStorage) -> Option<Self> {
-        None
-    }
-}
-
-impl BackendOf for candle_core::CpuStorage {
-    fn of(storage: &Storage) -> Option<&Self> {
-        match storage {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    fn from_cpu(storage: candle_core::CpuStorage) -> Option<Self> {
-        Some(storage)
-    }
-}
-
-impl BackendOf for candle_core::CudaStorage {
-    fn of(storage: &Storage) -> Option<&Self> {
-        match storage {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        }
-    }
-}
-
-impl BackendOf for candle_core::MetalStorage {
-    fn of(storage: &Storage) -> Option<&Self> {
-        match storage {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        }
-    }
-}
-
-/// `(x, c) -> x op c` on a `c` already broadcast to `x`'s shape; backward `(∂/∂x, None)`.
-struct ConstOp<B>(PhantomData<B>);
-
-/// A binary op whose right operand can be a constant: how dL/dx follows from dL/dy.
-trait ConstRhs: BinaryOpT + Send + Sync + 'static {
-    fn dx(grad: &Tensor, c: &Tensor) -> Result<Tensor>;
-}
-
-impl ConstRhs for Add {
-    fn dx(grad: &Tensor, _c: &Tensor) -> Result<Tensor> {
-        Ok(grad.clone())
-    }
-}
-
-impl ConstRhs for Mul {
-    fn dx(grad: &Tensor, c: &Tensor) -> Result<Tensor> {
-        grad.mul(c)
-    }
-}
-
-fn const_fwd<B: BinaryOpT, S: BackendStorage>(
-    x: &S,
-    lx: &Layout,
-    c: &S,
-    lc: &Layout,
-) -> Result<(S, Shape)> {
-    Ok((x.binary_impl::<B>(c, lx, lc)?, lx.shape().clone()))
-}
-
-impl<B: ConstRhs> CustomOp2 for ConstOp<B> {
-    fn name(&self) -> &'static str {
-        B::NAME
-    }
-
-    backend_fwd!(self, |x, lx, c, lc| const_fwd::<B, _>(x, lx, c, lc));
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        c: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(B::dx(grad, c)?), None))
-    }
-}
-
-/// The backward pass of a one-input op: `(x, output, dL/doutput) -> dL/dx`.
-pub(crate) trait Bwd1:
-    Fn(&Tensor, &Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync
-{
-}
-impl<F: Fn(&Tensor, &Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync> Bwd1 for F {}
-
-/// Two inputs: `(a, b, output, dL/doutput) -> (dL/da, dL/db)`.
-pub(crate) trait Bwd2:
-    Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync
-{
-}
-impl<F> Bwd2 for F where
-    F: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)>
-        + Send
-        + Sync
-{
-}
-
-type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
-
-/// Three inputs: `(a, b, c, output, dL/doutput) -> (dL/da, dL/db, dL/dc)`.
-pub(crate) trait Bwd3:
-    Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync
-{
-}
-impl<F> Bwd3 for F where
-    F: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync
-{
-}
-
-/// The output of an attached op, computed beforehand.
-pub(crate) enum Output {
-    /// A tensor: the forward pass copies its storage into the graph.
-    Tensor(Tensor),
-    /// A contiguous f32 CPU buffer of this shape, made by the kernels of [`cpu`]: the forward
-    /// pass hands it to the graph as it is, without a copy.
-    CpuF32(Vec<f32>, Shape),
-}
-
-impl From<Tensor> for Output {
-    fn from(t: Tensor) -> Self {
-        Self::Tensor(t)
-    }
-}
-
-impl Output {
-    /// The output as a tensor of its own (when no input tracks gradients).
-    fn into_tensor(self) -> Result<Tensor> {
-        match self {
-            Self::Tensor(t) => Ok(t),
-            Self::CpuF32(v, shape) => Tensor::from_vec(v, shape, &candle_core::Device::Cpu),
-        }
-    }
-}
-
-/// A custom op whose output was computed beforehand, without a graph: the graph keeps the
-/// op's inputs and its output, none of the intermediates, and `bwd` computes the gradients.
-struct Attached<F> {
-    name: &'static str,
-    /// The output until the forward pass hands it to the graph, then `None`.
-    out: Mutex<Option<Output>>,
-    bwd: F,
-}
-
-impl<F> Attached<F> {
-    fn new(name: &'static str, y: Output, bwd: F) -> Self {
-        Self {
-            name,
-            out: Mutex::new(Some(y)),
-            bwd,
-        }
-    }
-
-    /// The output's storage and shape. A CPU buffer goes as it is; a tensor's storage is
-    /// copied into a fresh contiguous one by `affine(1, 0)`, which every backend implements for
-    /// every float dtype (a same-dtype `to_dtype` is not implemented on Metal); it is exact,
-    /// except that −0 becomes +0.
-    fn take<S: BackendOf>(&self) -> Result<(S, Shape)> {
-        let out = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned lock", self.name)))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward run twice", self.name)))?;
-        let out = match out {
-            Output::Tensor(t) => t,
-            Output::CpuF32(v, shape) => {
-                let s = S::from_cpu(candle_core::CpuStorage::F32(v)).ok_or_else(|| {
-                    candle_core::Error::Msg(format!("{}: CPU output on another device", self.name))
-                })?;
-                return Ok((s, shape));
-            }
-        };
-        let (s, l) = out.storage_and_layout();
-        let s = S::of(&s).ok_or_else(|| {
-            candle_core::Error::Msg(format!("{}: output on another device", self.name))
-        })?;
-        Ok((s.affine(l, 1.0, 0.0)?, l.shape().clone()))
-    }
-}
-
-impl<F: Bwd1> CustomOp1 for Attached<F> {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    backend_fwd!(self, |_s1, _l1| self.take());
-
-    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        (self.bwd)(x, res, grad)
-    }
-}
-
-impl<F: Bwd2> CustomOp2 for Attached<F> {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    backend_fwd!(self, |_s1, _l1, _s2, _l2| self.take());
-
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (da, db) = (self.bwd)(a, b, res, grad)?;
-        Ok((da.filter(|_| a.track_op()), db.filter(|_| b.track_op())))
-    }
-}
-
-impl<F: Bwd3> CustomOp3 for Attached<F> {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    backend_fwd!(self, |_s1, _l1, _s2, _l2, _s3, _l3| self.take());
-
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<Grads3> {
-        let (da, db, dc) = (self.bwd)(a, b, c, res, grad)?;
-        Ok((
-            da.filter(|_| a.track_op()),
-            db.filter(|_| b.track_op()),
-            dc.filter(|_| c.track_op()),
-        ))
-    }
-}
-
-/// `y`, computed from `x` without a graph, as the output of an op on `x` whose backward is
-/// `bwd`; just `y` when `x` does not track gradients.
-pub(crate) fn attach1(
-    name: &'static str,
-    x: &Tensor,
-    y: impl Into<Output>,
-    bwd: impl Bwd1 + 'static,
-) -> Result<Tensor> {
-    if !x.track_op() {
-        return y.into().into_tensor();
-    }
-    x.apply_op1_arc(Arc::new(Box::new(Attached::new(name, y.into(), bwd))))
-}
-
-/// [`attach1`] for an op on `a` and `b`; gradients go only to inputs that track them.
-pub(crate) fn attach2(
-    name: &'static str,
-    a: &Tensor,
-    b: &Tensor,
-    y: impl Into<Output>,
-    bwd: impl Bwd2 + 'static,
-) -> Result<Tensor> {
-    if !a.track_op() && !b.track_op() {
-        return y.into().into_tensor();
-    }
-    a.apply_op2_arc(b, Arc::new(Box::new(Attached::new(name, y.into(), bwd))))
-}
-
-/// [`attach1`] for an op on `a`, `b` and `c`; gradients go only to inputs that track them.
-pub(crate) fn attach3(
-    name: &'static str,
-    a: &Tensor,
-    b: &Tensor,
-    c: &Tensor,
-    y: impl Into<Output>,
-    bwd: impl Bwd3 + 'static,
-) -> Result<Tensor> {
-    if !a.track_op() && !b.track_op() && !c.track_op() {
-        return y.into().into_tensor();
-    }
-    a.apply_op3_arc(b, c, Arc::new(Box::new(Attached::new(name, y.into(), bwd))))
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use candle_core::{Tensor, Var};
 
-use crate::nn::ops::attach1;
+use crate::nn::custom_op::attach1;
 
 /// A block's forward: deterministic, with weights that do not change between the forward and
 /// the backward pass.

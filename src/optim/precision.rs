@@ -37,7 +37,7 @@
 //! would stall the second moment, whose decay by β₂ = 0.999 is below half a bf16 step. The
 //! random bits are a hash of the parameter's index, the element's index and the step, so a run
 //! is deterministic whatever the thread count. The weights and master copies stay exact, so
-//! the trajectory departs from the f32 one only by the moments' rounding (the README gives the
+//! the trajectory departs from the f32 one only by the moments' rounding (docs/custom-models.md gives the
 //! measured gap). It runs on the CPU only: the CUDA kernel keeps f32 moments.
 //!
 //! # Non-finite gradients

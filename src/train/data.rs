@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 use crate::error::{LisaError, Result};
-use crate::models::IGNORE_INDEX;
+use crate::nn::loss::IGNORE_INDEX;
 
 /// One training sequence: token ids, and a label per position ([`IGNORE_INDEX`] where the
 /// position is not trained on). Labels are the ids themselves; the model shifts them.

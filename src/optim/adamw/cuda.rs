@@ -11,7 +11,8 @@ use candle_core::{bail, DType, InplaceOp1, Layout, Result, Storage, Tensor};
 use half::{bf16, f16};
 use std::cell::Cell;
 
-use super::{Coefficients, Consts, Real};
+use super::fused::{Consts, Real};
+use super::Coefficients;
 
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));

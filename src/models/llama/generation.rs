@@ -1,0 +1,118 @@
+//! Text generation with a KV cache: greedy or sampled continuation of a prompt.
+
+use candle_core::{DType, Module, Tensor};
+use rand::{Rng, SeedableRng};
+
+use crate::error::{LisaError, Result};
+use crate::nn::ops::rms_norm;
+
+use super::attention::KvCache;
+use super::{norm_weight, Llama};
+
+impl Llama {
+    /// Continues `prompt` by `max_new_tokens` tokens, stopping early at `eos`; see
+    /// [`generate_until`](Self::generate_until), which takes several end-of-sequence ids.
+    ///
+    /// # Errors
+    /// Those of [`generate_until`](Self::generate_until).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        temperature: f64,
+        seed: u64,
+        eos: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        let stop: Vec<u32> = eos.into_iter().collect();
+        self.generate_until(prompt, max_new_tokens, temperature, seed, &stop)
+    }
+
+    /// Continues `prompt` by up to `max_new_tokens` tokens, stopping after any id of `stop`
+    /// (which is kept in the output). Greedy when `temperature` is 0, else sampled from
+    /// softmax(logits / temperature) with a ChaCha8 generator seeded by `seed`. The prompt is
+    /// run once and each new token attends to cached keys and values (a KV cache), so a token
+    /// costs one position's forward pass. Builds no graph.
+    ///
+    /// # Errors
+    /// [`LisaError::InvalidConfig`] for an empty prompt or a negative temperature; a sequence
+    /// longer than an enabled sliding window; candle errors.
+    pub fn generate_until(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        temperature: f64,
+        seed: u64,
+        stop: &[u32],
+    ) -> Result<Vec<u32>> {
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(LisaError::InvalidConfig(format!(
+                "temperature {temperature} must be finite and at least 0"
+            )));
+        }
+        if prompt.is_empty() {
+            return Err(LisaError::InvalidConfig(
+                "generate needs a prompt of at least one token (a BOS id will do)".into(),
+            ));
+        }
+        let total = prompt.len() + max_new_tokens;
+        if let Some(w) = self.config.attention_window().filter(|&w| total > w) {
+            return Err(LisaError::UnsupportedConfig {
+                field: "sliding_window",
+                value: w.to_string(),
+                hint: "sequences longer than the sliding window are not supported; generate fewer tokens",
+            });
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let device = self.embed.device();
+        let dtype = self.embed.dtype();
+        let tables = self.rope_tables(total.max(1), dtype, device)?;
+        let mut cache = KvCache {
+            layers: vec![None; self.blocks.len()],
+        };
+        let mut out: Vec<u32> = Vec::new();
+        let mut input = prompt.to_vec();
+        let mut offset = 0;
+        for _ in 0..max_new_tokens {
+            let t = input.len();
+            let ids = Tensor::new(input.as_slice(), device)?;
+            let mut x =
+                self.scale_embedding(self.embed.detach().index_select(&ids, 0)?.unsqueeze(0)?)?;
+            let eps = self.config.rms_norm_eps;
+            let layers = self.blocks.iter().zip(&tables).zip(cache.layers.iter_mut());
+            for ((block, (cos, sin)), layer) in layers {
+                let rope_cs = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
+                x = block.forward_cached(&x, &rope_cs, eps, layer)?;
+            }
+            let norm = norm_weight(&self.norm, self.config.gemma())?;
+            let last = rms_norm(&x.narrow(1, t - 1, 1)?, &norm, eps)?;
+            let logits = self
+                .cap_logits(self.lm_head.forward(&last)?)?
+                .detach()
+                .flatten_all()?
+                .to_dtype(DType::F32)?;
+            let next = if temperature == 0.0 {
+                logits.argmax(0)?.to_scalar::<u32>()?
+            } else {
+                let probs =
+                    candle_nn::ops::softmax_last_dim(&(logits / temperature)?)?.to_vec1::<f32>()?;
+                let mut u: f32 = rng.random();
+                let mut pick = probs.len() - 1;
+                for (i, p) in probs.iter().enumerate() {
+                    if u < *p {
+                        pick = i;
+                        break;
+                    }
+                    u -= p;
+                }
+                pick as u32
+            };
+            out.push(next);
+            if stop.contains(&next) {
+                break;
+            }
+            offset += t;
+            input = vec![next];
+        }
+        Ok(out)
+    }
+}
