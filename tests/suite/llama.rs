@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_lisa::nn::ops;
 use candle_lisa::{causal_lm_loss, LisaAdamW, LisaConfig, Llama, LlamaConfig, IGNORE_INDEX};
 use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
+use serde_json::json;
 
 fn config(tied: bool, heads: usize, kv_heads: usize) -> LlamaConfig {
     let mut c = LlamaConfig::tiny(19, 16, 3, heads, kv_heads);
@@ -263,7 +264,6 @@ fn config_errors() {
         Err(candle_lisa::LisaError::InvalidConfig(_))
     ));
     use candle_lisa::LisaError::{InvalidConfig, UnsupportedConfig};
-    use serde_json::json;
     // Every field that changes the math is computed or refused, in both config formats.
     let refused = [
         (
@@ -333,6 +333,40 @@ fn config_errors() {
 
 /// The lean ops (outputs computed without a graph, custom backward) give the values and the
 /// gradients of the same math written with candle's differentiable ops.
+/// transformers' Gemma 2 and Gemma 3 config classes default `tie_word_embeddings` to true;
+/// a `config.json` without the key must load tied for them and untied for the others.
+#[test]
+fn missing_tie_word_embeddings_takes_the_family_default() -> Result<(), Box<dyn std::error::Error>>
+{
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("config.json");
+    let cases = [
+        ("gemma2", None, true),
+        ("gemma3_text", None, true),
+        ("gemma2", Some(false), false),
+        ("llama", None, false),
+        ("qwen3", None, false),
+        ("llama", Some(true), true),
+    ];
+    for (family, tie, want) in cases {
+        let mut v = serde_json::to_value(config(false, 4, 2))?;
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("tie_word_embeddings");
+        obj.insert("model_type".into(), json!(family));
+        if family == "gemma2" {
+            obj.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+            obj.insert("hidden_act".into(), json!("gelu_pytorch_tanh"));
+        }
+        if let Some(t) = tie {
+            obj.insert("tie_word_embeddings".into(), json!(t));
+        }
+        std::fs::write(&path, serde_json::to_string(&v)?)?;
+        let c = LlamaConfig::from_file(&path)?;
+        assert_eq!(c.tie_word_embeddings, want, "{family} with {tie:?}");
+    }
+    Ok(())
+}
+
 #[test]
 fn lean_ops_match_reference_graphs() -> candle_core::Result<()> {
     let dev = Device::Cpu;

@@ -54,6 +54,8 @@ pub struct LlamaConfig {
     #[serde(default = "default_hidden_act")]
     pub hidden_act: String,
     /// Whether the LM head shares the embedding matrix (then there is no `lm_head.weight`).
+    /// When `config.json` has no such key, [`from_file`](Self::from_file) takes transformers'
+    /// default for the family: true for Gemma 2 and Gemma 3, false for the others.
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// Longest sequence the model was trained for.
@@ -143,12 +145,26 @@ impl LlamaConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let config: Self = serde_json::from_str(&text).map_err(|source| LisaError::Json {
+        let json = |source| LisaError::Json {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let mut raw: serde_json::Map<String, Value> = serde_json::from_str(&text).map_err(json)?;
+        Self::fill_family_defaults(&mut raw);
+        let config: Self = serde_json::from_value(Value::Object(raw)).map_err(json)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Writes in the defaults that transformers' config class of the file's `model_type` uses
+    /// where they differ from this struct's: Gemma 2 and Gemma 3 tie the LM head to the
+    /// embedding unless `tie_word_embeddings` says otherwise.
+    pub(crate) fn fill_family_defaults(raw: &mut serde_json::Map<String, Value>) {
+        let family = raw.get("model_type").and_then(Value::as_str);
+        if matches!(family, Some("gemma2" | "gemma3_text")) {
+            raw.entry("tie_word_embeddings")
+                .or_insert(Value::Bool(true));
+        }
     }
 
     /// Checks that the config is consistent and asks for nothing unsupported.

@@ -15,7 +15,7 @@
 //! | `pad_token_id` | that embedding row gets no gradient from the input lookup, as `nn.Embedding(padding_idx=…)` |
 //! | `rms_norm_eps` | read |
 //! | `rope_theta`, `rope_scaling` (transformers 4), `rope_parameters` (transformers 5) | read: [`Rope`] (default, linear, llama3, yarn; others refused; θ given twice must agree) |
-//! | `tie_word_embeddings` | read |
+//! | `tie_word_embeddings` | read; when absent, transformers' default: true for `gemma2` and `gemma3_text`, false for the others |
 //! | `attention_bias` | read (q, k, v and o biases; Qwen2 always has q, k, v biases) |
 //! | `mlp_bias` | read |
 //! | Qwen3's `q_norm`/`k_norm` | per-head RMSNorm on queries and keys, from `model_type` |
