@@ -4,7 +4,7 @@
 
     python3 scripts/compare_metrics.py runs/a/metrics.jsonl runs/b/metrics.jsonl [--method lisa]
 
-The README's figures for two ranks against one process and for compact against f32 moments
+The figures in docs/design.md and docs/custom-models.md for two ranks against one process and for compact against f32 moments
 come from this.
 """
 

@@ -156,7 +156,7 @@ pub enum LisaError {
          that has no backward pass: candle_nn::LayerNorm / layer_norm, RmsNorm / rms_norm, \
          ops::softmax_last_dim, ops::rms_norm, ops::layer_norm, rotary_emb::rope / rope_i. \
          Use candle_lisa::{{LayerNorm, layer_norm, RmsNorm, rms_norm}} and \
-         candle_lisa::nn::{{softmax_last_dim, rope, rope_i}} instead (README: Training your \
+         candle_lisa::nn::{{softmax_last_dim, rope, rope_i}} instead (docs/custom-models.md: Training your \
          own candle model); a `detach()` in the forward pass has the same effect"
     )]
     GradientFlowCut {

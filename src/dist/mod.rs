@@ -5,7 +5,7 @@
 //! all-reduce, so every rank applies the same update and the weights stay identical. Under
 //! LISA only the trainable parameters have gradients, so only they travel: the frozen blocks
 //! are never sent. At Llama-3-8B proportions with γ = 2 that is 1.49B of 8.03B parameters, 81%
-//! less traffic than full fine-tuning (the README's table has the figures).
+//! less traffic than full fine-tuning (docs/distributed.md has the figures).
 //!
 //! The engines are existing ones, behind the small [`Communicator`] trait:
 //! - `Mpi` (feature `mpi`) between CPU processes, over the MPI library the program is
