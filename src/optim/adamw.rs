@@ -1,565 +1,643 @@
-//! The AdamW update: fused and in place on the CPU and on CUDA, candle tensor ops elsewhere;
-//! f32 master weights and moments for half-precision parameters.
+//! [`AdamW`]: a lean AdamW over named variables, with state only for what is trainable.
+//!
+//! It is the optimizer [`LisaAdamW`](super::LisaAdamW) is built on (LISA adds a block schedule
+//! that decides which parameters are trainable), and a plain AdamW of its own: full
+//! fine-tuning, or LoRA adapters.
 
-use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor, Var};
-use candle_nn::ParamsAdamW;
-use rayon::prelude::*;
+use std::collections::HashMap;
 
-use crate::nn::calibrate::storage_key;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
-#[cfg(feature = "cuda")]
-mod cuda;
-mod fused;
+use super::precision::{CompactState, LossScaler, NonFinite};
+use super::update::{sum_squares, Moments};
+use crate::error::{LisaError, Result};
+use crate::nn::{LisaBackend, TrainingPlan};
 
-pub(crate) use fused::{adamw_in_place, adamw_in_place_compact};
+/// How a step scales the gradients inside the update.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum GradScale {
+    /// By this factor.
+    Fixed(f64),
+    /// To a global norm of at most this.
+    ClipTo(f64),
+}
 
-/// Elements per rayon task: large enough that scheduling costs nothing next to the memory
-/// traffic, small enough to split a 1M-parameter tensor across cores.
-pub(super) const CHUNK: usize = 1 << 15;
+impl GradScale {
+    /// `Fixed(grad_scale)`, refusing a factor that is not finite and positive.
+    pub(crate) fn fixed(grad_scale: f64) -> Result<Self> {
+        positive("grad_scale", grad_scale).map(Self::Fixed)
+    }
 
-/// AdamW state of one parameter.
+    /// `ClipTo(max_norm)`, refusing a norm that is not finite and positive.
+    pub(crate) fn clip_to(max_norm: f64) -> Result<Self> {
+        positive("max_norm", max_norm).map(Self::ClipTo)
+    }
+}
+
+fn positive(name: &'static str, value: f64) -> Result<f64> {
+    match value.is_finite() && value > 0.0 {
+        true => Ok(value),
+        false => Err(LisaError::InvalidHyperparameter {
+            name,
+            value,
+            expected: "finite and greater than 0",
+        }),
+    }
+}
+
+/// A read-only view of one parameter's AdamW state.
 ///
-/// Invariants: `step` counts the updates applied since this state was created, so a parameter
-/// that comes back after being frozen starts at 0 and its first update uses bias correction
-/// for t = 1. For an f16 or bf16 parameter, `master` is an f32 copy of the weights made when
-/// the state was created, the update runs on it, and the parameter holds its value rounded to
-/// nearest-even; `m` and `v` are f32. For any other dtype `master` is `None` and `m`, `v` have
-/// the parameter's dtype. Compact state ([`CompactState`](super::precision::CompactState)) is
-/// the one exception: `m` and `v` are bf16 (for f32, bf16 and f16 parameters), and `m` being
-/// bf16 is what marks it. `m`, `v` and `master` own their storage (no other tensor shares
-/// it), so the fused update may write them in place. `salt` seeds the stochastic rounding of
-/// compact moments, so that no two parameters round alike.
-#[derive(Debug)]
-pub(crate) struct Moments {
-    pub m: Tensor,
-    pub v: Tensor,
-    pub master: Option<Tensor>,
+/// The tensors are the optimizer's own: the fused CPU update writes them in place, so a clone
+/// of `m` or `v` (which shares their storage) changes with the next step. Use
+/// `Tensor::copy` to keep a snapshot.
+#[derive(Clone, Copy, Debug)]
+pub struct ParamState<'a> {
+    /// First moment.
+    pub m: &'a Tensor,
+    /// Second moment.
+    pub v: &'a Tensor,
+    /// The f32 master copy of an f16 or bf16 parameter (`None` for f32 and f64 ones): the
+    /// update runs on it and the parameter holds its rounded value.
+    pub master: Option<&'a Tensor>,
+    /// Updates applied since this state was created (0 right after activation).
     pub step: u64,
-    pub salt: u64,
 }
 
-/// Whether parameters of `dtype` get an f32 master copy and f32 moments.
-pub(crate) fn is_half(dtype: DType) -> bool {
-    matches!(dtype, DType::F16 | DType::BF16)
+/// What the checks of a step found, before anything is written.
+pub(crate) struct Checked {
+    /// `(i, Σ g²)` for every trainable parameter `i` with a gradient.
+    pub squares: Vec<(usize, f64)>,
+    /// The global gradient norm, the loss scale undone.
+    pub norm: f64,
+    /// The loss scale the gradients carry (1 without a scaler).
+    pub loss_scale: f64,
 }
 
-/// Whether a parameter of `dtype` can keep compact (bf16) moments: f64 parameters keep
-/// theirs.
-pub(crate) fn can_compact(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+/// AdamW with `candle_nn::AdamW`'s math, over named variables, keeping state only for the
+/// parameters that are trainable now.
+///
+/// The update is `candle_nn::AdamW`'s (decoupled weight decay, bias correction), rounded as
+/// candle rounds it, so the results are the same bits for f32 and f64 parameters. f16 and
+/// bf16 parameters get an f32 master copy and f32 moments while they train (the
+/// [precision policy](crate::optim::precision)). On the CPU and on CUDA (feature `cuda`) the
+/// update is fused: one pass per parameter (one kernel launch on CUDA) that reads θ, g, m and
+/// v (and the master) once and writes them in place, allocating nothing parameter-sized,
+/// with the same bits on both. Elsewhere (Metal) it runs as candle tensor ops on detached
+/// tensors, so no temporary is attached to a graph. Before anything is written, every
+/// gradient is checked for NaN and infinity, and its global norm computed in the same read.
+///
+/// Every float parameter is trainable when the optimizer is built. Integer parameters are
+/// skipped: never trained, handed out unchanged by the builder.
+///
+/// **State Reset:** a parameter has moments (and a master copy) exactly while it is
+/// trainable. Making it trainable allocates them (zeros, step counter 0, the master copied
+/// from its current weights); freezing it drops them. [`LisaAdamW`](super::LisaAdamW) freezes
+/// and unfreezes blocks this way, so a block that comes back starts fresh, bias correction
+/// included.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+/// use candle_lisa::optim::AdamW;
+///
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+/// let layer = linear(4, 1, vb.pp("layer"))?;
+/// let mut opt = AdamW::new(&varmap, ParamsAdamW { lr: 0.1, ..Default::default() })?;
+/// let x = Tensor::ones((8, 4), DType::F32, &Device::Cpu)?;
+/// let loss = |layer: &candle_nn::Linear| layer.forward(&x)?.sqr()?.mean_all();
+/// let first = loss(&layer)?.to_scalar::<f32>()?;
+/// for _ in 0..20 {
+///     opt.backward_step(&loss(&layer)?)?;
+/// }
+/// assert!(loss(&layer)?.to_scalar::<f32>()? < first);
+/// assert_eq!(opt.state_bytes(), 2 * opt.trainable_bytes()); // m and v, f32
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct AdamW {
+    /// Sorted and distinct; `vars[i]` is the parameter named `names[i]`.
+    pub(super) names: Vec<String>,
+    pub(super) vars: Vec<Var>,
+    /// Integer parameters: handed out by the builder, never trained.
+    pub(super) skipped: Vec<(String, Var)>,
+    /// Invariant: `state[i].is_some()` exactly when parameter `i` is trainable now; only
+    /// [`set_trainable`](Self::set_trainable) creates or drops an entry after construction.
+    pub(super) state: Vec<Option<Moments>>,
+    /// `compact[i]`: parameter `i` keeps bf16 moments while it trains.
+    pub(super) compact: Vec<bool>,
+    pub(super) params: ParamsAdamW,
+    pub(super) scaler: Option<LossScaler>,
+    pub(super) nonfinite: NonFinite,
+    /// `no_decay[i]`: parameter `i` is updated without weight decay.
+    pub(super) no_decay: Vec<bool>,
+    /// The global gradient norm of the last step's gradients.
+    pub(super) last_grad_norm: Option<f64>,
+    /// Steps skipped for a non-finite gradient; they are not counted in `steps`.
+    pub(super) skipped_steps: u64,
+    pub(super) steps: u64,
 }
 
-impl Moments {
-    /// Fresh state for `theta`: zero moments (bf16 when `compact` and the dtype allows it),
-    /// step 0, and for half precision a master copy of `theta`'s current value.
-    pub fn new(theta: &Tensor, compact: bool, salt: u64) -> Result<Self> {
-        let master = match is_half(theta.dtype()) {
-            true => Some(theta.detach().to_dtype(DType::F32)?),
-            false => None,
-        };
-        let dtype = match (&master, compact && can_compact(theta.dtype())) {
-            (_, true) => DType::BF16,
-            (Some(_), false) => DType::F32,
-            (None, false) => theta.dtype(),
-        };
+impl std::fmt::Debug for AdamW {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdamW")
+            .field("num_params", &self.vars.len())
+            .field("steps", &self.steps)
+            .field("params", &self.params)
+            .field("state_bytes", &self.state_bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) fn check_params(p: &ParamsAdamW) -> Result<()> {
+    if !p.lr.is_finite() {
+        return Err(LisaError::NonFiniteLearningRate { lr: p.lr });
+    }
+    let bad = |name, value, expected| LisaError::InvalidHyperparameter {
+        name,
+        value,
+        expected,
+    };
+    if !(0.0..1.0).contains(&p.beta1) {
+        return Err(bad("beta1", p.beta1, "in [0, 1)"));
+    }
+    if !(0.0..1.0).contains(&p.beta2) {
+        return Err(bad("beta2", p.beta2, "in [0, 1)"));
+    }
+    if !(p.eps.is_finite() && p.eps > 0.0) {
+        return Err(bad("eps", p.eps, "finite and greater than 0"));
+    }
+    if !p.weight_decay.is_finite() {
+        return Err(bad("weight_decay", p.weight_decay, "finite"));
+    }
+    Ok(())
+}
+
+impl AdamW {
+    /// AdamW over every float variable in `varmap`, all trainable.
+    ///
+    /// # Errors
+    /// [`LisaError::NonFiniteLearningRate`] or [`LisaError::InvalidHyperparameter`] for bad
+    /// `params`, [`LisaError::EmptyVarMap`] when there is no float variable.
+    ///
+    /// Cost: AdamW moments for every float parameter (2× the parameter bytes for f32 and
+    /// f64), plus f32 master copies for f16 and bf16 (12 bytes per parameter in all).
+    pub fn new(varmap: &VarMap, params: ParamsAdamW) -> Result<Self> {
+        Self::from_named_vars(crate::nn::named_vars(varmap)?, params)
+    }
+
+    /// AdamW over named variables, for models whose variables do not live in a `VarMap`.
+    /// Same errors and costs as [`new`](Self::new).
+    pub fn from_named_vars(
+        vars: impl IntoIterator<Item = (String, Var)>,
+        params: ParamsAdamW,
+    ) -> Result<Self> {
+        let mut opt = Self::frozen(vars, params)?;
+        for i in 0..opt.vars.len() {
+            opt.set_trainable(i, true)?;
+        }
+        Ok(opt)
+    }
+
+    /// The optimizer over `vars` with every parameter frozen (no state yet).
+    pub(super) fn frozen(
+        vars: impl IntoIterator<Item = (String, Var)>,
+        params: ParamsAdamW,
+    ) -> Result<Self> {
+        check_params(&params)?;
+        let (floats, skipped): (Vec<_>, Vec<_>) =
+            vars.into_iter().partition(|(_, v)| v.dtype().is_float());
+        let mut floats: Vec<(String, Var)> = floats
+            .into_iter()
+            .collect::<HashMap<_, _>>()
+            .into_iter()
+            .collect();
+        floats.sort_by(|a, b| a.0.cmp(&b.0));
+        if floats.is_empty() {
+            return Err(LisaError::EmptyVarMap);
+        }
+        let (names, vars): (Vec<_>, Vec<_>) = floats.into_iter().unzip();
         Ok(Self {
-            m: Tensor::zeros(theta.shape(), dtype, theta.device())?,
-            v: Tensor::zeros(theta.shape(), dtype, theta.device())?,
-            master,
-            step: 0,
-            salt,
+            state: (0..vars.len()).map(|_| None).collect(),
+            compact: vec![false; vars.len()],
+            no_decay: Vec::new(),
+            names,
+            vars,
+            skipped,
+            params,
+            scaler: None,
+            nonfinite: NonFinite::Error,
+            last_grad_norm: None,
+            skipped_steps: 0,
+            steps: 0,
         })
     }
 
-    /// Whether the moments are compact (bf16).
-    pub fn is_compact(&self) -> bool {
-        self.m.dtype() == DType::BF16
-    }
-
-    /// Converts the moments to compact or back (rounding to nearest when compacting); a
-    /// no-op for f64 parameters and for moments already so.
-    pub fn set_compact(&mut self, theta: &Tensor, compact: bool) -> Result<()> {
-        if !can_compact(theta.dtype()) || compact == self.is_compact() {
-            return Ok(());
+    /// Makes parameter `i` (in name order) trainable, with fresh state, or frozen, dropping
+    /// its state; nothing changes when it already is.
+    pub(super) fn set_trainable(&mut self, i: usize, on: bool) -> Result<()> {
+        match (on, self.state[i].is_some()) {
+            (true, false) => {
+                let theta = self.vars[i].as_tensor();
+                self.state[i] = Some(Moments::new(theta, self.compact[i], i as u64)?);
+            }
+            (false, true) => self.state[i] = None,
+            _ => {}
         }
-        let dtype = match (compact, &self.master) {
-            (true, _) => DType::BF16,
-            (false, Some(_)) => DType::F32,
-            (false, None) => theta.dtype(),
-        };
-        self.m = self.m.to_dtype(dtype)?;
-        self.v = self.v.to_dtype(dtype)?;
         Ok(())
     }
 
-    /// Bytes held: the moments and the master copy.
-    pub fn bytes(&self) -> usize {
-        [Some(&self.m), Some(&self.v), self.master.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+    /// The index of `name` in name order.
+    pub(super) fn index_of(&self, name: &str) -> Option<usize> {
+        self.names.binary_search_by(|n| n.as_str().cmp(name)).ok()
+    }
+
+    /// Keeps the moments of the parameters `compact` marks in bf16 from now on (held moments
+    /// are converted), after checking that every parameter is on the CPU.
+    pub(super) fn set_compact_mask(
+        &mut self,
+        what: CompactState,
+        compact: Vec<bool>,
+    ) -> Result<()> {
+        if what != CompactState::Off {
+            if let Some(var) = self.vars.iter().find(|v| !v.device().is_cpu()) {
+                return Err(LisaError::InvalidConfig(format!(
+                    "compact optimizer state ({what:?}) is updated on the CPU only for now, \
+                     and a parameter is on {:?}: keep CompactState::Off there",
+                    var.device()
+                )));
+            }
+        }
+        self.compact = compact;
+        for (i, st) in self.state.iter_mut().enumerate() {
+            if let Some(st) = st.as_mut() {
+                st.set_compact(self.vars[i].as_tensor(), self.compact[i])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the AdamW moments in bf16 from now on, with stochastic rounding (see
+    /// [compact state](crate::optim::precision#compact-state)): 4 bytes of state per f32
+    /// parameter instead of 8. Every parameter of a plain AdamW is always trainable, so
+    /// [`CompactState::AlwaysTrainable`] means the same as [`CompactState::All`].
+    ///
+    /// # Errors
+    /// [`LisaError::InvalidConfig`] when a parameter is not on the CPU (the CUDA and Metal
+    /// updates keep f32 moments); nothing is changed then.
+    pub fn set_compact_state(&mut self, compact: CompactState) -> Result<()> {
+        let on = compact != CompactState::Off;
+        self.set_compact_mask(compact, vec![on; self.vars.len()])
+    }
+
+    /// Checks the hyper-parameters and `grads` against the trainable parameters, reads every
+    /// gradient once (finiteness, the global norm) and decides what a non-finite gradient
+    /// does. `Ok(None)`: the step is skipped (counted, the loss scaler backed off), nothing
+    /// else written. Errors leave everything but [`last_grad_norm`](Self::last_grad_norm) as
+    /// it was.
+    pub(crate) fn check(&mut self, grads: &GradStore) -> Result<Option<Checked>> {
+        check_params(&self.params)?;
+        for (i, var) in self.vars.iter().enumerate() {
+            if self.state[i].is_none() {
+                continue;
+            }
+            if let Some(g) = grads.get(var.as_tensor()) {
+                if g.shape() != var.shape() || g.dtype() != var.dtype() {
+                    return Err(LisaError::GradientMismatch {
+                        name: self.names[i].clone(),
+                        expected: var.shape().clone(),
+                        got: g.shape().clone(),
+                        expected_dtype: var.dtype(),
+                        got_dtype: g.dtype(),
+                    });
+                }
+            }
+        }
+        let squares = self.grad_squares(grads)?;
+        let loss_scale = self.loss_scale();
+        let norm = squares.iter().map(|(_, sq)| sq).sum::<f64>().sqrt() / loss_scale;
+        self.last_grad_norm = Some(norm);
+        if norm.is_finite() {
+            return Ok(Some(Checked {
+                squares,
+                norm,
+                loss_scale,
+            }));
+        }
+        let bad = squares.iter().find(|(_, sq)| !sq.is_finite());
+        let name = bad
+            .map_or("?", |&(i, _)| self.names[i].as_str())
+            .to_string();
+        if let Some(scaler) = self.scaler.as_mut() {
+            scaler.back_off();
+        } else if self.nonfinite == NonFinite::Error {
+            return Err(LisaError::NonFiniteGradient { name });
+        }
+        self.skipped_steps += 1;
+        Ok(None)
+    }
+
+    /// Updates every trainable parameter that has a gradient in `grads`, as `check` found
+    /// them, scaled by `scale`; counts the step.
+    pub(crate) fn apply(
+        &mut self,
+        grads: &GradStore,
+        checked: &Checked,
+        scale: GradScale,
+    ) -> Result<()> {
+        let grad_scale = match scale {
+            GradScale::Fixed(s) => s,
+            GradScale::ClipTo(max) if checked.norm > max => max / (checked.norm + 1e-6),
+            GradScale::ClipTo(_) => 1.0,
+        };
+        let inv_scale = grad_scale / checked.loss_scale;
+        let no_decay = ParamsAdamW {
+            weight_decay: 0.0,
+            ..self.params.clone()
+        };
+        for (i, (var, state)) in self.vars.iter().zip(self.state.iter_mut()).enumerate() {
+            let (Some(st), Some(g)) = (state.as_mut(), grads.get(var.as_tensor())) else {
+                continue;
+            };
+            let params = match self.no_decay.get(i) {
+                Some(true) => &no_decay,
+                _ => &self.params,
+            };
+            st.update(params, var, g, inv_scale)?;
+        }
+        if let Some(scaler) = self.scaler.as_mut() {
+            scaler.clean_step();
+        }
+        self.steps += 1;
+        Ok(())
+    }
+
+    fn step_with(&mut self, grads: &GradStore, scale: GradScale) -> Result<()> {
+        match self.check(grads)? {
+            Some(checked) => self.apply(grads, &checked, scale),
+            None => Ok(()),
+        }
+    }
+
+    /// One optimizer step with a typed error; [`Optimizer::step`] calls this.
+    ///
+    /// Updates every trainable parameter that has a gradient in `grads`. With a
+    /// [`LossScaler`] set, `grads` must be those of the scaled loss
+    /// ([`scale_loss`](Self::scale_loss); `backward_step` does this). A gradient holding NaN
+    /// or infinity skips the step or fails, as the [precision policy](crate::optim::precision)
+    /// says; a skipped step writes nothing and is not counted in
+    /// [`step_count`](Self::step_count).
+    ///
+    /// # Errors
+    /// [`LisaError::NonFiniteLearningRate`], [`LisaError::GradientMismatch`] and
+    /// [`LisaError::NonFiniteGradient`] are detected before anything is written. A candle
+    /// error during the update itself (out of memory) can leave it half applied.
+    pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_with(grads, GradScale::Fixed(1.0))
+    }
+
+    /// [`try_step`](Self::try_step) with every gradient multiplied by `grad_scale` inside the
+    /// update, without a copy (for example to average accumulated micro-batches).
+    ///
+    /// # Errors
+    /// Those of [`try_step`](Self::try_step), and [`LisaError::InvalidHyperparameter`] for a
+    /// `grad_scale` that is not finite and positive.
+    pub fn try_step_scaled(&mut self, grads: &GradStore, grad_scale: f64) -> Result<()> {
+        self.step_with(grads, GradScale::fixed(grad_scale)?)
+    }
+
+    /// [`try_step`](Self::try_step) with the gradients clipped to a global L2 norm of at most
+    /// `max_norm`: they are multiplied by `max_norm / (norm + 1e-6)` when the norm exceeds
+    /// it, inside the update, without a copy. The norm comes from the pass that checks every
+    /// gradient for NaN and infinity, so clipping costs no extra read; it is reported by
+    /// [`last_grad_norm`](Self::last_grad_norm).
+    ///
+    /// # Errors
+    /// Those of [`try_step`](Self::try_step), and [`LisaError::InvalidHyperparameter`] for a
+    /// `max_norm` that is not finite and positive.
+    pub fn try_step_clipped(&mut self, grads: &GradStore, max_norm: f64) -> Result<()> {
+        self.step_with(grads, GradScale::clip_to(max_norm)?)
+    }
+
+    /// `(i, Σ g²)` for every trainable parameter `i` with a gradient in `grads`, in f64: NaN
+    /// or infinite exactly when the gradient holds NaN or infinity.
+    fn grad_squares(&self, grads: &GradStore) -> Result<Vec<(usize, f64)>> {
+        let mut out = Vec::new();
+        for (i, var) in self.vars.iter().enumerate() {
+            if self.state[i].is_none() {
+                continue;
+            }
+            if let Some(g) = grads.get(var.as_tensor()) {
+                out.push((i, sum_squares(g)?));
+            }
+        }
+        Ok(out)
+    }
+
+    fn loss_scale(&self) -> f64 {
+        self.scaler.as_ref().map_or(1.0, |s| s.scale())
+    }
+
+    /// The global L2 norm of the gradients the last step read (the loss scale undone, before
+    /// clipping; NaN or infinite for a step skipped for a non-finite gradient); `None` before
+    /// the first step.
+    pub fn last_grad_norm(&self) -> Option<f64> {
+        self.last_grad_norm
+    }
+
+    /// The global L2 norm of the trainable parameters' gradients in `grads`, as the loss
+    /// itself would give them (divided by the loss scale when a [`LossScaler`] is set); NaN or
+    /// infinite when a gradient is. One read of each gradient.
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let sum: f64 = self.grad_squares(grads)?.iter().map(|(_, sq)| sq).sum();
+        Ok(sum.sqrt() / self.loss_scale())
+    }
+
+    /// Every float parameter the optimizer was built over, with its name, sorted by name.
+    pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.names.iter().map(String::as_str).zip(&self.vars)
+    }
+
+    /// The parameters trainable now, with their names, sorted by name.
+    pub fn trainable_vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.vars()
+            .zip(&self.state)
+            .filter(|(_, s)| s.is_some())
+            .map(|(v, _)| v)
+    }
+
+    /// Excludes from weight decay every parameter for which `exclude(name, dims)` is true (by
+    /// default none is excluded; [`no_decay_default`](crate::optim::no_decay_default) is the
+    /// transformers convention). Applies to the next step on; moments are unchanged.
+    pub fn set_weight_decay_filter(&mut self, exclude: impl Fn(&str, &[usize]) -> bool) {
+        self.no_decay = self.vars().map(|(n, v)| exclude(n, v.dims())).collect();
+    }
+
+    /// Whether `name` is updated without weight decay ([`set_weight_decay_filter`](Self::set_weight_decay_filter)).
+    pub fn excluded_from_weight_decay(&self, name: &str) -> bool {
+        self.index_of(name)
+            .is_some_and(|i| self.no_decay.get(i).copied().unwrap_or(false))
+    }
+
+    /// `loss` multiplied by the loss scale, or `loss` itself without a [`LossScaler`]: call
+    /// `backward` on this when you do not use `backward_step`.
+    pub fn scale_loss(&self, loss: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.scaler {
+            Some(s) => loss.affine(s.scale(), 0.0),
+            None => Ok(loss.clone()),
+        }
+    }
+
+    /// Sets or removes dynamic loss scaling (for f16 training; see
+    /// [`LossScaler`]). With a scaler, gradients passed to [`step`](Optimizer::step) must be
+    /// those of [`scale_loss`](Self::scale_loss); `backward_step` takes care of it.
+    pub fn set_loss_scaler(&mut self, scaler: Option<LossScaler>) {
+        self.scaler = scaler;
+    }
+
+    /// The loss scaler, if one is set.
+    pub fn loss_scaler(&self) -> Option<&LossScaler> {
+        self.scaler.as_ref()
+    }
+
+    /// What a NaN or infinite gradient does when no loss scaler is set (default
+    /// [`NonFinite::Error`]).
+    pub fn set_non_finite(&mut self, policy: NonFinite) {
+        self.nonfinite = policy;
+    }
+
+    /// Steps skipped so far because a gradient was not finite.
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped_steps
+    }
+
+    /// Steps taken so far (skipped ones not counted).
+    pub fn step_count(&self) -> u64 {
+        self.steps
+    }
+
+    /// A `VarBuilder` for (re)building the model: trainable parameters as the variables' own
+    /// tensors, frozen ones as detached views of the same storage (no copy). Its dtype and
+    /// device are those of the first parameter by name. Asking it for a trainable parameter in
+    /// another dtype or on another device fails with [`LisaError::TrainableConversion`] (a
+    /// converted copy would never be updated); frozen ones are converted (a copy).
+    pub fn var_builder(&self) -> VarBuilder<'static> {
+        let mut tensors = HashMap::with_capacity(self.vars.len() + self.skipped.len());
+        for (i, var) in self.vars.iter().enumerate() {
+            let t = match self.state[i].is_some() {
+                true => var.as_tensor().clone(),
+                false => var.as_tensor().detach(),
+            };
+            tensors.insert(self.names[i].clone(), t);
+        }
+        for (name, var) in &self.skipped {
+            tensors.insert(name.clone(), var.as_tensor().detach());
+        }
+        LisaBackend { tensors }.into_builder(self.vars.first())
+    }
+
+    /// The [`TrainingPlan`] to build a model from: [`var_builder`](Self::var_builder), no
+    /// block recomputed.
+    pub fn plan(&self) -> TrainingPlan {
+        TrainingPlan::new(self.var_builder(), false)
+    }
+
+    /// Bytes of optimizer state held now: AdamW moments and, for half-precision parameters,
+    /// f32 master copies. Per trainable parameter that is 8 bytes in f32, 16 in f64 and 12
+    /// in f16 or bf16 (see the [precision policy](crate::optim::precision)); so exactly
+    /// 2 × [`trainable_bytes`](Self::trainable_bytes) when every parameter is f32 or f64.
+    /// With [compact state](Self::set_compact_state), 4 in f32 and 8 in f16 or bf16.
+    pub fn state_bytes(&self) -> usize {
+        self.state.iter().flatten().map(Moments::bytes).sum()
+    }
+
+    /// Bytes of the parameters trainable now.
+    pub fn trainable_bytes(&self) -> usize {
+        self.trainable_vars()
+            .map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes())
             .sum()
     }
 
-    /// Applies update number `step + 1` to `var` with gradient `g · inv_scale` (`inv_scale`
-    /// undoes loss scaling; 1 without it).
+    /// Number of scalars trainable now.
+    pub fn trainable_params(&self) -> usize {
+        self.trainable_vars().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Whether the parameter `name` is trainable now (false for unknown names).
+    pub fn is_trainable(&self, name: &str) -> bool {
+        self.index_of(name).is_some_and(|i| self.state[i].is_some())
+    }
+
+    /// The AdamW state of `name`, or `None` when it is frozen or unknown.
+    pub fn param_state(&self, name: &str) -> Option<ParamState<'_>> {
+        let st = self.state[self.index_of(name)?].as_ref()?;
+        Some(ParamState {
+            m: &st.m,
+            v: &st.v,
+            master: st.master.as_ref(),
+            step: st.step,
+        })
+    }
+
+    /// The AdamW hyper-parameters.
+    pub fn params(&self) -> &ParamsAdamW {
+        &self.params
+    }
+
+    /// Replaces the AdamW hyper-parameters.
     ///
-    /// On the CPU and on CUDA (feature `cuda`), for contiguous operands, this is
-    /// [`adamw_in_place`]: it reads θ, g, m and v (and the master copy) once, writes them once,
-    /// and allocates nothing parameter-sized. Elsewhere (Metal, non-contiguous gradients) it
-    /// runs the same math as tensor ops ([`adamw`]) on detached tensors and writes the results
-    /// back.
-    pub fn update(&mut self, p: &ParamsAdamW, var: &Var, g: &Tensor, inv_scale: f64) -> Result<()> {
-        let t = self.step + 1;
-        let theta = var.as_tensor();
-        if self.is_compact() {
-            let g = g.contiguous()?;
-            let w = self.master.as_ref();
-            adamw_in_place_compact(p, t, theta, &g, w, &self.m, &self.v, inv_scale, self.salt)?;
-        } else if fusable(theta, g, self.master.as_ref(), &self.m, &self.v) {
-            adamw_in_place(
-                p,
-                t,
-                theta,
-                g,
-                self.master.as_ref(),
-                &self.m,
-                &self.v,
-                inv_scale,
-            )?;
-        } else {
-            let g = match &self.master {
-                Some(_) => g.detach().to_dtype(DType::F32)?,
-                None => g.detach(),
-            };
-            let g = if inv_scale == 1.0 {
-                g
-            } else {
-                (g * inv_scale)?
-            };
-            match &mut self.master {
-                Some(master) => {
-                    let (next_master, m, v) = adamw(p, t, master, &g, &self.m, &self.v)?;
-                    var.set(&next_master.to_dtype(theta.dtype())?)?;
-                    *master = next_master;
-                    (self.m, self.v) = (m, v);
-                }
-                None => {
-                    let (next_theta, m, v) = adamw(p, t, &theta.detach(), &g, &self.m, &self.v)?;
-                    var.set(&next_theta)?;
-                    (self.m, self.v) = (m, v);
-                }
-            }
-        }
-        self.step = t;
+    /// # Errors
+    /// [`LisaError::NonFiniteLearningRate`] or [`LisaError::InvalidHyperparameter`]; the old
+    /// ones are kept then.
+    pub fn set_params(&mut self, params: ParamsAdamW) -> Result<()> {
+        check_params(&params)?;
+        self.params = params;
         Ok(())
     }
-}
 
-/// The sum of the squares of `g`'s elements: NaN exactly when an element is NaN or infinite.
-/// One parallel pass on the CPU (f32 squares summed in eight lanes per chunk, so the loop
-/// vectorises, chunks summed in f64; a chunk whose f32 sum overflows is summed again in f64);
-/// on CUDA one kernel launch summing in f64; elsewhere candle ops in f32.
-pub(crate) fn sum_squares(g: &Tensor) -> Result<f64> {
-    #[cfg(feature = "cuda")]
-    if g.device().is_cuda() {
-        if let Some(sum) = cuda::sum_squares(g)? {
-            return Ok(sum);
-        }
-    }
-    if let (Device::Cpu, Some((start, end))) = (g.device(), g.layout().contiguous_offsets()) {
-        let (storage, _) = g.storage_and_layout();
-        if let Storage::Cpu(s) = &*storage {
-            match s {
-                CpuStorage::F32(s) => return Ok(sum_sq(&s[start..end], |&x| x)),
-                CpuStorage::BF16(s) => return Ok(sum_sq(&s[start..end], |x| x.to_f32())),
-                CpuStorage::F16(s) => return Ok(sum_sq(&s[start..end], |x| x.to_f32())),
-                CpuStorage::F64(s) => {
-                    let s = &s[start..end];
-                    let chunks = s.par_chunks(CHUNK);
-                    return Ok(chunks.map(|c| c.iter().map(|x| x * x).sum::<f64>()).sum());
-                }
-                _ => {}
-            }
-        }
-    }
-    let g = match g.dtype() {
-        DType::F32 => g.detach(),
-        _ => g.detach().to_dtype(DType::F32)?,
-    };
-    Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
-}
-
-/// [`sum_squares`] over a slice whose elements widen to f32 with `f`.
-fn sum_sq<T: Sync>(s: &[T], f: impl Fn(&T) -> f32 + Sync + Send) -> f64 {
-    s.par_chunks(CHUNK)
-        .map(|c| {
-            let (mut lanes, mut finite) = ([0f32; 8], true);
-            let mut blocks = c.chunks_exact(8);
-            for block in &mut blocks {
-                for (lane, x) in lanes.iter_mut().zip(block) {
-                    let v = f(x);
-                    finite &= v.is_finite();
-                    *lane += v * v;
-                }
-            }
-            for x in blocks.remainder() {
-                let v = f(x);
-                finite &= v.is_finite();
-                lanes[0] += v * v;
-            }
-            let sum: f32 = lanes.iter().sum();
-            match (finite, sum.is_finite()) {
-                (false, _) => f64::NAN,
-                (true, true) => sum as f64,
-                (true, false) => c.iter().map(|x| (f(x) as f64).powi(2)).sum(),
-            }
+    /// Sets the learning rate, refusing a non-finite one with
+    /// [`LisaError::NonFiniteLearningRate`] (the old rate is kept then).
+    pub fn try_set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        self.set_params(ParamsAdamW {
+            lr,
+            ..self.params.clone()
         })
-        .sum()
-}
-
-/// Whether [`adamw_in_place`] applies: every operand on θ's device, which is the CPU (or a
-/// CUDA device, with the feature `cuda`), contiguous, of θ's shape, no
-/// two sharing storage; θ and g of one dtype, and either f32/f64 moments of that dtype and no
-/// master, or (θ in f16/bf16) an f32 master and f32 moments.
-pub(crate) fn fusable(
-    theta: &Tensor,
-    g: &Tensor,
-    master: Option<&Tensor>,
-    m: &Tensor,
-    v: &Tensor,
-) -> bool {
-    let state_dtype = match (theta.dtype(), master) {
-        (DType::F32 | DType::F64, None) => theta.dtype(),
-        (DType::F16 | DType::BF16, Some(w)) if w.dtype() == DType::F32 => DType::F32,
-        _ => return false,
-    };
-    let state = [Some(m), Some(v), master];
-    let all: Vec<&Tensor> = [Some(theta), Some(g)]
-        .into_iter()
-        .chain(state)
-        .flatten()
-        .collect();
-    let fused_device = match theta.device() {
-        Device::Cpu => true,
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => true,
-        _ => false,
-    };
-    fused_device
-        && g.dtype() == theta.dtype()
-        && state.iter().flatten().all(|t| t.dtype() == state_dtype)
-        && all.iter().all(|t| {
-            t.shape() == theta.shape()
-                && t.is_contiguous()
-                && t.device().same_device(theta.device())
-        })
-        && {
-            let keys: Vec<usize> = all.iter().map(|t| storage_key(t)).collect();
-            (0..keys.len()).all(|i| !keys[i + 1..].contains(&keys[i]))
-        }
-}
-
-/// Bias corrections and the other constants of update number `t` (1-based), computed in f64
-/// and rounded once, exactly as candle's tensor ops round them.
-struct Coefficients {
-    beta1: f64,
-    one_minus_beta1: f64,
-    beta2: f64,
-    one_minus_beta2: f64,
-    scale_m: f64,
-    scale_v: f64,
-    eps: f64,
-    decay: f64,
-    lr: f64,
-}
-
-impl Coefficients {
-    fn new(p: &ParamsAdamW, t: u64) -> Self {
-        let t = i32::try_from(t).unwrap_or(i32::MAX);
-        Self {
-            beta1: p.beta1,
-            one_minus_beta1: 1.0 - p.beta1,
-            beta2: p.beta2,
-            one_minus_beta2: 1.0 - p.beta2,
-            scale_m: 1f64 / (1f64 - p.beta1.powi(t)),
-            scale_v: 1f64 / (1f64 - p.beta2.powi(t)),
-            eps: p.eps,
-            decay: 1f64 - p.lr * p.weight_decay,
-            lr: p.lr,
-        }
     }
 }
 
-/// One AdamW step (candle_nn::AdamW's math, op for op): returns `(θ', m', v')` for the update
-/// number `t` (1-based) of this parameter. Every input must be detached, so nothing it builds
-/// is attached to a graph and each temporary is freed as soon as the next op has read it.
-pub(crate) fn adamw(
-    p: &ParamsAdamW,
-    t: u64,
-    theta: &Tensor,
-    g: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let c = Coefficients::new(p, t);
-    let next_m = ((m * c.beta1)? + (g * c.one_minus_beta1)?)?;
-    let next_v = ((v * c.beta2)? + (g.sqr()? * c.one_minus_beta2)?)?;
-    let adjusted = ((&next_m * c.scale_m)? / (((&next_v * c.scale_v)?.sqrt()? + c.eps)?))?;
-    let next_theta = ((theta * c.decay)? - (adjusted * c.lr)?)?;
-    Ok((next_theta, next_m, next_v))
-}
+impl Optimizer for AdamW {
+    type Config = ParamsAdamW;
 
-#[cfg(test)]
-mod tests {
-    use super::fused::*;
-    use super::*;
-    use candle_core::IndexOp;
-    use half::bf16;
-
-    fn params() -> ParamsAdamW {
-        ParamsAdamW {
-            lr: 3e-2,
-            weight_decay: 0.1,
-            ..Default::default()
-        }
+    /// AdamW over `vars`, named by their position (`"0"`, `"1"`, …), all trainable.
+    fn new(vars: Vec<Var>, params: ParamsAdamW) -> candle_core::Result<Self> {
+        let width = vars.len().to_string().len();
+        let named = vars
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (format!("{i:0width$}"), v));
+        Ok(Self::from_named_vars(named, params)?)
     }
 
-    /// Fused and tensor-op updates give the same bits, in f32 and f64, at the first update and
-    /// at a late one (other bias corrections), including zero and negative-zero gradients.
-    #[test]
-    fn fused_equals_tensor_ops() -> Result<()> {
-        let dev = Device::Cpu;
-        for dtype in [DType::F32, DType::F64] {
-            for t in [1u64, 7, 4000] {
-                let n = 3 * CHUNK + 17;
-                let theta = Tensor::randn(0f64, 1., n, &dev)?.to_dtype(dtype)?;
-                let mut g = Tensor::randn(0f64, 1e-2, n, &dev)?.to_dtype(dtype)?;
-                let signed_zeros = Tensor::new(&[0f64, -0.0], &dev)?.to_dtype(dtype)?;
-                g = Tensor::cat(&[&signed_zeros, &g.narrow(0, 2, n - 2)?], 0)?;
-                let m = (Tensor::randn(0f64, 1e-2, n, &dev)? * 0.5)?.to_dtype(dtype)?;
-                let v = Tensor::randn(0f64, 1e-2, n, &dev)?.sqr()?.to_dtype(dtype)?;
-                let (want_theta, want_m, want_v) = adamw(&params(), t, &theta, &g, &m, &v)?;
-                let (theta, m, v) = (theta.copy()?, m.copy()?, v.copy()?);
-                assert!(fusable(&theta, &g, None, &m, &v));
-                adamw_in_place(&params(), t, &theta, &g, None, &m, &v, 1.0)?;
-                for (got, want) in [(theta, want_theta), (m, want_m), (v, want_v)] {
-                    let (got, want) = (got.to_dtype(DType::F64)?, want.to_dtype(DType::F64)?);
-                    let got: Vec<u64> = got.to_vec1::<f64>()?.iter().map(|x| x.to_bits()).collect();
-                    let want: Vec<u64> =
-                        want.to_vec1::<f64>()?.iter().map(|x| x.to_bits()).collect();
-                    assert_eq!(got, want, "{dtype:?}, t = {t}");
-                }
-            }
-        }
-        Ok(())
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        Ok(self.try_step(grads)?)
     }
 
-    /// Operands the kernel cannot take go through the tensor ops, with the same result.
-    #[test]
-    fn unfusable_operands_take_the_tensor_path() -> Result<()> {
-        let dev = Device::Cpu;
-        let var = Var::randn(0f32, 1., (8, 6), &dev)?;
-        let reference = var.as_tensor().copy()?;
-        let g = Tensor::randn(0f32, 1., (6, 8), &dev)?.t()?;
-        assert!(!g.is_contiguous());
-        let mut state = Moments::new(var.as_tensor(), false, 0)?;
-        assert!(!fusable(var.as_tensor(), &g, None, &state.m, &state.v));
-        state.update(&params(), &var, &g, 1.0)?;
-        let zeros = reference.zeros_like()?;
-        let (want, _, _) = adamw(&params(), 1, &reference, &g, &zeros, &zeros)?;
-        assert_eq!(var.as_tensor().to_vec2::<f32>()?, want.to_vec2::<f32>()?);
-        assert_eq!(state.step, 1);
-        // A gradient sharing θ's storage is not fused either (the kernel would alias them).
-        assert!(!fusable(
-            var.as_tensor(),
-            &var.as_tensor().i(..)?,
-            None,
-            &state.m,
-            &state.v
-        ));
-        Ok(())
+    /// `loss` scaled by the [`LossScaler`] if one is set, backward, then
+    /// [`step`](Optimizer::step).
+    fn backward_step(&mut self, loss: &Tensor) -> candle_core::Result<()> {
+        let grads = self.scale_loss(loss)?.backward()?;
+        self.step(&grads)
     }
 
-    /// Half precision: the fused update equals the tensor ops on the f32 master copy, rounded
-    /// to nearest-even into the weight, with and without loss-scale unscaling; it holds the
-    /// master and f32 moments, and the tensor path (a non-contiguous gradient) agrees.
-    #[test]
-    fn half_precision_updates_the_master_and_rounds() -> Result<()> {
-        let dev = Device::Cpu;
-        for dtype in [DType::BF16, DType::F16] {
-            for (t, inv_scale) in [(1u64, 1.0), (9, 1.0 / 1024.0)] {
-                let n = 2 * CHUNK + 5;
-                let theta0 = Tensor::randn(0f32, 1., n, &dev)?.to_dtype(dtype)?;
-                let g = (Tensor::randn(0f32, 1e-2, n, &dev)? / inv_scale)?.to_dtype(dtype)?;
-                let var = Var::from_tensor(&theta0)?;
-                let mut state = Moments::new(var.as_tensor(), false, 0)?;
-                let master = state.master.clone().expect("half parameters have a master");
-                assert_eq!(master.dtype(), DType::F32);
-                assert_eq!(state.m.dtype(), DType::F32);
-                assert_eq!(state.bytes(), 12 * n);
-                let m0 = Tensor::randn(0f32, 1e-3, n, &dev)?;
-                let v0 = Tensor::randn(0f32, 1e-3, n, &dev)?.sqr()?;
-                state.m = m0.copy()?;
-                state.v = v0.copy()?;
-                state.step = t - 1;
-                let g32 = (g.to_dtype(DType::F32)? * inv_scale)?;
-                let (want_w, want_m, want_v) =
-                    adamw(&params(), t, &master.copy()?, &g32, &m0, &v0)?;
-                assert!(fusable(
-                    var.as_tensor(),
-                    &g,
-                    Some(&master),
-                    &state.m,
-                    &state.v
-                ));
-                state.update(&params(), &var, &g, inv_scale)?;
-                let w = state.master.as_ref().expect("master kept");
-                assert_eq!(w.to_vec1::<f32>()?, want_w.to_vec1::<f32>()?, "{dtype:?}");
-                assert_eq!(state.m.to_vec1::<f32>()?, want_m.to_vec1::<f32>()?);
-                assert_eq!(state.v.to_vec1::<f32>()?, want_v.to_vec1::<f32>()?);
-                let rounded = want_w.to_dtype(dtype)?.to_dtype(DType::F32)?;
-                let theta = var.as_tensor().to_dtype(DType::F32)?;
-                assert_eq!(theta.to_vec1::<f32>()?, rounded.to_vec1::<f32>()?);
-
-                // The tensor path, through a non-contiguous gradient, gives the same bits.
-                let var2 = Var::from_tensor(&theta0)?;
-                let mut tensor_state = Moments::new(var2.as_tensor(), false, 0)?;
-                tensor_state.m = m0.copy()?;
-                tensor_state.v = v0.copy()?;
-                tensor_state.step = t - 1;
-                let g_strided = Tensor::stack(&[&g, &g], 1)?.narrow(1, 0, 1)?.squeeze(1)?;
-                assert!(!g_strided.is_contiguous());
-                tensor_state.update(&params(), &var2, &g_strided, inv_scale)?;
-                let w2 = tensor_state.master.as_ref().expect("master kept");
-                assert_eq!(w2.to_vec1::<f32>()?, want_w.to_vec1::<f32>()?);
-                let theta2 = var2.as_tensor().to_dtype(DType::F32)?;
-                assert_eq!(theta2.to_vec1::<f32>()?, rounded.to_vec1::<f32>()?);
-            }
-        }
-        Ok(())
+    fn learning_rate(&self) -> f64 {
+        self.params.lr
     }
 
-    /// Stochastic rounding is unbiased: over all 2^16 random inputs the mean of the rounded
-    /// values is `x` exactly, and each result is one of the two bf16 neighbours of `x`.
-    #[test]
-    fn stochastic_rounding_is_unbiased() {
-        for x in [
-            1.0f32,
-            1.0 + 1e-3,
-            -3.7e-5,
-            6.1e-9,
-            2.5e4,
-            f32::MIN_POSITIVE,
-            -0.0,
-        ] {
-            let (down, up) = {
-                let t = bf16::from_bits((x.to_bits() >> 16) as u16);
-                (t.to_f64(), bf16::from_bits(t.to_bits() + 1).to_f64())
-            };
-            let mut sum = 0.0f64;
-            for r in 0..=u16::MAX {
-                let y = bf16_stochastic(x, r).to_f64();
-                assert!(y == down || y == up, "{x}: {y} outside [{down}, {up}]");
-                sum += y;
-            }
-            assert_eq!(sum / 65536.0, f64::from(x), "{x}");
-        }
-    }
-
-    /// Compact moments: the weights follow the f32 update exactly (the update reads m and v
-    /// widened and computes in f32), each stored moment is one of the two bf16 neighbours of
-    /// the f32 one, the state is 4 bytes per f32 parameter (8 with a half master), and the
-    /// rounding is the same on every run.
-    #[test]
-    fn compact_moments_round_to_neighbours() -> Result<()> {
-        let dev = Device::Cpu;
-        let neighbours = |exact: &Tensor, got: &Tensor| -> Result<()> {
-            for (e, g) in exact.to_vec1::<f32>()?.iter().zip(got.to_vec1::<bf16>()?) {
-                let down = bf16::from_bits((e.to_bits() >> 16) as u16);
-                let up = bf16::from_bits(down.to_bits() + 1);
-                let exact_bf16 = bf16::from_f32(*e) == g && g.to_f32() == *e;
-                assert!(g == down || g == up || exact_bf16, "{e} stored as {g}");
-            }
-            Ok(())
-        };
-        for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let n = 2 * CHUNK + 5;
-            let theta0 = Tensor::randn(0f32, 1., n, &dev)?.to_dtype(dtype)?;
-            let g = Tensor::randn(0f32, 1e-2, n, &dev)?.to_dtype(dtype)?;
-            let m0 = Tensor::randn(0f32, 1e-3, n, &dev)?.to_dtype(DType::BF16)?;
-            let v0 = Tensor::randn(0f32, 1e-3, n, &dev)?
-                .sqr()?
-                .to_dtype(DType::BF16)?;
-            let mut runs = Vec::new();
-            for _ in 0..2 {
-                let var = Var::from_tensor(&theta0)?;
-                let mut state = Moments::new(var.as_tensor(), true, 3)?;
-                assert!(state.is_compact());
-                let per = if dtype == DType::F32 { 4 } else { 8 };
-                assert_eq!(state.bytes(), per * n, "{dtype:?}");
-                (state.m, state.v, state.step) = (m0.copy()?, v0.copy()?, 4);
-                let w0 = theta0.to_dtype(DType::F32)?;
-                let (m32, v32) = (m0.to_dtype(DType::F32)?, v0.to_dtype(DType::F32)?);
-                let g32 = g.to_dtype(DType::F32)?;
-                let (want_w, want_m, want_v) = adamw(&params(), 5, &w0, &g32, &m32, &v32)?;
-                state.update(&params(), &var, &g, 1.0)?;
-                let w = match &state.master {
-                    Some(w) => w.clone(),
-                    None => var.as_tensor().clone(),
-                };
-                assert_eq!(w.to_vec1::<f32>()?, want_w.to_vec1::<f32>()?, "{dtype:?}");
-                neighbours(&want_m, &state.m)?;
-                neighbours(&want_v, &state.v)?;
-                runs.push((state.m.to_vec1::<bf16>()?, state.v.to_vec1::<bf16>()?));
-            }
-            assert_eq!(
-                runs[0], runs[1],
-                "{dtype:?}: the rounding is not deterministic"
-            );
-        }
-        Ok(())
-    }
-
-    /// The sum of squares is exact for small integers on the fast path and the strided one,
-    /// finite for finite elements whose squares overflow f32, and NaN or infinite exactly when
-    /// an element is, in every float dtype (the step's finiteness check rests on this).
-    #[test]
-    fn sum_squares_finds_nan_and_inf() -> Result<()> {
-        let dev = Device::Cpu;
-        for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
-            let x: Vec<f32> = (0..12).map(|i| i as f32 - 6.0).collect();
-            let want: f64 = x.iter().map(|&v| (v * v) as f64).sum();
-            let ok = Tensor::from_vec(x, (4, 3), &dev)?.to_dtype(dtype)?;
-            assert_eq!(sum_squares(&ok)?, want, "{dtype:?}");
-            assert_eq!(sum_squares(&ok.t()?)?, want, "{dtype:?} strided");
-            // Finite but with squares past f32's range: the f64 fallback keeps it finite.
-            let huge = Tensor::from_vec(vec![1e20f32; 12], (4, 3), &dev)?.to_dtype(dtype)?;
-            if dtype != DType::F16 {
-                let want = 12.0
-                    * (huge
-                        .flatten_all()?
-                        .to_dtype(DType::F64)?
-                        .get(0)?
-                        .to_scalar::<f64>()?)
-                    .powi(2);
-                let got = sum_squares(&huge)?;
-                assert!(
-                    (got - want).abs() <= 1e-6 * want,
-                    "{dtype:?}: {got} vs {want}"
-                );
-            }
-            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-                let mut x = vec![0.5f32; 12];
-                x[7] = bad;
-                let t = Tensor::from_vec(x, (4, 3), &dev)?.to_dtype(dtype)?;
-                assert!(!sum_squares(&t)?.is_finite(), "{dtype:?} {bad}");
-                assert!(
-                    !sum_squares(&t.t()?)?.is_finite(),
-                    "{dtype:?} {bad} strided"
-                );
-            }
-        }
-        Ok(())
+    /// Sets the learning rate. A non-finite rate is stored as given and makes the next
+    /// [`step`](Optimizer::step) fail with [`LisaError::NonFiniteLearningRate`], writing
+    /// nothing; [`AdamW::try_set_learning_rate`] refuses it at once instead.
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.params.lr = lr;
     }
 }

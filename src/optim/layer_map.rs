@@ -199,11 +199,16 @@ impl LayerMap {
         if names.is_empty() {
             return Err(LisaError::EmptyVarMap);
         }
-        Ok(Self {
+        Ok(Self::all_trainable_sorted(names))
+    }
+
+    /// [`all_trainable`](Self::all_trainable) over names that are already sorted and distinct.
+    pub(super) fn all_trainable_sorted(names: Vec<String>) -> Self {
+        Self {
             groups: vec![ParamGroup::Always; names.len()],
             names,
             blocks: Vec::new(),
-        })
+        }
     }
 
     /// The number of blocks, N.

@@ -1,18 +1,17 @@
-//! [`LisaAdamW`]: AdamW over the always-trainable parameters and γ sampled blocks.
-
-use std::collections::HashMap;
+//! [`LisaAdamW`]: an [`AdamW`] whose trainable set is the always-trainable parameters and γ
+//! blocks, redrawn every K steps.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
-use super::adamw::{sum_squares, Moments};
+use super::adamw::{check_params, AdamW, GradScale, ParamState};
 use super::config::LisaConfig;
 use super::layer_map::{LayerMap, ParamGroup};
 use super::precision::{CompactState, LossScaler, NonFinite};
 use super::sampler::BlockSampler;
 use crate::error::{LisaError, Result};
-use crate::nn::{LisaBackend, TrainingPlan};
+use crate::nn::TrainingPlan;
 
 /// The configuration type of [`LisaAdamW`]'s [`Optimizer`] implementation.
 ///
@@ -29,8 +28,8 @@ pub struct LisaParams {
 /// What a [`LisaAdamW`] trains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// Every float parameter at every step: plain AdamW, for full fine-tuning or for LoRA
-    /// adapters ([`LisaAdamW::all_trainable`]).
+    /// Every float parameter at every step: plain [`AdamW`], for full fine-tuning or for LoRA
+    /// adapters ([`LisaAdamW::all_trainable`], or an [`AdamW`] converted with `into()`).
     Full,
     /// LISA: the always-trainable parameters at every step, and `gamma` blocks redrawn every
     /// `period` steps ([`LisaAdamW::new`]).
@@ -53,45 +52,15 @@ impl std::fmt::Display for Mode {
     }
 }
 
-/// How a step scales the gradients inside the update.
-#[derive(Clone, Copy, Debug)]
-enum GradScale {
-    /// By this factor.
-    Fixed(f64),
-    /// To a global norm of at most this.
-    ClipTo(f64),
-}
-
-/// A read-only view of one parameter's AdamW state.
-///
-/// The tensors are the optimizer's own: the fused CPU update writes them in place, so a clone
-/// of `m` or `v` (which shares their storage) changes with the next step. Use
-/// `Tensor::copy` to keep a snapshot.
-#[derive(Clone, Copy, Debug)]
-pub struct ParamState<'a> {
-    /// First moment.
-    pub m: &'a Tensor,
-    /// Second moment.
-    pub v: &'a Tensor,
-    /// The f32 master copy of an f16 or bf16 parameter (`None` for f32 and f64 ones): the
-    /// update runs on it and the parameter holds its rounded value.
-    pub master: Option<&'a Tensor>,
-    /// Updates applied since this state was created (0 right after activation).
-    pub step: u64,
-}
-
 /// Layerwise Importance Sampled AdamW.
 ///
 /// Every `period` steps it draws γ blocks to train; the parameters outside the blocks (embedding,
-/// LM head, final norm) train at every step. The update is `candle_nn::AdamW`'s math (decoupled
-/// weight decay, bias correction), rounded as candle rounds it, so the results are the same
-/// bits for f32 and f64 parameters. f16 and bf16 parameters get an f32 master copy and f32
-/// moments while they train (the [precision policy](crate::optim::precision)). On the CPU and
-/// on CUDA (feature `cuda`) the update is fused: one pass per parameter (one kernel launch on
-/// CUDA) that reads θ, g, m and v (and the master) once and writes them in place, allocating
-/// nothing parameter-sized, with the same bits on both. Elsewhere (Metal) it runs as candle
-/// tensor ops on detached tensors, so no temporary is attached to a graph. Before anything is
-/// written, every gradient is checked for NaN and infinity.
+/// LM head, final norm) train at every step. It is an [`AdamW`] plus that block schedule: the
+/// update, its precision policy, clipping, loss scaling and the non-finite policy are
+/// [`AdamW`]'s ([`adamw`](Self::adamw) gives that view), and the schedule decides which
+/// parameters are trainable. An [`AdamW`] converts into a `LisaAdamW` with no blocks
+/// ([`Mode::Full`]), for code such as the [`Trainer`](crate::train::Trainer) that takes
+/// either.
 ///
 /// **State Reset:** AdamW moments (and master copies) exist only for parameters that are
 /// trainable now. A block's moments are allocated (zeros, step counter 0, and for half
@@ -133,33 +102,21 @@ pub struct ParamState<'a> {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct LisaAdamW {
+    /// The update and its state. Invariant: parameter `i` is trainable in it exactly when its
+    /// group is `Always`, or `Block(b)` with `b` in `active`; [`activate`](Self::activate)
+    /// keeps it so.
+    pub(super) adamw: AdamW,
+    /// Its names are `adamw`'s, in the same order.
     pub(super) map: LayerMap,
-    /// `vars[i]` is the parameter named `map.name_at(i)`.
-    pub(super) vars: Vec<Var>,
-    /// Integer parameters: handed out by the builder, never trained.
-    pub(super) skipped: Vec<(String, Var)>,
-    /// Invariant: `state[i].is_some()` exactly when parameter `i` is trainable now, that is its
-    /// group is `Always`, or `Block(b)` with `b` in `active`.
-    pub(super) state: Vec<Option<Moments>>,
     /// Sorted: `gamma` distinct indices below `map.num_blocks()` in [`Mode::Lisa`], empty in
     /// [`Mode::Full`] (whose map has no blocks).
     pub(super) active: Vec<usize>,
     /// `Some` exactly in [`Mode::Lisa`].
     pub(super) sampler: Option<Box<dyn BlockSampler>>,
-    pub(super) params: ParamsAdamW,
     pub(super) mode: Mode,
     pub(super) recompute_frozen: bool,
-    /// Which trainable parameters' moments are bf16 ([`Moments::is_compact`]).
+    /// Which trainable parameters' moments are bf16.
     pub(super) compact: CompactState,
-    pub(super) scaler: Option<LossScaler>,
-    pub(super) nonfinite: NonFinite,
-    /// `no_decay[i]`: parameter `i` is updated without weight decay.
-    pub(super) no_decay: Vec<bool>,
-    /// The global gradient norm of the last step's gradients.
-    pub(super) last_grad_norm: Option<f64>,
-    /// Steps skipped for a non-finite gradient; they are not counted in `steps`.
-    pub(super) skipped_steps: u64,
-    pub(super) steps: u64,
     pub(super) period_index: u64,
     pub(super) resampled: bool,
 }
@@ -170,44 +127,28 @@ impl std::fmt::Debug for LisaAdamW {
             .field("num_blocks", &self.map.num_blocks())
             .field("active", &self.active)
             .field("mode", &self.mode)
-            .field("steps", &self.steps)
-            .field("params", &self.params)
+            .field("steps", &self.adamw.steps)
+            .field("params", &self.adamw.params)
             .field("state_bytes", &self.state_bytes())
             .finish_non_exhaustive()
     }
 }
 
-/// Float parameters by name, and the integer ones (skipped).
-fn split_vars(
-    vars: impl IntoIterator<Item = (String, Var)>,
-) -> (HashMap<String, Var>, Vec<(String, Var)>) {
-    let (floats, skipped): (Vec<_>, Vec<_>) =
-        vars.into_iter().partition(|(_, v)| v.dtype().is_float());
-    (floats.into_iter().collect(), skipped)
-}
-
-pub(super) fn check_params(p: &ParamsAdamW) -> Result<()> {
-    if !p.lr.is_finite() {
-        return Err(LisaError::NonFiniteLearningRate { lr: p.lr });
+impl From<AdamW> for LisaAdamW {
+    /// `adamw` with no block schedule ([`Mode::Full`]): every parameter trains at every step.
+    fn from(adamw: AdamW) -> Self {
+        Self {
+            map: LayerMap::all_trainable_sorted(adamw.names.clone()),
+            adamw,
+            active: Vec::new(),
+            sampler: None,
+            mode: Mode::Full,
+            recompute_frozen: false,
+            compact: CompactState::Off,
+            period_index: 0,
+            resampled: false,
+        }
     }
-    let bad = |name, value, expected| LisaError::InvalidHyperparameter {
-        name,
-        value,
-        expected,
-    };
-    if !(0.0..1.0).contains(&p.beta1) {
-        return Err(bad("beta1", p.beta1, "in [0, 1)"));
-    }
-    if !(0.0..1.0).contains(&p.beta2) {
-        return Err(bad("beta2", p.beta2, "in [0, 1)"));
-    }
-    if !(p.eps.is_finite() && p.eps > 0.0) {
-        return Err(bad("eps", p.eps, "finite and greater than 0"));
-    }
-    if !p.weight_decay.is_finite() {
-        return Err(bad("weight_decay", p.weight_decay, "finite"));
-    }
-    Ok(())
 }
 
 impl LisaAdamW {
@@ -249,77 +190,52 @@ impl LisaAdamW {
         if config.period == 0 {
             return Err(LisaError::ZeroPeriod);
         }
-        let (by_name, skipped) = split_vars(vars);
-        let map = LayerMap::new(by_name.keys(), &config)?;
+        let adamw = AdamW::frozen(vars, params)?;
+        let map = LayerMap::new(&adamw.names, &config)?;
         if config.gamma == 0 || config.gamma > map.num_blocks() {
             return Err(LisaError::InvalidGamma {
                 gamma: config.gamma,
                 num_blocks: map.num_blocks(),
             });
         }
-        let mode = Mode::Lisa {
-            gamma: config.gamma,
-            period: config.period,
-        };
-        let mut opt = Self::build(map, by_name, skipped, params, mode, Some(sampler))?;
-        opt.recompute_frozen = config.recompute_frozen;
-        Ok(opt)
-    }
-
-    /// Plain AdamW over every float parameter ([`Mode::Full`]), with this optimizer's lean
-    /// update and state accounting: the "full fine-tuning" baseline (also used for LoRA
-    /// adapters). It has no blocks and never resamples.
-    pub fn all_trainable(
-        vars: impl IntoIterator<Item = (String, Var)>,
-        params: ParamsAdamW,
-    ) -> Result<Self> {
-        check_params(&params)?;
-        let (by_name, skipped) = split_vars(vars);
-        let map = LayerMap::all_trainable(by_name.keys())?;
-        Self::build(map, by_name, skipped, params, Mode::Full, None)
-    }
-
-    fn build(
-        map: LayerMap,
-        mut by_name: HashMap<String, Var>,
-        skipped: Vec<(String, Var)>,
-        params: ParamsAdamW,
-        mode: Mode,
-        sampler: Option<Box<dyn BlockSampler>>,
-    ) -> Result<Self> {
-        let vars = map
-            .iter()
-            .map(|(name, _)| by_name.remove(name).ok_or(LisaError::EmptyVarMap))
-            .collect::<Result<Vec<_>>>()?;
         let mut opt = Self {
-            state: (0..vars.len()).map(|_| None).collect(),
+            adamw,
             map,
-            vars,
-            skipped,
             active: Vec::new(),
-            sampler,
-            params,
-            mode,
-            recompute_frozen: false,
+            sampler: Some(sampler),
+            mode: Mode::Lisa {
+                gamma: config.gamma,
+                period: config.period,
+            },
+            recompute_frozen: config.recompute_frozen,
             compact: CompactState::Off,
-            scaler: None,
-            nonfinite: NonFinite::Error,
-            no_decay: Vec::new(),
-            last_grad_norm: None,
-            skipped_steps: 0,
-            steps: 0,
             period_index: 0,
             resampled: false,
         };
-        for i in 0..opt.vars.len() {
+        for i in 0..opt.map.len() {
             if opt.map.group_at(i) == ParamGroup::Always {
-                opt.state[i] = Some(Moments::new(opt.vars[i].as_tensor(), false, i as u64)?);
+                opt.adamw.set_trainable(i, true)?;
             }
         }
         if let Some(first) = opt.draw()? {
             opt.activate(first)?;
         }
         Ok(opt)
+    }
+
+    /// Plain AdamW over every float parameter ([`Mode::Full`]): the "full fine-tuning"
+    /// baseline (also used for LoRA adapters), as [`AdamW::from_named_vars`] converted with
+    /// `into()`. It has no blocks and never resamples.
+    pub fn all_trainable(
+        vars: impl IntoIterator<Item = (String, Var)>,
+        params: ParamsAdamW,
+    ) -> Result<Self> {
+        Ok(AdamW::from_named_vars(vars, params)?.into())
+    }
+
+    /// The [`AdamW`] underneath: its update, state and settings.
+    pub fn adamw(&self) -> &AdamW {
+        &self.adamw
     }
 
     /// Draws the next active set and checks it; `None` in [`Mode::Full`].
@@ -342,18 +258,17 @@ impl LisaAdamW {
         Ok(Some(draw))
     }
 
-    /// Makes `next` (sorted, checked) the active set: frees the moments of blocks that leave
-    /// first, then allocates fresh ones for blocks that enter.
+    /// Makes `next` (sorted, checked) the active set: freezes the blocks that leave first
+    /// (dropping their state), then makes the blocks that enter trainable (fresh state).
     fn activate(&mut self, next: Vec<usize>) -> Result<()> {
         for &b in self.active.iter().filter(|b| !next.contains(b)) {
             for &i in self.map.block_indices(b) {
-                self.state[i] = None;
+                self.adamw.set_trainable(i, false)?;
             }
         }
         for &b in next.iter().filter(|b| !self.active.contains(b)) {
             for &i in self.map.block_indices(b) {
-                let compact = self.compact_at(i);
-                self.state[i] = Some(Moments::new(self.vars[i].as_tensor(), compact, i as u64)?);
+                self.adamw.set_trainable(i, true)?;
             }
         }
         self.active = next;
@@ -367,38 +282,22 @@ impl LisaAdamW {
         (0..self.map.num_blocks())
             .filter(|b| !self.active.contains(b))
             .flat_map(|b| self.map.block_indices(b))
-            .any(|&i| grads.get(self.vars[i].as_tensor()).is_some())
+            .any(|&i| grads.get(self.adamw.vars[i].as_tensor()).is_some())
     }
 
-    /// Checks `grads` against the trainable parameters without writing anything.
-    fn check_grads(&self, grads: &GradStore) -> Result<()> {
+    /// Checks that every active block has a gradient, without writing anything.
+    fn check_blocks(&self, grads: &GradStore) -> Result<()> {
         for &b in &self.active {
             let block = self.map.block_indices(b);
             if !block
                 .iter()
-                .any(|&i| grads.get(self.vars[i].as_tensor()).is_some())
+                .any(|&i| grads.get(self.adamw.vars[i].as_tensor()).is_some())
             {
                 let first = self.map.name_at(block[0]).to_string();
                 return Err(match self.grads_reach_frozen_blocks(grads) {
                     true => LisaError::NoGradient { block: b, first },
                     false => LisaError::GradientFlowCut { block: b, first },
                 });
-            }
-        }
-        for (i, var) in self.vars.iter().enumerate() {
-            if self.state[i].is_none() {
-                continue;
-            }
-            if let Some(g) = grads.get(var.as_tensor()) {
-                if g.shape() != var.shape() || g.dtype() != var.dtype() {
-                    return Err(LisaError::GradientMismatch {
-                        name: self.map.name_at(i).to_string(),
-                        expected: var.shape().clone(),
-                        got: g.shape().clone(),
-                        expected_dtype: var.dtype(),
-                        got_dtype: g.dtype(),
-                    });
-                }
             }
         }
         Ok(())
@@ -433,95 +332,45 @@ impl LisaAdamW {
     /// Those of [`try_step`](Self::try_step), and [`LisaError::InvalidHyperparameter`] for a
     /// `grad_scale` that is not finite and positive.
     pub fn try_step_scaled(&mut self, grads: &GradStore, grad_scale: f64) -> Result<()> {
-        if !(grad_scale.is_finite() && grad_scale > 0.0) {
-            return Err(LisaError::InvalidHyperparameter {
-                name: "grad_scale",
-                value: grad_scale,
-                expected: "finite and greater than 0",
-            });
-        }
-        self.step_with(grads, GradScale::Fixed(grad_scale))
+        self.step_with(grads, GradScale::fixed(grad_scale)?)
     }
 
     /// [`try_step`](Self::try_step) with the gradients clipped to a global L2 norm of at most
-    /// `max_norm`: they are multiplied by `max_norm / (norm + 1e-6)` when the norm exceeds
-    /// it, inside the update, without a copy. The norm comes from the pass that checks every
-    /// gradient for NaN and infinity, so clipping costs no extra read; it is reported by
-    /// [`last_grad_norm`](Self::last_grad_norm).
+    /// `max_norm` ([`AdamW::try_step_clipped`]).
     ///
     /// # Errors
     /// Those of [`try_step`](Self::try_step), and [`LisaError::InvalidHyperparameter`] for a
     /// `max_norm` that is not finite and positive.
     pub fn try_step_clipped(&mut self, grads: &GradStore, max_norm: f64) -> Result<()> {
-        if !(max_norm.is_finite() && max_norm > 0.0) {
-            return Err(LisaError::InvalidHyperparameter {
-                name: "max_norm",
-                value: max_norm,
-                expected: "finite and greater than 0",
-            });
-        }
-        self.step_with(grads, GradScale::ClipTo(max_norm))
+        self.step_with(grads, GradScale::clip_to(max_norm)?)
     }
 
     fn step_with(&mut self, grads: &GradStore, scale: GradScale) -> Result<()> {
-        check_params(&self.params)?;
-        self.check_grads(grads)?;
-        // One read of every gradient: finiteness, the global norm and each block's norm.
-        let squares = self.grad_squares(grads)?;
-        let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale());
-        let norm = squares.iter().map(|(_, sq)| sq).sum::<f64>().sqrt() / loss_scale;
-        self.last_grad_norm = Some(norm);
-        if !norm.is_finite() {
-            let bad = squares.iter().find(|(_, sq)| !sq.is_finite());
-            let name = bad.map_or("?", |&(i, _)| self.map.name_at(i)).to_string();
-            if let Some(scaler) = self.scaler.as_mut() {
-                scaler.back_off();
-            } else if self.nonfinite == NonFinite::Error {
-                return Err(LisaError::NonFiniteGradient { name });
-            }
-            self.skipped_steps += 1;
+        check_params(&self.adamw.params)?;
+        self.check_blocks(grads)?;
+        let Some(checked) = self.adamw.check(grads)? else {
             self.resampled = false;
             return Ok(());
-        }
+        };
         let next = match self.mode {
-            Mode::Lisa { period, .. } if (self.steps + 1) % period as u64 == 0 => self.draw()?,
+            Mode::Lisa { period, .. } if (self.adamw.steps + 1) % period as u64 == 0 => {
+                self.draw()?
+            }
             _ => None,
         };
-        let grad_scale = match scale {
-            GradScale::Fixed(s) => s,
-            GradScale::ClipTo(max) if norm > max => max / (norm + 1e-6),
-            GradScale::ClipTo(_) => 1.0,
-        };
-        let inv_scale = grad_scale / loss_scale;
-        let no_decay = ParamsAdamW {
-            weight_decay: 0.0,
-            ..self.params.clone()
-        };
-        for (i, (var, state)) in self.vars.iter().zip(self.state.iter_mut()).enumerate() {
-            let (Some(st), Some(g)) = (state.as_mut(), grads.get(var.as_tensor())) else {
-                continue;
-            };
-            let params = match self.no_decay.get(i) {
-                Some(true) => &no_decay,
-                _ => &self.params,
-            };
-            st.update(params, var, g, inv_scale)?;
-        }
-        if let Some(scaler) = self.scaler.as_mut() {
-            scaler.clean_step();
-        }
+        self.adamw.apply(grads, &checked, scale)?;
         if let Some(sampler) = self.sampler.as_mut() {
             for &b in &self.active {
                 let block = self.map.block_indices(b);
-                let sq: f64 = squares
+                let sq: f64 = checked
+                    .squares
                     .iter()
                     .filter(|(i, _)| block.binary_search(i).is_ok())
                     .map(|(_, sq)| sq)
                     .sum();
-                sampler.observe(b, sq.sqrt() / loss_scale);
+                sampler.observe(b, sq.sqrt() / checked.loss_scale);
             }
         }
-        self.steps += 1;
         self.resampled = next.is_some();
         if let Some(next) = next {
             self.activate(next)?;
@@ -530,117 +379,68 @@ impl LisaAdamW {
         Ok(())
     }
 
-    /// `(i, Σ g²)` for every trainable parameter `i` with a gradient in `grads`, in f64: NaN
-    /// or infinite exactly when the gradient holds NaN or infinity.
-    fn grad_squares(&self, grads: &GradStore) -> Result<Vec<(usize, f64)>> {
-        let mut out = Vec::new();
-        for (i, var) in self.vars.iter().enumerate() {
-            if self.state[i].is_none() {
-                continue;
-            }
-            if let Some(g) = grads.get(var.as_tensor()) {
-                out.push((i, sum_squares(g)?));
-            }
-        }
-        Ok(out)
-    }
-
-    /// The global L2 norm of the gradients the last step read (the loss scale undone, before
-    /// clipping; NaN or infinite for a step skipped for a non-finite gradient); `None` before
-    /// the first step.
+    /// As [`AdamW::last_grad_norm`].
     pub fn last_grad_norm(&self) -> Option<f64> {
-        self.last_grad_norm
+        self.adamw.last_grad_norm()
     }
 
-    /// The global L2 norm of the trainable parameters' gradients in `grads`, as the loss
-    /// itself would give them (divided by the loss scale when a [`LossScaler`] is set); NaN or
-    /// infinite when a gradient is. One read of each gradient.
+    /// As [`AdamW::grad_norm`].
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let sum: f64 = self.grad_squares(grads)?.iter().map(|(_, sq)| sq).sum();
-        Ok(sum.sqrt() / self.scaler.as_ref().map_or(1.0, |s| s.scale()))
+        self.adamw.grad_norm(grads)
     }
 
     /// Every float parameter the optimizer was built over, with its name, sorted by name.
     pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
-        self.map.iter().map(|(n, _)| n).zip(&self.vars)
+        self.adamw.vars()
     }
 
     /// The parameters trainable now, with their names, sorted by name.
     pub fn trainable_vars(&self) -> impl Iterator<Item = (&str, &Var)> {
-        self.vars()
-            .zip(&self.state)
-            .filter(|(_, s)| s.is_some())
-            .map(|(v, _)| v)
+        self.adamw.trainable_vars()
     }
 
-    /// Excludes from weight decay every parameter for which `exclude(name, dims)` is true (by
-    /// default none is excluded; [`no_decay_default`](crate::optim::no_decay_default) is the
-    /// transformers convention). Applies to the next step on; moments are unchanged.
+    /// As [`AdamW::set_weight_decay_filter`].
     pub fn set_weight_decay_filter(&mut self, exclude: impl Fn(&str, &[usize]) -> bool) {
-        self.no_decay = self.vars().map(|(n, v)| exclude(n, v.dims())).collect();
+        self.adamw.set_weight_decay_filter(exclude)
     }
 
-    /// Whether `name` is updated without weight decay ([`set_weight_decay_filter`](Self::set_weight_decay_filter)).
+    /// As [`AdamW::excluded_from_weight_decay`].
     pub fn excluded_from_weight_decay(&self, name: &str) -> bool {
-        self.map
-            .index_of(name)
-            .is_some_and(|i| self.no_decay.get(i).copied().unwrap_or(false))
+        self.adamw.excluded_from_weight_decay(name)
     }
 
-    /// `loss` multiplied by the loss scale, or `loss` itself without a [`LossScaler`]: call
-    /// `backward` on this when you do not use `backward_step`.
+    /// As [`AdamW::scale_loss`].
     pub fn scale_loss(&self, loss: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.scaler {
-            Some(s) => loss.affine(s.scale(), 0.0),
-            None => Ok(loss.clone()),
-        }
+        self.adamw.scale_loss(loss)
     }
 
-    /// Sets or removes dynamic loss scaling (for f16 training; see
-    /// [`LossScaler`]). With a scaler, gradients passed to [`step`](Optimizer::step) must be
-    /// those of [`scale_loss`](Self::scale_loss); `backward_step` takes care of it.
+    /// As [`AdamW::set_loss_scaler`].
     pub fn set_loss_scaler(&mut self, scaler: Option<LossScaler>) {
-        self.scaler = scaler;
+        self.adamw.set_loss_scaler(scaler)
     }
 
     /// The loss scaler, if one is set.
     pub fn loss_scaler(&self) -> Option<&LossScaler> {
-        self.scaler.as_ref()
+        self.adamw.loss_scaler()
     }
 
-    /// What a NaN or infinite gradient does when no loss scaler is set (default
-    /// [`NonFinite::Error`]).
+    /// As [`AdamW::set_non_finite`].
     pub fn set_non_finite(&mut self, policy: NonFinite) {
-        self.nonfinite = policy;
+        self.adamw.set_non_finite(policy)
     }
 
     /// Steps skipped so far because a gradient was not finite.
     pub fn skipped_steps(&self) -> u64 {
-        self.skipped_steps
+        self.adamw.skipped_steps()
     }
 
-    /// A `VarBuilder` for (re)building the model: trainable parameters as the variables' own
-    /// tensors, frozen ones as detached views of the same storage (no copy). Its dtype and
-    /// device are those of the first parameter by name. Asking it for a trainable parameter in
-    /// another dtype or on another device fails with [`LisaError::TrainableConversion`] (a
-    /// converted copy would never be updated); frozen ones are converted (a copy).
+    /// A `VarBuilder` for (re)building the model, as [`AdamW::var_builder`]: the active
+    /// blocks and always-trainable parameters tracked, frozen blocks as detached views.
     ///
     /// Call it again after every step where [`resampled`](Self::resampled) is true.
     /// [`plan`](Self::plan) wraps it with the recompute setting.
     pub fn var_builder(&self) -> VarBuilder<'static> {
-        let mut tensors = HashMap::with_capacity(self.vars.len() + self.skipped.len());
-        for (i, var) in self.vars.iter().enumerate() {
-            let t = if self.state[i].is_some() {
-                var.as_tensor().clone()
-            } else {
-                var.as_tensor().detach()
-            };
-            tensors.insert(self.map.name_at(i).to_string(), t);
-        }
-        for (name, var) in &self.skipped {
-            tensors.insert(name.clone(), var.as_tensor().detach());
-        }
-        LisaBackend { tensors }.into_builder(self.vars.first())
+        self.adamw.var_builder()
     }
 
     /// The [`TrainingPlan`] for the active set: [`var_builder`](Self::var_builder) and
@@ -669,7 +469,7 @@ impl LisaAdamW {
 
     /// Steps taken so far.
     pub fn step_count(&self) -> u64 {
-        self.steps
+        self.adamw.step_count()
     }
 
     /// N, the number of blocks.
@@ -720,22 +520,11 @@ impl LisaAdamW {
     /// [`LisaError::InvalidConfig`] when a parameter is not on the CPU (the CUDA and Metal
     /// updates keep f32 moments); nothing is changed then.
     pub fn set_compact_state(&mut self, compact: CompactState) -> Result<()> {
-        if compact != CompactState::Off {
-            if let Some(var) = self.vars.iter().find(|v| !v.device().is_cpu()) {
-                return Err(LisaError::InvalidConfig(format!(
-                    "compact optimizer state ({compact:?}) is updated on the CPU only for now, \
-                     and a parameter is on {:?}: keep CompactState::Off there",
-                    var.device()
-                )));
-            }
-        }
+        let mask = (0..self.map.len())
+            .map(|i| self.compact_at(compact, i))
+            .collect();
+        self.adamw.set_compact_mask(compact, mask)?;
         self.compact = compact;
-        for i in 0..self.vars.len() {
-            let on = self.compact_at(i);
-            if let Some(st) = self.state[i].as_mut() {
-                st.set_compact(self.vars[i].as_tensor(), on)?;
-            }
-        }
         Ok(())
     }
 
@@ -744,9 +533,9 @@ impl LisaAdamW {
         self.compact
     }
 
-    /// Whether parameter `i` keeps compact moments when trainable.
-    pub(super) fn compact_at(&self, i: usize) -> bool {
-        match self.compact {
+    /// Whether parameter `i` keeps compact moments under `compact` when trainable.
+    pub(super) fn compact_at(&self, compact: CompactState, i: usize) -> bool {
+        match compact {
             CompactState::Off => false,
             CompactState::AlwaysTrainable => self.map.group_at(i) == ParamGroup::Always,
             CompactState::All => true,
@@ -766,72 +555,49 @@ impl LisaAdamW {
         &self.map
     }
 
-    /// Bytes of optimizer state held now: AdamW moments and, for half-precision parameters,
-    /// f32 master copies. Per trainable parameter that is 8 bytes in f32, 16 in f64 and 12
-    /// in f16 or bf16 (see the [precision policy](crate::optim::precision)); so exactly
-    /// 2 × [`trainable_bytes`](Self::trainable_bytes) when every parameter is f32 or f64.
-    /// With [compact state](Self::set_compact_state), 4 in f32 and 8 in f16 or bf16.
+    /// As [`AdamW::state_bytes`].
     pub fn state_bytes(&self) -> usize {
-        self.state.iter().flatten().map(Moments::bytes).sum()
+        self.adamw.state_bytes()
     }
 
     /// Bytes of the parameters trainable now.
     pub fn trainable_bytes(&self) -> usize {
-        self.trainable()
-            .map(|v| v.elem_count() * v.dtype().size_in_bytes())
-            .sum()
+        self.adamw.trainable_bytes()
     }
 
     /// Number of scalars trainable now.
     pub fn trainable_params(&self) -> usize {
-        self.trainable().map(|v| v.elem_count()).sum()
-    }
-
-    fn trainable(&self) -> impl Iterator<Item = &Var> {
-        self.trainable_vars().map(|(_, v)| v)
+        self.adamw.trainable_params()
     }
 
     /// Whether the parameter `name` is trainable now (false for unknown names).
     pub fn is_trainable(&self, name: &str) -> bool {
-        self.map
-            .index_of(name)
-            .is_some_and(|i| self.state[i].is_some())
+        self.adamw.is_trainable(name)
     }
 
     /// The AdamW state of `name`, or `None` when it is frozen or unknown.
     pub fn param_state(&self, name: &str) -> Option<ParamState<'_>> {
-        let st = self.state[self.map.index_of(name)?].as_ref()?;
-        Some(ParamState {
-            m: &st.m,
-            v: &st.v,
-            master: st.master.as_ref(),
-            step: st.step,
-        })
+        self.adamw.param_state(name)
     }
 
     /// The AdamW hyper-parameters.
     pub fn params(&self) -> &ParamsAdamW {
-        &self.params
+        self.adamw.params()
     }
 
-    /// Replaces the AdamW hyper-parameters.
+    /// As [`AdamW::set_params`].
     ///
     /// # Errors
     /// [`LisaError::NonFiniteLearningRate`] or [`LisaError::InvalidHyperparameter`]; the old
     /// ones are kept then.
     pub fn set_params(&mut self, params: ParamsAdamW) -> Result<()> {
-        check_params(&params)?;
-        self.params = params;
-        Ok(())
+        self.adamw.set_params(params)
     }
 
     /// Sets the learning rate, refusing a non-finite one with
     /// [`LisaError::NonFiniteLearningRate`] (the old rate is kept then).
     pub fn try_set_learning_rate(&mut self, lr: f64) -> Result<()> {
-        self.set_params(ParamsAdamW {
-            lr,
-            ..self.params.clone()
-        })
+        self.adamw.try_set_learning_rate(lr)
     }
 }
 
@@ -855,13 +621,13 @@ impl Optimizer for LisaAdamW {
     }
 
     fn learning_rate(&self) -> f64 {
-        self.params.lr
+        self.adamw.params.lr
     }
 
     /// Sets the learning rate. A non-finite rate is stored as given and makes the next
     /// [`step`](Optimizer::step) fail with [`LisaError::NonFiniteLearningRate`], writing
     /// nothing; [`LisaAdamW::try_set_learning_rate`] refuses it at once instead.
     fn set_learning_rate(&mut self, lr: f64) {
-        self.params.lr = lr;
+        self.adamw.params.lr = lr;
     }
 }

@@ -1,5 +1,6 @@
-//! The optimizer: [`LisaAdamW`], its AdamW update, the block [`sampler`]s, the [`LayerMap`]
-//! from parameter names to blocks, and optimizer state I/O.
+//! The optimizers: [`AdamW`], a lean AdamW over named variables that keeps state only for
+//! what is trainable, and [`LisaAdamW`], that AdamW plus LISA's block schedule: the block
+//! [`sampler`]s, the [`LayerMap`] from parameter names to blocks, and optimizer state I/O.
 
 mod adamw;
 mod config;
@@ -9,13 +10,15 @@ mod outliers;
 pub mod precision;
 pub mod sampler;
 mod state;
+mod update;
 
+pub use adamw::{AdamW, ParamState};
 pub use config::{
     LisaConfig, SamplerChoice, EMBEDDING_PREFIXES, GPT2_BLOCK_PATTERN, HEAD_PREFIXES,
     LLAMA_BLOCK_PATTERN,
 };
 pub use layer_map::{BlockPattern, LayerMap, ParamGroup};
-pub use lisa::{LisaAdamW, LisaParams, Mode, ParamState};
+pub use lisa::{LisaAdamW, LisaParams, Mode};
 pub use outliers::outlier_ratios;
 pub use precision::{CompactState, LossScaler, NonFinite};
 pub use sampler::{

@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ParamsAdamW;
 
-use super::adamw::{can_compact, is_half, Moments};
+use super::adamw::check_params;
 use super::layer_map::ParamGroup;
-use super::lisa::{check_params, LisaAdamW, Mode};
+use super::lisa::{LisaAdamW, Mode};
 use super::precision::LossScaler;
+use super::update::{can_compact, is_half, Moments};
 use crate::error::{LisaError, Result};
 
 /// File of the moments written by [`LisaAdamW::save_state`].
@@ -33,7 +34,7 @@ impl LisaAdamW {
         std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
         let mut tensors = HashMap::new();
         let mut steps = serde_json::Map::new();
-        for (i, st) in self.state.iter().enumerate() {
+        for (i, st) in self.adamw.state.iter().enumerate() {
             if let Some(st) = st {
                 let name = self.map.name_at(i);
                 tensors.insert(format!("m/{name}"), st.m.clone());
@@ -44,11 +45,11 @@ impl LisaAdamW {
                 steps.insert(name.to_string(), st.step.into());
             }
         }
-        let p = &self.params;
+        let p = &self.adamw.params;
         let json = serde_json::json!({
             "format": STATE_FORMAT,
             "mode": mode_json(self.mode),
-            "steps": self.steps,
+            "steps": self.adamw.steps,
             "period_index": self.period_index,
             "resampled": self.resampled,
             "active": self.active,
@@ -56,8 +57,8 @@ impl LisaAdamW {
             "param_steps": steps,
             "names": self.map.iter().map(|(n, _)| n).collect::<Vec<_>>(),
             "sampler": self.sampler.as_ref().and_then(|s| s.state()),
-            "loss_scaler": self.scaler.as_ref().map(LossScaler::to_json),
-            "skipped_steps": self.skipped_steps,
+            "loss_scaler": self.adamw.scaler.as_ref().map(LossScaler::to_json),
+            "skipped_steps": self.adamw.skipped_steps,
         });
         atomic_write(&dir.join(STATE_TENSORS_FILE), |tmp| {
             Ok(candle_core::safetensors::save(&tensors, tmp)?)
@@ -155,12 +156,13 @@ impl LisaAdamW {
             .ok_or_else(|| bad("no \"param_steps\" object".into()))?;
         let tensors_path = dir.join(STATE_TENSORS_FILE);
         let device = self
+            .adamw
             .vars
             .first()
             .map_or(Device::Cpu, |v| v.device().clone());
         let mut tensors = candle_core::safetensors::load(&tensors_path, &device)?;
-        let mut state: Vec<Option<Moments>> = (0..self.vars.len()).map(|_| None).collect();
-        for (i, var) in self.vars.iter().enumerate() {
+        let mut state: Vec<Option<Moments>> = (0..self.adamw.vars.len()).map(|_| None).collect();
+        for (i, var) in self.adamw.vars.iter().enumerate() {
             let name = self.map.name_at(i);
             let trainable = match self.map.group_at(i) {
                 ParamGroup::Always => true,
@@ -184,7 +186,7 @@ impl LisaAdamW {
             } else {
                 var.dtype()
             };
-            let compact = self.compact_at(i) && can_compact(var.dtype());
+            let compact = self.compact_at(self.compact, i) && can_compact(var.dtype());
             let moments_dtype = if compact { DType::BF16 } else { state_dtype };
             let fits = |t: &Tensor, dtype| t.shape() == var.shape() && t.dtype() == dtype;
             if !fits(&m, moments_dtype) || !fits(&v, moments_dtype) {
@@ -222,7 +224,7 @@ impl LisaAdamW {
         }
         let (taken, period_index) = (num("steps")?, num("period_index")?);
         let skipped_steps = num("skipped_steps")?;
-        let scaler = match (&json["loss_scaler"], &self.scaler) {
+        let scaler = match (&json["loss_scaler"], &self.adamw.scaler) {
             (serde_json::Value::Null, None) => None,
             (saved, Some(_)) if !saved.is_null() => {
                 Some(LossScaler::from_json(saved).map_err(|e| bad(format!("loss_scaler: {e}")))?)
@@ -232,7 +234,11 @@ impl LisaAdamW {
                     "it was saved {} a loss scaler and this optimizer has {}; set the same \
                      LisaAdamW::set_loss_scaler before loading",
                     if saved.is_null() { "without" } else { "with" },
-                    if self.scaler.is_some() { "one" } else { "none" },
+                    if self.adamw.scaler.is_some() {
+                        "one"
+                    } else {
+                        "none"
+                    },
                 )))
             }
         };
@@ -242,12 +248,12 @@ impl LisaAdamW {
                 .restore(&json["sampler"])
                 .map_err(|e| bad(format!("sampler: {e}")))?;
         }
-        self.state = state;
-        self.scaler = scaler;
-        self.skipped_steps = skipped_steps;
+        self.adamw.state = state;
+        self.adamw.scaler = scaler;
+        self.adamw.skipped_steps = skipped_steps;
         self.active = active;
-        self.params = params;
-        self.steps = taken;
+        self.adamw.params = params;
+        self.adamw.steps = taken;
         self.period_index = period_index;
         self.resampled = json["resampled"].as_bool().unwrap_or(false);
         Ok(())

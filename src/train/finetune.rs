@@ -11,7 +11,7 @@ use super::trainer::{Trainer, TrainerConfig};
 use crate::error::Result;
 use crate::models::{save_llama_with, Llama, LlamaConfig, SaveOptions};
 use crate::nn::{frozen_var_builder, merged_copy, named_vars, seed_adapters, LoraConfig};
-use crate::optim::{LisaAdamW, LisaConfig, LossScaler};
+use crate::optim::{AdamW, LisaAdamW, LisaConfig, LossScaler};
 
 /// How to fine-tune.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,14 +55,17 @@ impl LlamaFineTune {
             (v.dtype(), v.device().clone())
         });
         let (mut opt, lora) = match method {
-            Method::Full => (LisaAdamW::all_trainable(named_vars(&base)?, params)?, None),
+            Method::Full => (
+                AdamW::from_named_vars(named_vars(&base)?, params)?.into(),
+                None,
+            ),
             Method::Lisa(lisa) => (LisaAdamW::new(&base, params, lisa)?, None),
             Method::Lora(lora, seed) => {
                 let adapters = VarMap::new();
                 let vb = VarBuilder::from_varmap(&adapters, dtype, &device);
                 Llama::with_lora(&config, frozen_var_builder(&base)?, &lora, vb)?;
                 seed_adapters(&adapters, seed)?;
-                let opt = LisaAdamW::all_trainable(named_vars(&adapters)?, params)?;
+                let opt = AdamW::from_named_vars(named_vars(&adapters)?, params)?.into();
                 (opt, Some((adapters, lora)))
             }
         };

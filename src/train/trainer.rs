@@ -80,9 +80,9 @@ pub struct StepReport {
 /// Rebuilds the model from a [`TrainingPlan`].
 type Build<M> = Box<dyn FnMut(&TrainingPlan) -> Result<M> + Send>;
 
-/// Trains a model with any of full fine-tuning, LoRA or LISA: the method is the
-/// [`LisaAdamW`] (built by [`LisaAdamW::new`] for LISA, or [`LisaAdamW::all_trainable`] over
-/// the weights or the LoRA adapters) and `build`, which makes the model from the optimizer's
+/// Trains a model with any of full fine-tuning, LoRA or LISA: the method is the optimizer (a
+/// [`LisaAdamW`] built by [`LisaAdamW::new`] for LISA, or an [`AdamW`](crate::optim::AdamW)
+/// over the weights or the LoRA adapters) and `build`, which makes the model from the optimizer's
 /// [`TrainingPlan`] (a LoRA model ignores the plan and is built once).
 ///
 /// Each [`step`](Self::step) takes the micro-batches of one optimizer step. Their losses are
@@ -138,18 +138,20 @@ pub struct Trainer<M> {
 }
 
 impl<M: CausalLm> Trainer<M> {
-    /// A trainer over `opt`, building the model with `build(&opt.plan())`. Sets the
-    /// optimizer to skip non-finite steps, and applies the weight-decay filter.
+    /// A trainer over `opt` (a [`LisaAdamW`], or an [`AdamW`](crate::optim::AdamW), which
+    /// converts into one without blocks), building the model with `build(&opt.plan())`. Sets
+    /// the optimizer to skip non-finite steps, and applies the weight-decay filter.
     ///
     /// # Errors
     /// Whatever `build` returns.
     pub fn new(
-        mut opt: LisaAdamW,
+        opt: impl Into<LisaAdamW>,
         schedule: impl LrSchedule + 'static,
         config: TrainerConfig,
         build: impl FnMut(&TrainingPlan) -> Result<M> + Send + 'static,
     ) -> Result<Self> {
         let mut build: Build<M> = Box::new(build);
+        let mut opt = opt.into();
         opt.set_non_finite(NonFinite::Skip);
         if config.decay_filter {
             opt.set_weight_decay_filter(no_decay_default);

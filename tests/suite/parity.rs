@@ -90,3 +90,49 @@ fn drop_in_and_rebuilt_models_agree() -> candle_core::Result<()> {
     assert_eq!(rebuilt_opt.period_index(), 4);
     Ok(())
 }
+
+/// `optim::AdamW`, built from named variables or through `Optimizer::new` (unnamed, as
+/// candle's AdamW is), and a `LisaAdamW` converted from it all equal candle_nn::AdamW bit for
+/// bit, step for step.
+#[test]
+fn plain_adamw_matches_candle_adamw() -> Result<(), Box<dyn std::error::Error>> {
+    let n = 3;
+    let reference_map = toy_varmap(n, 7)?;
+    let maps: Vec<_> = (0..3)
+        .map(|_| clone_varmap(&reference_map))
+        .collect::<candle_core::Result<_>>()?;
+    let dev = candle_core::Device::Cpu;
+    let vb = |m: &candle_nn::VarMap| VarBuilder::from_varmap(m, candle_core::DType::F32, &dev);
+    let mut reference = AdamW::new(reference_map.all_vars(), params())?;
+    let mut named = candle_lisa::optim::AdamW::new(&maps[0], params())?;
+    let mut unnamed = <candle_lisa::optim::AdamW as Optimizer>::new(maps[1].all_vars(), params())?;
+    let mut converted: LisaAdamW = candle_lisa::optim::AdamW::new(&maps[2], params())?.into();
+    assert_eq!(converted.mode(), candle_lisa::Mode::Full);
+    assert_eq!(converted.state_bytes(), named.state_bytes());
+    let models = [
+        Toy::new(n, vb(&reference_map))?,
+        Toy::new(n, named.var_builder())?,
+        Toy::new(n, vb(&maps[1]))?,
+        Toy::new(n, converted.var_builder())?,
+    ];
+    let batch = batch()?;
+    for step in 0..5 {
+        reference.backward_step(&models[0].loss(&batch)?)?;
+        named.backward_step(&models[1].loss(&batch)?)?;
+        unnamed.backward_step(&models[2].loss(&batch)?)?;
+        converted.backward_step(&models[3].loss(&batch)?)?;
+        assert!(!converted.resampled());
+        let want = reference_map.data().lock().unwrap();
+        for map in &maps {
+            let got = map.data().lock().unwrap();
+            assert_eq!(got.len(), want.len());
+            for (name, var) in got.iter() {
+                let diff = max_abs_diff(var.as_tensor(), want[name].as_tensor());
+                assert!(diff <= 0.0, "step {step}: {name} differs by {diff}");
+            }
+        }
+    }
+    assert_eq!(named.step_count(), 5);
+    assert_eq!(converted.step_count(), 5);
+    Ok(())
+}
