@@ -26,7 +26,7 @@ use candle_core::{DType, Device};
 use candle_lisa::dist::Communicator;
 use candle_lisa::models::chat::{chat_example, read_chat_jsonl, ChatTemplate, SpecialTokens};
 use candle_lisa::models::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
-use candle_lisa::models::SaveOptions;
+use candle_lisa::models::{Sampling, SaveOptions};
 use candle_lisa::nn::calibrate::observe_linear_inputs;
 use candle_lisa::optim::{outlier_ratios, CompactState, SamplerChoice};
 use candle_lisa::train::{
@@ -351,7 +351,14 @@ fn evaluate(
     let pairs = &data.pairs[..n.min(data.pairs.len())];
     let mut correct = 0;
     for (p, r) in pairs {
-        let out = model.generate(p, r.len() + 1, 0.0, 0, Some(eos))?;
+        let out = model.generate(
+            p,
+            &Sampling {
+                max_new_tokens: r.len() + 1,
+                stop: vec![eos],
+                ..Default::default()
+            },
+        )?;
         correct += usize::from(out.iter().take_while(|&&i| i != eos).eq(r));
     }
     let accuracy = (!pairs.is_empty()).then(|| correct as f32 / pairs.len() as f32);

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_lisa::models::tokenizer::{ByteTokenizer, TextTokenizer};
+use candle_lisa::models::Sampling;
 use candle_lisa::train::{pad_batch, Batch, Cosine, Example, Trainer, TrainerConfig};
 use candle_lisa::{named_vars, save_llama, LisaAdamW, Llama, LlamaConfig};
 use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
@@ -259,9 +260,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     save_llama(&out, &config, &varmap, DType::F32)?;
     println!("saved {}", out.display());
     let prompt = tok.encode("Ada found the")?;
-    let sample = trainer
-        .model()
-        .generate(&prompt, 60, 0.0, 0, Some(ByteTokenizer::EOS))?;
+    let sample = trainer.model().generate(
+        &prompt,
+        &Sampling {
+            max_new_tokens: 60,
+            stop: vec![ByteTokenizer::EOS],
+            ..Default::default()
+        },
+    )?;
     println!("greedy sample: Ada found the{}", tok.decode(&sample)?);
     Ok(())
 }

@@ -8,5 +8,5 @@ pub mod rope;
 pub mod tokenizer;
 
 pub use checkpoint::{load_llama, save_llama, save_llama_with, SaveOptions, TOKENIZER_FILES};
-pub use llama::{Llama, LlamaConfig};
+pub use llama::{Llama, LlamaConfig, Sampling};
 pub use rope::{Rope, RopeScaling};

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_lisa::models::tokenizer::{ByteTokenizer, TextTokenizer};
+use candle_lisa::models::Sampling;
 use candle_lisa::{load_llama, LisaAdamW, LisaConfig, Llama};
 use candle_nn::{Optimizer, ParamsAdamW};
 
@@ -119,7 +120,14 @@ fn generation_greedy_and_sampled() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let tok = ByteTokenizer;
     let prompt = tok.encode("Ada found the")?;
-    let greedy = tok.decode(&model.generate(&prompt, 24, 0.0, 0, Some(ByteTokenizer::EOS))?)?;
+    let greedy = tok.decode(&model.generate(
+        &prompt,
+        &Sampling {
+            max_new_tokens: 24,
+            stop: vec![ByteTokenizer::EOS],
+            ..Default::default()
+        },
+    )?)?;
     let nouns = [
         "box", "lamp", "boat", "key", "book", "chair", "kite", "cup", "map", "bell", "coat",
         "clock", "drum", "shell",
@@ -133,13 +141,27 @@ fn generation_greedy_and_sampled() -> Result<(), Box<dyn std::error::Error>> {
         nouns.contains(&first_word) || adjs.contains(&first_word),
         "greedy continuation {greedy:?} does not follow the corpus"
     );
-    let a = model.generate(&prompt, 24, 0.8, 5, None)?;
-    let b = model.generate(&prompt, 24, 0.8, 5, None)?;
+    let sampled = Sampling {
+        max_new_tokens: 24,
+        temperature: 0.8,
+        seed: 5,
+        stop: vec![],
+    };
+    let a = model.generate(&prompt, &sampled)?;
+    let b = model.generate(&prompt, &sampled)?;
     assert_eq!(a, b);
     assert_eq!(a.len(), 24);
-    assert!(model.generate(&prompt, 4, f64::NAN, 0, None).is_err());
+    assert!(model
+        .generate(
+            &prompt,
+            &Sampling {
+                temperature: f64::NAN,
+                ..Default::default()
+            }
+        )
+        .is_err());
     assert!(
-        model.generate(&[], 4, 0.0, 0, None).is_err(),
+        model.generate(&[], &Sampling::default()).is_err(),
         "an empty prompt is an error, not a panic"
     );
     Ok(())

@@ -1,6 +1,7 @@
 //! The trainable Llama: every parameter gets a gradient, gradients match finite differences,
 //! the differentiable ops match candle's fused ones, frozen blocks store no gradient.
 use candle_core::{DType, Device, Tensor, Var, D};
+use candle_lisa::models::Sampling;
 use candle_lisa::nn::ops;
 use candle_lisa::{causal_lm_loss, LisaAdamW, LisaConfig, Llama, LlamaConfig, IGNORE_INDEX};
 use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
@@ -553,11 +554,24 @@ fn cached_generation_matches_full_recomputation() -> Result<(), Box<dyn std::err
             distinct.len() >= 3,
             "{kind}: a degenerate reference: {want:?}"
         );
-        let got = model.generate_until(&prompt, 12, 0.0, 0, &[])?;
+        let got = model.generate(
+            &prompt,
+            &Sampling {
+                max_new_tokens: 12,
+                ..Default::default()
+            },
+        )?;
         assert_eq!(got, want, "{kind}");
         let stop = [want[6], want[3]];
         let first_stop = want.iter().position(|t| stop.contains(t)).unwrap();
-        let got = model.generate_until(&prompt, 12, 0.0, 0, &stop)?;
+        let got = model.generate(
+            &prompt,
+            &Sampling {
+                max_new_tokens: 12,
+                stop: stop.to_vec(),
+                ..Default::default()
+            },
+        )?;
         assert_eq!(got, &want[..=first_stop]);
     }
     Ok(())

@@ -9,41 +9,55 @@ use crate::nn::ops::rms_norm;
 use super::attention::KvCache;
 use super::{norm_weight, Llama};
 
-impl Llama {
-    /// Continues `prompt` by `max_new_tokens` tokens, stopping early at `eos`; see
-    /// [`generate_until`](Self::generate_until), which takes several end-of-sequence ids.
-    ///
-    /// # Errors
-    /// Those of [`generate_until`](Self::generate_until).
-    pub fn generate(
-        &self,
-        prompt: &[u32],
-        max_new_tokens: usize,
-        temperature: f64,
-        seed: u64,
-        eos: Option<u32>,
-    ) -> Result<Vec<u32>> {
-        let stop: Vec<u32> = eos.into_iter().collect();
-        self.generate_until(prompt, max_new_tokens, temperature, seed, &stop)
-    }
+/// How [`Llama::generate`] continues a prompt.
+///
+/// ```
+/// use candle_lisa::models::Sampling;
+/// let greedy = Sampling { max_new_tokens: 20, stop: vec![2], ..Default::default() };
+/// assert_eq!(greedy.temperature, 0.0);
+/// let sampled = Sampling { temperature: 0.8, seed: 7, ..greedy.clone() };
+/// assert_eq!(sampled.max_new_tokens, 20);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// The most tokens to add (default 64).
+    pub max_new_tokens: usize,
+    /// 0 (the default) picks the most likely token; above 0, tokens are drawn from
+    /// softmax(logits / temperature).
+    pub temperature: f64,
+    /// Seeds the ChaCha8 generator that draws tokens when `temperature` is above 0.
+    pub seed: u64,
+    /// Generation stops after any of these ids (kept in the output): the end-of-sequence ids.
+    pub stop: Vec<u32>,
+}
 
-    /// Continues `prompt` by up to `max_new_tokens` tokens, stopping after any id of `stop`
-    /// (which is kept in the output). Greedy when `temperature` is 0, else sampled from
-    /// softmax(logits / temperature) with a ChaCha8 generator seeded by `seed`. The prompt is
-    /// run once and each new token attends to cached keys and values (a KV cache), so a token
-    /// costs one position's forward pass. Builds no graph.
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl Llama {
+    /// Continues `prompt` by up to `sampling.max_new_tokens` tokens, stopping after any id of
+    /// `sampling.stop`. Greedy at temperature 0, else sampled (see [`Sampling`]). The prompt
+    /// is run once and each new token attends to cached keys and values (a KV cache), so a
+    /// token costs one position's forward pass. Builds no graph.
     ///
     /// # Errors
-    /// [`LisaError::InvalidConfig`] for an empty prompt or a negative temperature; a sequence
-    /// longer than an enabled sliding window; candle errors.
-    pub fn generate_until(
-        &self,
-        prompt: &[u32],
-        max_new_tokens: usize,
-        temperature: f64,
-        seed: u64,
-        stop: &[u32],
-    ) -> Result<Vec<u32>> {
+    /// [`LisaError::InvalidConfig`] for an empty prompt or a temperature that is negative or
+    /// not finite; a sequence longer than an enabled sliding window; candle errors.
+    pub fn generate(&self, prompt: &[u32], sampling: &Sampling) -> Result<Vec<u32>> {
+        let Sampling {
+            max_new_tokens,
+            temperature,
+            seed,
+            ref stop,
+        } = *sampling;
         if !(temperature.is_finite() && temperature >= 0.0) {
             return Err(LisaError::InvalidConfig(format!(
                 "temperature {temperature} must be finite and at least 0"

@@ -56,6 +56,7 @@ use crate::nn::TrainingPlan;
 
 use attention::{projection, Adapters, Attention};
 pub use config::LlamaConfig;
+pub use generation::Sampling;
 use mlp::Mlp;
 
 pub use super::rope::{Rope, RopeScaling};
