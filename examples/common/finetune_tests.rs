@@ -132,6 +132,30 @@ fn resume_continues_exactly() {
     }
 }
 
+/// A kill in the middle of a metrics line leaves it torn; the resumed run drops it, appends
+/// whole lines after it, and reads the file back for its plot: one line per step.
+#[test]
+fn resume_after_a_torn_metrics_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = ["--method", "lisa", "--out", &out(&dir)];
+    run(args(&[&base[..], &["--stop-after", "3"]].concat())).unwrap();
+    let metrics = dir.path().join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&metrics).unwrap();
+    text.push_str("{\"method\":\"lisa\",\"step\":4,\"loss\":1.2");
+    std::fs::write(&metrics, text).unwrap();
+    run(args(&[&base[..], &["--resume"]].concat())).unwrap();
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let steps: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6, 7, 8], "{text}");
+}
+
 /// Runs this binary's `child` test, which runs `finetune` with `args`.
 #[cfg(unix)]
 fn spawn(args: &[&str]) -> std::process::ExitStatus {

@@ -373,3 +373,37 @@ fn checkpoints_resume_exactly_and_survive_interruptions() -> Result<(), Box<dyn 
     assert_eq!(t3.optimizer().step_count(), 0);
     Ok(())
 }
+
+/// A line torn by a kill (no newline) is cut off when the sink reopens the file, so the next
+/// record gets a line of its own; the reader skips a torn last line and names any other bad one.
+#[test]
+fn torn_metrics_lines_are_cut_and_skipped() -> Result<(), Box<dyn std::error::Error>> {
+    use candle_lisa::train::{read_jsonl, JsonlSink, MetricsSink};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("metrics.jsonl");
+    std::fs::write(
+        &path,
+        "{\"step\":1}\n{\"step\":2}\n{\"method\":\"lisa\",\"st",
+    )?;
+    let steps = |records: Vec<serde_json::Value>| -> Vec<u64> {
+        records
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(steps(read_jsonl(&path)?), [1, 2]);
+    let mut sink = JsonlSink::append(&path)?;
+    sink.record(&serde_json::json!({"step": 3}))?;
+    drop(sink);
+    assert_eq!(
+        std::fs::read_to_string(&path)?,
+        "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n"
+    );
+    assert_eq!(steps(read_jsonl(&path)?), [1, 2, 3]);
+    std::fs::write(&path, "{\"step\":1}\n{\"st\n{\"step\":3}\n")?;
+    match read_jsonl(&path) {
+        Err(LisaError::InvalidConfig(m)) => assert!(m.contains("metrics.jsonl:2:"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    Ok(())
+}
