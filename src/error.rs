@@ -238,6 +238,32 @@ pub enum LisaError {
         reason: String,
     },
 
+    /// Another save holds the checkpoint root's lock.
+    #[error(
+        "cannot save into {root}: another process (or another Checkpointer) is saving a \
+         checkpoint there; two runs must not share a checkpoint directory, so stop the other \
+         one (a killed `cargo run` can leave its child process running) or use another directory"
+    )]
+    CheckpointBusy {
+        /// The checkpoint root.
+        root: std::path::PathBuf,
+    },
+
+    /// A save was asked for a step below a complete checkpoint already in the root.
+    #[error(
+        "refusing to save step {step}: {path} is a complete checkpoint of the later step \
+         {later}, which a resume would pick up instead of this run's; resume from it, or move \
+         it away (or use another directory) to start over"
+    )]
+    LaterCheckpoint {
+        /// The step being saved.
+        step: u64,
+        /// The step of the later checkpoint.
+        later: u64,
+        /// Its directory.
+        path: std::path::PathBuf,
+    },
+
     /// A sampler returned a draw that is not γ distinct blocks in range.
     #[error(
         "the block sampler drew {draw:?}, but LISA needs {gamma} distinct block indices below \

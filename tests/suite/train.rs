@@ -407,3 +407,126 @@ fn torn_metrics_lines_are_cut_and_skipped() -> Result<(), Box<dyn std::error::Er
     }
     Ok(())
 }
+
+/// Writes a one-file checkpoint of `step` whose file `a` holds `text`.
+fn save_text(ck: &Checkpointer, step: u64, text: &str) -> candle_lisa::Result<std::path::PathBuf> {
+    ck.save(step, |dir| {
+        std::fs::write(dir.join("a"), text).map_err(|source| LisaError::Io {
+            action: "cannot write",
+            path: dir.join("a"),
+            source,
+        })
+    })
+}
+
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Two writers in one root (a killed `cargo run` leaves its child running beside the resumed
+/// run): the second is refused while the first saves, and cannot destroy the first's save.
+#[cfg(unix)]
+#[test]
+fn a_second_writer_is_refused_while_a_save_runs() -> Result<(), Box<dyn std::error::Error>> {
+    use std::sync::{Arc, Mutex};
+    let root = tempfile::tempdir()?;
+    let run = serde_json::json!({"test": "busy"});
+    let other = Arc::new(Mutex::new(None));
+    let (seen, path) = (other.clone(), root.path().to_path_buf());
+    let cfg = run.clone();
+    let first = Checkpointer::new(root.path(), 2, &run)?.on_write(move |_| {
+        let mut seen = seen.lock().unwrap();
+        if seen.is_none() {
+            let second = Checkpointer::new(&path, 2, &cfg).unwrap();
+            *seen = Some(match save_text(&second, 4, "second") {
+                Err(LisaError::CheckpointBusy { root }) => Ok(root),
+                other => Err(format!("{other:?}")),
+            });
+        }
+    });
+    let dir = save_text(&first, 4, "first")?;
+    let busy = other.lock().unwrap().take().expect("the hook ran");
+    assert_eq!(busy, Ok(root.path().to_path_buf()));
+    assert_eq!(std::fs::read_to_string(dir.join("a"))?, "first");
+    assert_eq!(first.latest()?.map(|f| f.step), Some(4));
+    assert_eq!(names_in(root.path()), ["step-000000004"]);
+    // Once the first save is done, the second writer may save.
+    let second = Checkpointer::new(root.path(), 2, &run)?;
+    save_text(&second, 5, "second")?;
+    assert_eq!(names_in(root.path()), ["step-000000004", "step-000000005"]);
+    Ok(())
+}
+
+/// A kill between moving the old copy of a re-saved step aside and renaming the new one in
+/// leaves the old copy, which resume finds and the next save keeps until it is replaced.
+#[test]
+fn a_resave_killed_between_its_renames_keeps_the_old_copy() -> Result<(), Box<dyn std::error::Error>>
+{
+    let root = tempfile::tempdir()?;
+    let run = serde_json::json!({"test": "resave"});
+    let ck = Checkpointer::new(root.path(), 1, &run)?;
+    save_text(&ck, 3, "old")?;
+    let dying = Checkpointer::new(root.path(), 1, &run)?.on_replace(|_| panic!("killed"));
+    let killed =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| save_text(&dying, 3, "new")));
+    assert!(killed.is_err(), "the save was not interrupted");
+    let found = ck.latest()?.expect("the old copy of step 3 counts");
+    assert_eq!(found.step, 3);
+    assert_eq!(std::fs::read_to_string(found.dir.join("a"))?, "old");
+    // Re-saving step 3 replaces the aside copy; with keep = 1 only it remains.
+    save_text(&ck, 3, "new")?;
+    assert_eq!(names_in(root.path()), ["step-000000003"]);
+    let found = ck.latest()?.unwrap();
+    assert_eq!(std::fs::read_to_string(found.dir.join("a"))?, "new");
+    // Killed again, then the next step: the aside copy is pruned like any older checkpoint.
+    let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        save_text(&dying, 3, "newer")
+    }));
+    assert!(killed.is_err());
+    save_text(&ck, 4, "four")?;
+    assert_eq!(names_in(root.path()), ["step-000000004"]);
+    Ok(())
+}
+
+/// Retention never removes the checkpoint just written: a save below a complete checkpoint
+/// of a later step is refused and changes nothing, and another run's checkpoints are not
+/// this run's to prune.
+#[test]
+fn retention_never_removes_the_checkpoint_just_written() -> Result<(), Box<dyn std::error::Error>> {
+    let root = tempfile::tempdir()?;
+    let run = serde_json::json!({"test": "retention"});
+    save_text(&Checkpointer::new(root.path(), 2, &run)?, 60, "earlier run")?;
+    let ck = Checkpointer::new(root.path(), 1, &run)?;
+    match save_text(&ck, 7, "this run") {
+        Err(LisaError::LaterCheckpoint { step, later, path }) => {
+            assert_eq!((step, later), (7, 60));
+            assert_eq!(path, root.path().join("step-000000060"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(names_in(root.path()), ["step-000000060"]);
+    assert_eq!(ck.latest()?.map(|f| f.step), Some(60));
+
+    let root = tempfile::tempdir()?;
+    let other = Checkpointer::new(root.path(), 2, &serde_json::json!({"test": "other"}))?;
+    save_text(&other, 1, "other run")?;
+    save_text(&other, 2, "other run")?;
+    for step in [3, 4] {
+        let dir = save_text(&ck_in(root.path(), &run)?, step, "this run")?;
+        assert!(dir.join("a").is_file());
+    }
+    assert_eq!(
+        names_in(root.path()),
+        ["step-000000001", "step-000000002", "step-000000004"]
+    );
+    Ok(())
+}
+
+fn ck_in(root: &std::path::Path, run: &serde_json::Value) -> candle_lisa::Result<Checkpointer> {
+    Checkpointer::new(root, 1, run)
+}
