@@ -530,3 +530,40 @@ fn retention_never_removes_the_checkpoint_just_written() -> Result<(), Box<dyn s
 fn ck_in(root: &std::path::Path, run: &serde_json::Value) -> candle_lisa::Result<Checkpointer> {
     Checkpointer::new(root, 1, run)
 }
+
+/// A skipped step consumes its batch but does not advance the optimizer: the checkpoint is
+/// numbered by the batches consumed, and a resumed run goes on with the next batch, as the
+/// uninterrupted run does.
+#[test]
+fn skipped_steps_do_not_replay_batches_on_resume() -> Result<(), Box<dyn std::error::Error>> {
+    let dev = Device::Cpu;
+    let ex = examples();
+    let batches: Vec<Batch> = (0..4)
+        .map(|i| pad_batch(&ex[i..i + 3], 0, None, &dev).unwrap())
+        .collect();
+    let root = tempfile::tempdir()?;
+    let ck = Checkpointer::new(root.path(), 2, &serde_json::json!({"test": "skip"}))?;
+    let straight = varmap()?;
+    let mut t = trainer(&straight, TrainerConfig::default())?;
+    t.step(std::slice::from_ref(&batches[0]))?;
+    let head = straight.data().lock().unwrap()["lm_head.weight"].clone();
+    let saved = head.as_tensor().copy()?;
+    head.set(&(saved.ones_like()? * f64::NAN)?)?;
+    assert!(t.step(std::slice::from_ref(&batches[1]))?.skipped);
+    head.set(&saved)?;
+    assert_eq!((t.position(), t.optimizer().step_count()), (2, 1));
+    let dir = t.save_checkpoint(&ck, |_| Ok(()))?;
+    assert_eq!(dir, root.path().join(Checkpointer::dir_name(2)));
+
+    let resumed = varmap()?;
+    let mut t2 = trainer(&resumed, TrainerConfig::default())?;
+    assert_eq!(t2.resume(&ck)?, Some(2));
+    assert_eq!((t2.position(), t2.optimizer().step_count()), (2, 1));
+    assert_eq!(t2.skipped_steps(), 1);
+    for b in &batches[2..] {
+        t.step(std::slice::from_ref(b))?;
+        t2.step(std::slice::from_ref(b))?;
+    }
+    assert_eq!(values(&resumed), values(&straight));
+    Ok(())
+}
