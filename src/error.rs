@@ -373,6 +373,17 @@ pub enum LisaError {
         reason: String,
     },
 
+    /// The two files of a saved optimizer state are not from the same save.
+    #[error(
+        "cannot resume from {path}: optimizer.safetensors is not the file optimizer.json was \
+         saved with (its SHA-256 differs; a save was most likely killed between the two \
+         writes); resume from an older complete checkpoint, or save the state again"
+    )]
+    TornState {
+        /// The state directory.
+        path: std::path::PathBuf,
+    },
+
     /// The `tokenizers` crate failed.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
