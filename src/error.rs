@@ -322,6 +322,18 @@ pub enum LisaError {
         expected: Vec<usize>,
     },
 
+    /// A PEFT adapter lacks one matrix of a LoRA pair, or a module the other layers adapt.
+    #[error(
+        "the adapter has no tensor {name:?} although it has {have:?}; the adapter file is \
+         incomplete (an interrupted save or a bad conversion): save it again from its training run"
+    )]
+    MissingAdapterTensor {
+        /// The tensor that is missing.
+        name: String,
+        /// A tensor present that implies it.
+        have: String,
+    },
+
     /// A checkpoint holds a tensor the model does not know.
     #[error(
         "checkpoint has an unexpected tensor {name:?} of shape {found:?}; the config.json does not match the weights (check num_hidden_layers, tie_word_embeddings and the bias flags)"
