@@ -42,6 +42,19 @@ fn argument_errors_are_clear() {
         e.contains("--gamma 9 is out of range: the model has 8 blocks"),
         "{e}"
     );
+    let zero = [
+        "finetune",
+        "--method",
+        "lisa",
+        "--steps",
+        "3",
+        "--save-every",
+        "0",
+    ];
+    let result = run(Args::try_parse_from(zero).expect("valid arguments"));
+    assert_eq!(exit_code(&result), 2);
+    let e = result.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("--save-every must be at least 1"), "{e}");
     let e = err(&["--model", "/nonexistent/model"]);
     assert!(e.contains("no config.json there"), "{e}");
     let e = err(&["--data", "/nonexistent/data.jsonl"]);
