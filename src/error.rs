@@ -396,6 +396,17 @@ pub enum LisaError {
         path: std::path::PathBuf,
     },
 
+    /// A chat template ran out of its rendering budget.
+    #[error(
+        "the chat template did not finish within {fuel} instructions (nested loops that \
+         multiply, or a loop that never ends); fix the template, or raise the budget with \
+         ChatTemplate::set_fuel for very long conversations"
+    )]
+    TemplateFuelExhausted {
+        /// The budget it had.
+        fuel: u64,
+    },
+
     /// The `tokenizers` crate failed.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
