@@ -391,8 +391,9 @@ impl<M: CausalLm> Trainer<M> {
     /// runs on rank 0 only.
     ///
     /// # Errors
-    /// [`LisaError::Io`] and the errors of `extra`; the previous checkpoints are untouched.
-    /// Data-parallel, a failure on rank 0 is [`LisaError::Communication`] on the others.
+    /// Those of [`Checkpointer::save`] ([`LisaError::CheckpointBusy`],
+    /// [`LisaError::LaterCheckpoint`], [`LisaError::Io`]) and of `extra`; the previous
+    /// checkpoints are untouched. Data-parallel, a failure on rank 0 is [`LisaError::Communication`] on the others.
     pub fn save_checkpoint(
         &self,
         checkpointer: &Checkpointer,
