@@ -23,8 +23,9 @@ pub struct JsonlSink {
 }
 
 impl JsonlSink {
-    /// Appends to `path`, creating it if needed. A last line without its newline (torn by a
-    /// kill) is removed first, so that the next record starts a line of its own.
+    /// Appends to `path`, creating it if needed. A last line without its newline is ended
+    /// when it is whole JSON and removed when it is not (torn by a kill), so that the next
+    /// record starts a line of its own.
     ///
     /// # Errors
     /// [`LisaError::Io`] when the file cannot be opened or repaired.
@@ -37,7 +38,13 @@ impl JsonlSink {
             .open(&path)
             .map_err(io("cannot open", &path))?;
         let keep = whole_lines_len(&mut file).map_err(io("cannot read", &path))?;
-        if keep < file.metadata().map_err(io("cannot read", &path))?.len() {
+        let mut tail = Vec::new();
+        file.seek(std::io::SeekFrom::Start(keep))
+            .and_then(|_| file.read_to_end(&mut tail))
+            .map_err(io("cannot read", &path))?;
+        if serde_json::from_slice::<serde_json::Value>(&tail).is_ok() {
+            file.write_all(b"\n").map_err(io("cannot write", &path))?;
+        } else if !tail.is_empty() {
             file.set_len(keep).map_err(io("cannot truncate", &path))?;
         }
         Ok(Self { path, file })

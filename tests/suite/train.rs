@@ -400,6 +400,10 @@ fn torn_metrics_lines_are_cut_and_skipped() -> Result<(), Box<dyn std::error::Er
         "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n"
     );
     assert_eq!(steps(read_jsonl(&path)?), [1, 2, 3]);
+    // A whole last line without its newline is kept and ended.
+    std::fs::write(&path, "{\"step\":1}\n{\"step\":2}")?;
+    JsonlSink::append(&path)?.record(&serde_json::json!({"step": 3}))?;
+    assert_eq!(steps(read_jsonl(&path)?), [1, 2, 3]);
     std::fs::write(&path, "{\"step\":1}\n{\"st\n{\"step\":3}\n")?;
     match read_jsonl(&path) {
         Err(LisaError::InvalidConfig(m)) => assert!(m.contains("metrics.jsonl:2:"), "{m}"),
