@@ -185,8 +185,9 @@ impl Checkpointer {
         };
         std::fs::rename(&tmp, &dir).map_err(io("cannot rename into place", &dir))?;
         sync_dir(&self.root)?;
+        // The new checkpoint is in place; an aside copy left behind is pruned later.
         if let Some(aside) = aside {
-            std::fs::remove_dir_all(&aside).map_err(io("cannot remove", &aside))?;
+            let _ = std::fs::remove_dir_all(&aside);
         }
         self.prune()?;
         Ok(dir)
