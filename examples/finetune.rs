@@ -617,8 +617,9 @@ fn run(args: Args) -> Result<Vec<serde_json::Value>, Error> {
         || args.seq_len < 2
         || args.eval_every == 0
         || args.grad_accum == 0
+        || args.save_every == Some(0)
     {
-        return Err("--steps, --batch-size, --grad-accum and --eval-every must be at least 1, --seq-len at least 2".into());
+        return Err("--steps, --batch-size, --grad-accum, --eval-every and --save-every must be at least 1, --seq-len at least 2".into());
     }
     let (comm, dev) = communicator(&args)?;
     let dtype: DType = args.dtype.parse()?;

@@ -238,6 +238,32 @@ pub enum LisaError {
         reason: String,
     },
 
+    /// Another save holds the checkpoint root's lock.
+    #[error(
+        "cannot save into {root}: another process (or another Checkpointer) is saving a \
+         checkpoint there; two runs must not share a checkpoint directory, so stop the other \
+         one (a killed `cargo run` can leave its child process running) or use another directory"
+    )]
+    CheckpointBusy {
+        /// The checkpoint root.
+        root: std::path::PathBuf,
+    },
+
+    /// A save was asked for a step below a complete checkpoint already in the root.
+    #[error(
+        "refusing to save step {step}: {path} is a complete checkpoint of the later step \
+         {later}, which a resume would pick up instead of this run's; resume from it, or move \
+         it away (or use another directory) to start over"
+    )]
+    LaterCheckpoint {
+        /// The step being saved.
+        step: u64,
+        /// The step of the later checkpoint.
+        later: u64,
+        /// Its directory.
+        path: std::path::PathBuf,
+    },
+
     /// A sampler returned a draw that is not γ distinct blocks in range.
     #[error(
         "the block sampler drew {draw:?}, but LISA needs {gamma} distinct block indices below \
@@ -296,6 +322,18 @@ pub enum LisaError {
         expected: Vec<usize>,
     },
 
+    /// A PEFT adapter lacks one matrix of a LoRA pair, or a module the other layers adapt.
+    #[error(
+        "the adapter has no tensor {name:?} although it has {have:?}; the adapter file is \
+         incomplete (an interrupted save or a bad conversion): save it again from its training run"
+    )]
+    MissingAdapterTensor {
+        /// The tensor that is missing.
+        name: String,
+        /// A tensor present that implies it.
+        have: String,
+    },
+
     /// A checkpoint holds a tensor the model does not know.
     #[error(
         "checkpoint has an unexpected tensor {name:?} of shape {found:?}; the config.json does not match the weights (check num_hidden_layers, tie_word_embeddings and the bias flags)"
@@ -345,6 +383,28 @@ pub enum LisaError {
         path: std::path::PathBuf,
         /// What does not fit.
         reason: String,
+    },
+
+    /// The two files of a saved optimizer state are not from the same save.
+    #[error(
+        "cannot resume from {path}: optimizer.safetensors is not the file optimizer.json was \
+         saved with (its SHA-256 differs; a save was most likely killed between the two \
+         writes); resume from an older complete checkpoint, or save the state again"
+    )]
+    TornState {
+        /// The state directory.
+        path: std::path::PathBuf,
+    },
+
+    /// A chat template ran out of its rendering budget.
+    #[error(
+        "the chat template did not finish within {fuel} instructions (nested loops that \
+         multiply, or a loop that never ends); fix the template, or raise the budget with \
+         ChatTemplate::set_fuel for very long conversations"
+    )]
+    TemplateFuelExhausted {
+        /// The budget it had.
+        fuel: u64,
     },
 
     /// The `tokenizers` crate failed.

@@ -42,6 +42,19 @@ fn argument_errors_are_clear() {
         e.contains("--gamma 9 is out of range: the model has 8 blocks"),
         "{e}"
     );
+    let zero = [
+        "finetune",
+        "--method",
+        "lisa",
+        "--steps",
+        "3",
+        "--save-every",
+        "0",
+    ];
+    let result = run(Args::try_parse_from(zero).expect("valid arguments"));
+    assert_eq!(exit_code(&result), 2);
+    let e = result.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("--save-every must be at least 1"), "{e}");
     let e = err(&["--model", "/nonexistent/model"]);
     assert!(e.contains("no config.json there"), "{e}");
     let e = err(&["--data", "/nonexistent/data.jsonl"]);
@@ -130,6 +143,30 @@ fn resume_continues_exactly() {
             "{method}: the resumed run differs from the uninterrupted one"
         );
     }
+}
+
+/// A kill in the middle of a metrics line leaves it torn; the resumed run drops it, appends
+/// whole lines after it, and reads the file back for its plot: one line per step.
+#[test]
+fn resume_after_a_torn_metrics_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = ["--method", "lisa", "--out", &out(&dir)];
+    run(args(&[&base[..], &["--stop-after", "3"]].concat())).unwrap();
+    let metrics = dir.path().join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&metrics).unwrap();
+    text.push_str("{\"method\":\"lisa\",\"step\":4,\"loss\":1.2");
+    std::fs::write(&metrics, text).unwrap();
+    run(args(&[&base[..], &["--resume"]].concat())).unwrap();
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let steps: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6, 7, 8], "{text}");
 }
 
 /// Runs this binary's `child` test, which runs `finetune` with `args`.

@@ -45,7 +45,8 @@ pub fn keep_freed_memory() {
     }
 }
 
-/// Keeps the lines of `metrics.jsonl` from other methods, and this method's up to `step`.
+/// Keeps the lines of `metrics.jsonl` from other methods, and this method's up to `step`;
+/// drops lines that are not JSON (torn by a kill).
 pub fn truncate_metrics(
     path: &std::path::Path,
     method: &str,
@@ -57,14 +58,20 @@ pub fn truncate_metrics(
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
-            v["method"] != method || v["step"].as_u64().is_some_and(|s| s <= step)
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                v["method"] != method || v["step"].as_u64().is_some_and(|s| s <= step)
+            })
         })
         .collect();
-    std::fs::write(
-        path,
-        kept.join("\n") + if kept.is_empty() { "" } else { "\n" },
-    )?;
+    let text = kept.join("\n") + if kept.is_empty() { "" } else { "\n" };
+    // Atomically: a kill here must not lose the lines kept.
+    candle_lisa::io::atomic_write(path, |tmp| {
+        std::fs::write(tmp, text).map_err(|source| candle_lisa::LisaError::Io {
+            action: "cannot write",
+            path: tmp.to_path_buf(),
+            source,
+        })
+    })?;
     Ok(())
 }
 

@@ -11,8 +11,7 @@ pub type Curve = Vec<(usize, f32)>;
 /// The train-loss and eval-loss curves of `method` in `metrics.jsonl`.
 pub fn curves_from_metrics(path: &Path, method: &str) -> Result<(Curve, Curve), Error> {
     let (mut train, mut eval) = (Vec::new(), Vec::new());
-    for line in std::fs::read_to_string(path)?.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)?;
+    for v in candle_lisa::train::read_jsonl(path)? {
         let Some(step) = v["step"].as_u64().filter(|_| v["method"] == method) else {
             continue;
         };

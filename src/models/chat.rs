@@ -52,7 +52,12 @@ pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     bos_token: String,
     eos_token: String,
+    fuel: u64,
 }
+
+/// The instructions one rendering may execute by default ([`ChatTemplate::set_fuel`]): real
+/// templates take a few thousand per message; this stops a runaway one within about a second.
+pub const DEFAULT_TEMPLATE_FUEL: u64 = 10_000_000;
 
 fn template_error(e: minijinja::Error) -> LisaError {
     LisaError::Tokenizer(format!("chat template: {e:#}"))
@@ -104,11 +109,21 @@ impl ChatTemplate {
         );
         env.add_template_owned("chat", source.to_string())
             .map_err(template_error)?;
+        env.set_fuel(Some(DEFAULT_TEMPLATE_FUEL));
         Ok(Self {
             env,
             bos_token: bos_token.unwrap_or_default().into(),
             eos_token: eos_token.unwrap_or_default().into(),
+            fuel: DEFAULT_TEMPLATE_FUEL,
         })
+    }
+
+    /// How many template instructions one rendering may execute (default
+    /// [`DEFAULT_TEMPLATE_FUEL`]); past it the rendering fails with
+    /// [`LisaError::TemplateFuelExhausted`] instead of running on.
+    pub fn set_fuel(&mut self, fuel: u64) {
+        self.fuel = fuel;
+        self.env.set_fuel(Some(fuel));
     }
 
     /// The template of a model directory: `chat_template.jinja`, else `chat_template` in
@@ -145,7 +160,9 @@ impl ChatTemplate {
     /// `add_generation_prompt` (as `apply_chat_template(..., tokenize=False)`).
     ///
     /// # Errors
-    /// [`LisaError::Tokenizer`] when the template fails (`raise_exception`, a bad role order).
+    /// [`LisaError::Tokenizer`] when the template fails (`raise_exception`, a bad role order),
+    /// [`LisaError::TemplateFuelExhausted`] when it runs past its budget
+    /// ([`set_fuel`](Self::set_fuel)).
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let template = self.env.get_template("chat").map_err(template_error)?;
         template
@@ -155,7 +172,12 @@ impl ChatTemplate {
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
             })
-            .map_err(template_error)
+            .map_err(|e| match e.kind() {
+                minijinja::ErrorKind::OutOfFuel => {
+                    LisaError::TemplateFuelExhausted { fuel: self.fuel }
+                }
+                _ => template_error(e),
+            })
     }
 
     /// The conversation as text, and the byte range of each assistant turn's reply in it:

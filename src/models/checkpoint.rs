@@ -128,13 +128,27 @@ fn read_header(path: &Path) -> Result<Vec<(String, Entry)>> {
             .map_err(|_| bad(format!("{name:?} has no valid shape")))?;
         let offsets: [u64; 2] = serde_json::from_value(info["data_offsets"].clone())
             .map_err(|_| bad(format!("{name:?} has no valid data_offsets")))?;
-        let bytes = shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
-        let (start, end) = (data_start + offsets[0], data_start + offsets[1]);
-        if offsets[1] < offsets[0] || end - start != bytes || end > file_len {
-            return Err(bad(format!(
-                "{name:?}: data_offsets {offsets:?} do not hold {bytes} bytes inside the file"
-            )));
+        // The header is untrusted: every product and sum is checked, and the extent must lie
+        // inside the file before anything of its size is allocated.
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size_in_bytes() as u64, |n, &d| {
+                n.checked_mul(d as u64)
+            })
+            .filter(|&n| usize::try_from(n).is_ok())
+            .ok_or_else(|| bad(format!("{name:?}: shape {shape:?} is too large")))?;
+        let extent = data_start
+            .checked_add(offsets[0])
+            .zip(data_start.checked_add(offsets[1]));
+        match extent {
+            Some((start, end)) if start <= end && end - start == bytes && end <= file_len => {}
+            _ => {
+                return Err(bad(format!(
+                    "{name:?}: data_offsets {offsets:?} do not hold {bytes} bytes inside the file"
+                )))
+            }
         }
+        let start = data_start + offsets[0];
         out.push((
             name,
             Entry {

@@ -63,8 +63,9 @@ fn refused(field: &'static str, value: &Value) -> LisaError {
 /// # Errors
 /// [`LisaError::Io`]/[`LisaError::Json`] for unreadable files, [`LisaError::UnsupportedConfig`]
 /// naming a refused setting (see the module docs), [`LisaError::InvalidConfig`] for a bad
-/// rank, α or target, and [`LisaError::UnexpectedTensor`] for a tensor that is not a LoRA
-/// matrix of a target.
+/// rank, α or target, [`LisaError::UnexpectedTensor`] for a tensor that is not a LoRA
+/// matrix of a target, and [`LisaError::MissingAdapterTensor`] for a `lora_A` without its
+/// `lora_B` (or the reverse), or a layer without a target the other layers have.
 pub fn load_peft(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<PeftAdapter> {
     let dir = dir.as_ref();
     let path = dir.join(ADAPTER_CONFIG_FILE);
@@ -140,6 +141,7 @@ pub fn load_peft(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result
 
     let weights = dir.join(ADAPTER_WEIGHTS_FILE);
     let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)?;
+    check_complete(&tensors)?;
     let adapters = VarMap::new();
     {
         let mut data = adapters
@@ -170,6 +172,53 @@ pub fn load_peft(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result
         dropout: number("lora_dropout").unwrap_or(0.0),
         base_model: c["base_model_name_or_path"].as_str().map(str::to_string),
     })
+}
+
+/// Every adapted module has both matrices, and every layer the same adapted modules: a
+/// module left out would get a fresh (zero) adapter from `Llama::with_lora` without a word.
+fn check_complete(tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let missing = |name: String, have: String| LisaError::MissingAdapterTensor {
+        name: format!("{PREFIX}{name}.weight"),
+        have: format!("{PREFIX}{have}.weight"),
+    };
+    let mut modules = std::collections::BTreeSet::new();
+    for name in tensors.keys() {
+        let ours = name.strip_prefix(PREFIX).unwrap_or(name);
+        if let Some(m) = ours.strip_suffix(".lora_A.weight") {
+            modules.insert(m.to_string());
+        } else if let Some(m) = ours.strip_suffix(".lora_B.weight") {
+            modules.insert(m.to_string());
+        }
+    }
+    let has = |module: &str, matrix: &str| {
+        let name = format!("{module}.{matrix}.weight");
+        tensors.contains_key(&format!("{PREFIX}{name}")) || tensors.contains_key(&name)
+    };
+    for m in &modules {
+        for (matrix, other) in [("lora_A", "lora_B"), ("lora_B", "lora_A")] {
+            if !has(m, matrix) {
+                return Err(missing(format!("{m}.{matrix}"), format!("{m}.{other}")));
+            }
+        }
+    }
+    let in_layer = |m: &str| {
+        let (layer, rest) = m.strip_prefix("model.layers.")?.split_once('.')?;
+        Some((layer.parse::<usize>().ok()?, rest.to_string()))
+    };
+    let in_layers: Vec<(usize, String)> = modules.iter().filter_map(|m| in_layer(m)).collect();
+    let layers: std::collections::BTreeSet<usize> = in_layers.iter().map(|l| l.0).collect();
+    for (have_layer, rest) in &in_layers {
+        if let Some(layer) = layers
+            .iter()
+            .find(|&&l| !in_layers.iter().any(|x| x.0 == l && &x.1 == rest))
+        {
+            return Err(missing(
+                format!("model.layers.{layer}.{rest}.lora_A"),
+                format!("model.layers.{have_layer}.{rest}.lora_A"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Writes `adapters` (as [`Llama::with_lora`](crate::Llama::with_lora) names them) and

@@ -105,11 +105,12 @@ impl LayerMap {
                 num_params: names.len(),
                 example: names[0].clone(),
             })?;
-        let mut present = vec![false; max + 1];
-        for &i in indices.iter().flatten() {
-            present[i] = true;
-        }
-        if let Some(missing) = present.iter().position(|p| !p) {
+        // The first gap, from the distinct indices rather than a table of `max + 1` entries:
+        // a name like `model.layers.1000000000000.x` must not allocate that many.
+        let mut present: Vec<usize> = indices.iter().flatten().copied().collect();
+        present.sort_unstable();
+        present.dedup();
+        if let Some(missing) = (0..present.len()).find(|&i| present[i] != i) {
             return Err(LisaError::BlockGap { missing, max });
         }
         for (list, prefixes) in [

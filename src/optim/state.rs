@@ -18,13 +18,30 @@ pub const STATE_TENSORS_FILE: &str = "optimizer.safetensors";
 /// File of the counters, active blocks and sampler position written by
 /// [`LisaAdamW::save_state`].
 pub const STATE_JSON_FILE: &str = "optimizer.json";
-const STATE_FORMAT: &str = "candle-lisa-optimizer/2";
+const STATE_FORMAT: &str = "candle-lisa-optimizer/3";
+/// The format before `optimizer.json` recorded the hash of the tensors file; read unchecked.
+const STATE_FORMAT_UNBOUND: &str = "candle-lisa-optimizer/2";
+
+/// The SHA-256 of a file, in hex.
+fn file_sha256(path: &std::path::Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut file = std::fs::File::open(path).map_err(crate::io::io("cannot read", path))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(crate::io::io("cannot read", path))?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
 
 impl LisaAdamW {
     /// Saves everything a resumed run needs besides the weights: the AdamW moments, f32
     /// master copies and step counter of every trainable parameter, the loss scaler, the active blocks, the step and period counters,
     /// the hyper-parameters and the sampler's position, as `optimizer.safetensors` and
-    /// `optimizer.json` in `dir` (created if needed), each written atomically.
+    /// `optimizer.json` in `dir` (created if needed), each written atomically. The tensors
+    /// are written first and `optimizer.json` records their file's SHA-256, so a kill between
+    /// the two writes leaves a pair that [`load_state`](Self::load_state) refuses.
     ///
     /// # Errors
     /// [`LisaError::Io`] when a file cannot be written.
@@ -45,8 +62,13 @@ impl LisaAdamW {
                 steps.insert(name.to_string(), st.step.into());
             }
         }
+        let tensors_path = dir.join(STATE_TENSORS_FILE);
+        atomic_write(&tensors_path, |tmp| {
+            Ok(candle_core::safetensors::save(&tensors, tmp)?)
+        })?;
         let p = &self.adamw.params;
         let json = serde_json::json!({
+            "tensors_sha256": file_sha256(&tensors_path)?,
             "format": STATE_FORMAT,
             "mode": mode_json(self.mode),
             "steps": self.adamw.steps,
@@ -60,9 +82,6 @@ impl LisaAdamW {
             "loss_scaler": self.adamw.scaler.as_ref().map(LossScaler::to_json),
             "skipped_steps": self.adamw.skipped_steps,
         });
-        atomic_write(&dir.join(STATE_TENSORS_FILE), |tmp| {
-            Ok(candle_core::safetensors::save(&tensors, tmp)?)
-        })?;
         let text = serde_json::to_string_pretty(&json).unwrap_or_default();
         atomic_write(&dir.join(STATE_JSON_FILE), |tmp| {
             std::fs::write(tmp, text).map_err(io("cannot write", tmp))
@@ -76,7 +95,8 @@ impl LisaAdamW {
     ///
     /// # Errors
     /// [`LisaError::InvalidState`] when the state does not fit (another mode, γ or period, unknown
-    /// parameter, a moment of the wrong shape, a sampler that cannot restore), [`LisaError::Io`]
+    /// parameter, a moment of the wrong shape, a sampler that cannot restore),
+    /// [`LisaError::TornState`] when the two files are not from the same save, [`LisaError::Io`]
     /// or [`LisaError::Json`] for unreadable files. Nothing is changed then.
     pub fn load_state(&mut self, dir: impl AsRef<std::path::Path>) -> Result<()> {
         use crate::io::io;
@@ -92,11 +112,22 @@ impl LisaAdamW {
                 path: json_path.clone(),
                 source,
             })?;
-        if json["format"] != STATE_FORMAT {
+        if json["format"] != STATE_FORMAT && json["format"] != STATE_FORMAT_UNBOUND {
             return Err(bad(format!(
                 "format is {}, expected {STATE_FORMAT}",
                 json["format"]
             )));
+        }
+        let tensors_path = dir.join(STATE_TENSORS_FILE);
+        if json["format"] == STATE_FORMAT {
+            let recorded = json["tensors_sha256"]
+                .as_str()
+                .ok_or_else(|| bad("no \"tensors_sha256\"".into()))?;
+            if file_sha256(&tensors_path)? != recorded {
+                return Err(LisaError::TornState {
+                    path: dir.to_path_buf(),
+                });
+            }
         }
         let num = |key: &str| {
             json[key]
@@ -154,7 +185,6 @@ impl LisaAdamW {
         let steps = json["param_steps"]
             .as_object()
             .ok_or_else(|| bad("no \"param_steps\" object".into()))?;
-        let tensors_path = dir.join(STATE_TENSORS_FILE);
         let device = self
             .adamw
             .vars

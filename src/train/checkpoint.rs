@@ -1,12 +1,23 @@
 //! Crash-safe checkpoints: step-numbered directories that appear whole or not at all.
 //!
-//! [`Checkpointer::save`] writes a checkpoint into a hidden temporary directory, flushes every
-//! file to disk, writes `manifest.json` (the step, a hash of the run's configuration, and
-//! every file with its size) last, and renames the directory to `step-000123`. A kill at any
-//! moment leaves either the complete new checkpoint or none of it, beside the older ones.
+//! [`Checkpointer::save`] writes a checkpoint into a hidden temporary directory of its own
+//! (named after the step, the process and a counter, never reused), flushes every file to
+//! disk, writes `manifest.json` (the step, a hash of the run's configuration, and every file
+//! with its size) last, and renames the directory to `step-000123`. Re-saving a step moves
+//! the old directory aside (`.step-000123.old-K`) before the new one is renamed in, and
+//! removes it after; until then the aside copy counts as that step's checkpoint. A kill at
+//! any moment leaves either the complete new checkpoint or the complete old one, beside the
+//! older ones. A save holds a lock on the root directory (`flock`, released by the system
+//! when the process dies; on Unix), so two processes never write into one root at once.
 //! [`Checkpointer::latest`] returns the newest complete checkpoint, skips directories without
 //! a valid manifest (or whose files do not match it), and refuses one written by a run with
-//! another configuration. The last `keep` checkpoints are kept.
+//! another configuration.
+//!
+//! Retention: after a save, this run's newest `keep` complete checkpoints are kept (the one
+//! just written always among them); checkpoints written by runs with another configuration
+//! are never removed. A save refuses to write a step below a complete checkpoint already in
+//! the root ([`LisaError::LaterCheckpoint`]): that checkpoint is what a resume would pick up,
+//! so the run would silently jump to it.
 
 use std::path::{Path, PathBuf};
 
@@ -19,16 +30,16 @@ use crate::io::io;
 pub const MANIFEST_FILE: &str = "manifest.json";
 const FORMAT: &str = "candle-lisa-checkpoint/1";
 
-/// A hook called with each file's path after it is written and flushed, before the manifest:
-/// for fault-injection tests.
-type WriteHook = Box<dyn Fn(&Path) + Send + Sync>;
+/// A hook called with a path at a point of a save: for fault-injection tests.
+type Hook = Box<dyn Fn(&Path) + Send + Sync>;
 
 /// Step-numbered checkpoint directories under one root.
 pub struct Checkpointer {
     root: PathBuf,
     keep: usize,
     run_hash: String,
-    on_write: Option<WriteHook>,
+    on_write: Option<Hook>,
+    on_replace: Option<Hook>,
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -46,8 +57,42 @@ impl std::fmt::Debug for Checkpointer {
 pub struct Found {
     /// Its step.
     pub step: u64,
-    /// Its directory.
+    /// Its directory (`step-…`, or the aside copy of an interrupted re-save).
     pub dir: PathBuf,
+}
+
+/// A complete checkpoint directory in the root.
+struct Complete {
+    step: u64,
+    dir: PathBuf,
+    manifest: serde_json::Value,
+}
+
+/// What a name in the root is.
+enum Entry {
+    /// `step-N`.
+    Step(u64),
+    /// `.step-N.old-K`: the previous copy of step N, moved aside by a re-save.
+    Aside(u64),
+    /// `.step-N.tmp…`: a save's temporary directory.
+    Temp,
+    Other,
+}
+
+fn entry_kind(name: &str) -> Entry {
+    if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse().ok()) {
+        return Entry::Step(step);
+    }
+    let Some(rest) = name.strip_prefix(".step-") else {
+        return Entry::Other;
+    };
+    match rest.split_once('.') {
+        Some((step, kind)) if kind.starts_with("old-") => {
+            step.parse().map_or(Entry::Other, Entry::Aside)
+        }
+        Some((_, kind)) if kind.starts_with("tmp") => Entry::Temp,
+        _ => Entry::Other,
+    }
 }
 
 impl Checkpointer {
@@ -71,6 +116,7 @@ impl Checkpointer {
             keep: keep.max(1),
             run_hash: hash.iter().map(|b| format!("{b:02x}")).collect(),
             on_write: None,
+            on_replace: None,
         })
     }
 
@@ -78,6 +124,14 @@ impl Checkpointer {
     /// the manifest is: for tests that kill the process in the middle of a save.
     pub fn on_write(mut self, hook: impl Fn(&Path) + Send + Sync + 'static) -> Self {
         self.on_write = Some(Box::new(hook));
+        self
+    }
+
+    /// Calls `hook` with the aside directory when a re-save of a step has moved the old
+    /// checkpoint aside, before the new one is renamed in: for tests that kill the process
+    /// there.
+    pub fn on_replace(mut self, hook: impl Fn(&Path) + Send + Sync + 'static) -> Self {
+        self.on_replace = Some(Box::new(hook));
         self
     }
 
@@ -92,28 +146,49 @@ impl Checkpointer {
     }
 
     /// Writes checkpoint `step`: `write` fills a fresh temporary directory, then the manifest
-    /// is added and the directory renamed into place; older checkpoints beyond `keep` are
-    /// removed. Returns the new directory.
+    /// is added and the directory renamed into place (an existing checkpoint of `step` is
+    /// replaced); this run's checkpoints beyond the newest `keep` are removed. Returns the
+    /// new directory.
     ///
     /// # Errors
-    /// Whatever `write` returns, and [`LisaError::Io`]; a failed save leaves the previous
-    /// checkpoints as they were.
+    /// [`LisaError::CheckpointBusy`] while another save holds the root,
+    /// [`LisaError::LaterCheckpoint`] when the root holds a complete checkpoint of a later
+    /// step, whatever `write` returns, and [`LisaError::Io`]; a failed save leaves the
+    /// previous checkpoints as they were.
     pub fn save(&self, step: u64, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+        let _lock = RootLock::acquire(&self.root)?;
+        if let Some(later) = self.complete()?.into_iter().find(|c| c.step > step) {
+            return Err(LisaError::LaterCheckpoint {
+                step,
+                later: later.step,
+                path: later.dir,
+            });
+        }
         let name = Self::dir_name(step);
-        let tmp = self.root.join(format!(".{name}.tmp"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io("cannot create", &tmp))?;
+        let tmp = fresh_dir(&self.root, &format!(".{name}.tmp-{}-", std::process::id()))?;
         let result = self.fill(step, &tmp, write);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
         result?;
         let dir = self.root.join(&name);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io("cannot replace", &dir))?;
-        }
+        let aside = match dir.exists() {
+            true => {
+                let aside = free_name(&self.root, &format!(".{name}.old-"));
+                std::fs::rename(&dir, &aside).map_err(io("cannot move aside", &dir))?;
+                if let Some(hook) = &self.on_replace {
+                    hook(&aside);
+                }
+                Some(aside)
+            }
+            false => None,
+        };
         std::fs::rename(&tmp, &dir).map_err(io("cannot rename into place", &dir))?;
         sync_dir(&self.root)?;
+        // The new checkpoint is in place; an aside copy left behind is pruned later.
+        if let Some(aside) = aside {
+            let _ = std::fs::remove_dir_all(&aside);
+        }
         self.prune()?;
         Ok(dir)
     }
@@ -155,24 +230,35 @@ impl Checkpointer {
         Ok(())
     }
 
-    /// Complete checkpoint directories, newest first.
-    fn complete(&self) -> Result<Vec<(u64, PathBuf, serde_json::Value)>> {
-        let mut found = Vec::new();
+    /// Complete checkpoints, newest first: each `step-N` with a valid manifest, and for a
+    /// step without one, an aside copy with a valid manifest.
+    fn complete(&self) -> Result<Vec<Complete>> {
+        let mut found: Vec<Complete> = Vec::new();
+        let mut asides = Vec::new();
         let entries = std::fs::read_dir(&self.root).map_err(io("cannot read", &self.root))?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(step) = name
-                .strip_prefix("step-")
-                .and_then(|s| s.parse::<u64>().ok())
-            else {
-                continue;
+            let (step, list) = match entry_kind(&name) {
+                Entry::Step(step) => (step, &mut found),
+                Entry::Aside(step) => (step, &mut asides),
+                Entry::Temp | Entry::Other => continue,
             };
             let dir = entry.path();
             if let Some(manifest) = read_manifest(&dir, step) {
-                found.push((step, dir, manifest));
+                list.push(Complete {
+                    step,
+                    dir,
+                    manifest,
+                });
             }
         }
-        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        asides.sort_by(|a, b| a.dir.cmp(&b.dir));
+        for aside in asides {
+            if !found.iter().any(|c| c.step == aside.step) {
+                found.push(aside);
+            }
+        }
+        found.sort_by_key(|c| std::cmp::Reverse(c.step));
         Ok(found)
     }
 
@@ -182,35 +268,106 @@ impl Checkpointer {
     /// [`LisaError::CheckpointMismatch`] when the newest complete checkpoint was written by a
     /// run with another configuration; [`LisaError::Io`] when the root cannot be read.
     pub fn latest(&self) -> Result<Option<Found>> {
-        let Some((step, dir, manifest)) = self.complete()?.into_iter().next() else {
+        let Some(newest) = self.complete()?.into_iter().next() else {
             return Ok(None);
         };
-        if manifest["run_hash"] != self.run_hash.as_str() {
+        if newest.manifest["run_hash"] != self.run_hash.as_str() {
             return Err(LisaError::CheckpointMismatch {
-                path: dir,
+                path: newest.dir,
                 reason: "it was written by a run with another configuration (model, data, \
                          method or hyper-parameters); resume with the same settings, or use \
                          another output directory"
                     .into(),
             });
         }
-        Ok(Some(Found { step, dir }))
+        Ok(Some(Found {
+            step: newest.step,
+            dir: newest.dir,
+        }))
     }
 
-    /// Removes all but the newest `keep` complete checkpoints, and leftover temporary
-    /// directories of interrupted saves.
+    /// Removes all but this run's newest `keep` complete checkpoints (never another run's),
+    /// aside copies that are no longer needed, and leftover temporary directories of
+    /// interrupted saves. Called with the root locked, so no other save is under way.
     fn prune(&self) -> Result<()> {
-        for (_, dir, _) in self.complete()?.into_iter().skip(self.keep) {
-            std::fs::remove_dir_all(&dir).map_err(io("cannot remove", &dir))?;
+        let complete = self.complete()?;
+        let ours = complete
+            .iter()
+            .filter(|c| c.manifest["run_hash"] == self.run_hash.as_str());
+        for c in ours.skip(self.keep) {
+            std::fs::remove_dir_all(&c.dir).map_err(io("cannot remove", &c.dir))?;
         }
         let entries = std::fs::read_dir(&self.root).map_err(io("cannot read", &self.root))?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".step-") && name.ends_with(".tmp") {
-                let _ = std::fs::remove_dir_all(entry.path());
+            let path = entry.path();
+            let stale = match entry_kind(&name) {
+                Entry::Temp => true,
+                Entry::Aside(_) => !complete.iter().any(|c| c.dir == path),
+                Entry::Step(_) | Entry::Other => false,
+            };
+            if stale {
+                let _ = std::fs::remove_dir_all(&path);
             }
         }
         Ok(())
+    }
+}
+
+/// A new, empty directory `root/<prefix>K` for the first K that is free.
+fn fresh_dir(root: &Path, prefix: &str) -> Result<PathBuf> {
+    for k in 0u64.. {
+        let dir = root.join(format!("{prefix}{k}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io("cannot create", &dir)(e)),
+        }
+    }
+    unreachable!("u64 names run out")
+}
+
+/// `root/<prefix>K` for the first K that names nothing.
+fn free_name(root: &Path, prefix: &str) -> PathBuf {
+    (0u64..)
+        .map(|k| root.join(format!("{prefix}{k}")))
+        .find(|p| std::fs::symlink_metadata(p).is_err())
+        .unwrap_or_else(|| root.join(prefix))
+}
+
+/// An exclusive lock on a checkpoint root directory, held while a save writes into it.
+struct RootLock {
+    _dir: Option<std::fs::File>,
+}
+
+impl RootLock {
+    fn acquire(root: &Path) -> Result<Self> {
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            extern "C" {
+                fn flock(fd: i32, operation: i32) -> i32;
+            }
+            const LOCK_EX: i32 = 2;
+            const LOCK_NB: i32 = 4;
+            let dir = std::fs::File::open(root).map_err(io("cannot open", root))?;
+            // SAFETY: flock only takes a lock on the open descriptor, which `dir` owns.
+            if unsafe { flock(dir.as_raw_fd(), LOCK_EX | LOCK_NB) } != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(match e.kind() {
+                    std::io::ErrorKind::WouldBlock => LisaError::CheckpointBusy {
+                        root: root.to_path_buf(),
+                    },
+                    _ => io("cannot lock", root)(e),
+                });
+            }
+            Ok(Self { _dir: Some(dir) })
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = root;
+            Ok(Self { _dir: None })
+        }
     }
 }
 

@@ -17,6 +17,6 @@ pub use data::{
     eval_loss, pack_examples, pad_batch, read_prompt_response_jsonl, Batch, Example, StepSampler,
 };
 pub use finetune::{LlamaFineTune, Method};
-pub use metrics::{JsonlSink, MetricsSink};
+pub use metrics::{read_jsonl, JsonlSink, MetricsSink};
 pub use schedule::{Constant, Cosine, Linear, LrSchedule};
 pub use trainer::{CausalLm, StepReport, Trainer, TrainerConfig, OPTIMIZER, TRAINER, WEIGHTS};

@@ -131,6 +131,9 @@ pub struct Trainer<M> {
     /// Steps skipped for a non-finite loss or gradient, in all and in a row.
     skipped: u64,
     consecutive_skipped: usize,
+    /// Steps taken, skipped ones included: the micro-batch lists consumed, which is where
+    /// the data resumes (the optimizer's step count does not advance on a skip).
+    position: u64,
     /// The other ranks of a data-parallel run, if any.
     dist: Option<Box<dyn Communicator>>,
     /// The largest bucket of gradients one all-reduce sends.
@@ -165,6 +168,7 @@ impl<M: CausalLm> Trainer<M> {
             config,
             skipped: 0,
             consecutive_skipped: 0,
+            position: 0,
             dist: None,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
         })
@@ -308,6 +312,7 @@ impl<M: CausalLm> Trainer<M> {
             return self.skip(lr, tokens, loss as f32);
         }
         self.consecutive_skipped = 0;
+        self.position += 1;
         let resampled = self.opt.resampled();
         if resampled {
             self.model = (self.build)(&self.opt.plan())?;
@@ -331,6 +336,7 @@ impl<M: CausalLm> Trainer<M> {
     fn skip(&mut self, lr: f64, tokens: usize, loss: f32) -> Result<StepReport> {
         self.skipped += 1;
         self.consecutive_skipped += 1;
+        self.position += 1;
         if self.consecutive_skipped >= self.config.max_consecutive_non_finite {
             return Err(LisaError::TooManyNonFinite {
                 consecutive: self.consecutive_skipped,
@@ -369,18 +375,27 @@ impl<M: CausalLm> Trainer<M> {
         self.skipped
     }
 
-    /// Saves a checkpoint of the step taken last: the optimizer's parameters
-    /// (`weights.safetensors`: for LoRA, the adapters), its state (`optimizer/`), the
-    /// trainer's counters (`trainer.json`), and whatever `extra` writes into the directory
-    /// (a data position, metrics, a model export).
+    /// Steps taken so far, skipped ones included: how many micro-batch lists
+    /// [`step`](Self::step) has consumed. Checkpoints are numbered by it and
+    /// [`resume`](Self::resume) returns it, so that a resumed run goes on with the next
+    /// batch; [`LisaAdamW::step_count`] counts only the updates applied.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Saves a checkpoint of the step taken last, numbered by [`position`](Self::position):
+    /// the optimizer's parameters (`weights.safetensors`: for LoRA, the adapters), its state
+    /// (`optimizer/`), the trainer's counters and position (`trainer.json`), and whatever
+    /// `extra` writes into the directory (a data position, metrics, a model export).
     ///
     /// Data-parallel, rank 0 writes (the weights are the same on every rank) and the others
     /// only wait for it, so that on return the checkpoint is complete everywhere; `extra`
     /// runs on rank 0 only.
     ///
     /// # Errors
-    /// [`LisaError::Io`] and the errors of `extra`; the previous checkpoints are untouched.
-    /// Data-parallel, a failure on rank 0 is [`LisaError::Communication`] on the others.
+    /// Those of [`Checkpointer::save`] ([`LisaError::CheckpointBusy`],
+    /// [`LisaError::LaterCheckpoint`], [`LisaError::Io`]) and of `extra`; the previous
+    /// checkpoints are untouched. Data-parallel, a failure on rank 0 is [`LisaError::Communication`] on the others.
     pub fn save_checkpoint(
         &self,
         checkpointer: &Checkpointer,
@@ -389,7 +404,7 @@ impl<M: CausalLm> Trainer<M> {
         let Some(comm) = self.dist.as_deref() else {
             return self.write_checkpoint(checkpointer, extra);
         };
-        let step = self.opt.step_count();
+        let step = self.position;
         let written = (comm.rank() == 0).then(|| self.write_checkpoint(checkpointer, extra));
         let failed = matches!(written, Some(Err(_)));
         let failed = dist::agree_on_failure(comm, &self.device(), failed)?;
@@ -407,7 +422,7 @@ impl<M: CausalLm> Trainer<M> {
         checkpointer: &Checkpointer,
         extra: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
-        checkpointer.save(self.opt.step_count(), |dir| {
+        checkpointer.save(self.position, |dir| {
             let tensors: std::collections::HashMap<String, Tensor> = self
                 .opt
                 .vars()
@@ -418,6 +433,8 @@ impl<M: CausalLm> Trainer<M> {
             let counters = serde_json::json!({
                 "skipped": self.skipped,
                 "consecutive_skipped": self.consecutive_skipped,
+                "position": self.position,
+                "optimizer_step": self.opt.step_count(),
             });
             let path = dir.join(TRAINER);
             std::fs::write(&path, counters.to_string()).map_err(io("cannot write", &path))?;
@@ -426,7 +443,9 @@ impl<M: CausalLm> Trainer<M> {
     }
 
     /// Restores the newest complete checkpoint of `checkpointer`, if there is one, and
-    /// returns its step: weights, optimizer state, counters; the model is rebuilt.
+    /// returns its [`position`](Self::position) (steps taken, skipped ones included: feed
+    /// the batches from the next one on): weights, optimizer state, counters; the model is
+    /// rebuilt.
     ///
     /// Data-parallel, every rank reads the checkpoint (from a file system they share), and
     /// the ranks then check that they agree.
@@ -498,6 +517,7 @@ impl<M: CausalLm> Trainer<M> {
         }
         self.skipped = counters["skipped"].as_u64().unwrap_or(0);
         self.consecutive_skipped = counters["consecutive_skipped"].as_u64().unwrap_or(0) as usize;
+        self.position = found.step;
         self.model = (self.build)(&self.opt.plan())?;
         Ok(Some(found.step))
     }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_lisa::models::chat::{chat_example, ChatMessage, ChatTemplate, SpecialTokens};
 use candle_lisa::models::tokenizer::{HfTokenizer, TextTokenizer};
-use candle_lisa::IGNORE_INDEX;
+use candle_lisa::{LisaError, IGNORE_INDEX};
 use serde_json::Value;
 
 type Error = Box<dyn std::error::Error>;
@@ -117,5 +117,32 @@ fn chat_errors_are_clear() -> Result<(), Error> {
     let no_reply = [ChatMessage::new("user", "hi")];
     assert!(chat_example(&template, &tok, &no_reply).is_err());
     assert!(ChatTemplate::new("{% if %}", None, None).is_err());
+    Ok(())
+}
+
+/// A template whose loops multiply runs out of fuel with a typed error instead of rendering
+/// for hours; the budget can be raised or lowered.
+#[test]
+fn runaway_templates_run_out_of_fuel() -> Result<(), Error> {
+    let nested = "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}x{% endfor %}{% endfor %}{% endfor %}";
+    let chat = [ChatMessage::new("user", "hi")];
+    let t = ChatTemplate::new(nested, None, None)?;
+    match t.render(&chat, false) {
+        Err(LisaError::TemplateFuelExhausted { fuel }) => {
+            assert_eq!(fuel, candle_lisa::models::chat::DEFAULT_TEMPLATE_FUEL)
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut small = ChatTemplate::new(
+        "{% for m in messages %}{{ m.content }}{% endfor %}",
+        None,
+        None,
+    )?;
+    assert_eq!(small.render(&chat, false)?, "hi");
+    small.set_fuel(2);
+    assert!(matches!(
+        small.render(&chat, false),
+        Err(LisaError::TemplateFuelExhausted { fuel: 2 })
+    ));
     Ok(())
 }

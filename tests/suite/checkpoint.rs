@@ -393,3 +393,37 @@ fn tied_and_grouped_query_checkpoints_load_and_train() -> Result<(), Box<dyn std
     }
     Ok(())
 }
+
+/// Safetensors headers are untrusted: shapes whose size overflows and offsets that wrap
+/// around are refused with a typed error (before, they overflowed the arithmetic).
+#[test]
+fn header_arithmetic_that_overflows_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+    let c = config(false, 2);
+    let dir = tempfile::tempdir()?;
+    write_raw(dir.path(), &c, &raw(&random_model(&c)?));
+    let max = u64::MAX;
+    let cases = [
+        (
+            serde_json::json!({"x": {"dtype": "F32", "shape": [1u64 << 32, 1u64 << 32, 16], "data_offsets": [0, 0]}}),
+            "is too large",
+        ),
+        (
+            serde_json::json!({"x": {"dtype": "F32", "shape": [1], "data_offsets": [max - 3, max]}}),
+            "do not hold 4 bytes inside the file",
+        ),
+    ];
+    for (header, reason) in cases {
+        let header = header.to_string().into_bytes();
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend(&header);
+        file.extend([0u8; 16]);
+        std::fs::write(dir.path().join("model.safetensors"), file)?;
+        match load_err(dir.path()) {
+            LisaError::InvalidCheckpoint { reason: r, .. } => {
+                assert!(r.contains(reason), "{r}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    Ok(())
+}

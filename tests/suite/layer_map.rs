@@ -152,3 +152,26 @@ fn optimizer_skips_integers_and_never_trainable() -> Result<(), Box<dyn std::err
     assert!(vb.get(4, "model.embed_tokens.weight")?.is_variable());
     Ok(())
 }
+
+/// A huge block index is a gap, found without a table of that many entries (before, it
+/// allocated one, or overflowed at `usize::MAX`).
+#[test]
+fn huge_block_indices_are_a_gap_without_allocating() {
+    let config = LisaConfig::default();
+    for (index, max) in [
+        ("1000000000000", 1_000_000_000_000usize),
+        ("18446744073709551615", usize::MAX),
+    ] {
+        let names = [
+            "lm_head.weight".to_string(),
+            "model.layers.0.w".to_string(),
+            format!("model.layers.{index}.x"),
+        ];
+        match LayerMap::new(&names, &config) {
+            Err(candle_lisa::LisaError::BlockGap { missing, max: m }) => {
+                assert_eq!((missing, m), (1, max))
+            }
+            other => panic!("{index}: {other:?}"),
+        }
+    }
+}

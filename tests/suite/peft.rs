@@ -115,3 +115,41 @@ fn peft_settings_that_change_the_model_are_refused() -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// An adapter file without one `lora_B`, or without one layer's module, is refused naming the
+/// missing tensor, instead of that module silently getting a fresh zero adapter.
+#[test]
+fn incomplete_adapters_name_the_missing_tensor() -> Result<(), Error> {
+    let src = fixtures().join("peft/llama-lora");
+    let full = candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu)?;
+    let b = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight";
+    let a = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight";
+    assert!(full.contains_key(a) && full.contains_key(b));
+    let cases: [(&[&str], &str, &str); 2] = [
+        (&[b], b, a),
+        (
+            &[a, b],
+            a,
+            "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight",
+        ),
+    ];
+    for (removed, missing, have) in cases {
+        let dir = tempfile::tempdir()?;
+        std::fs::copy(
+            src.join("adapter_config.json"),
+            dir.path().join("adapter_config.json"),
+        )?;
+        let mut tensors = full.clone();
+        for name in removed {
+            tensors.remove(*name);
+        }
+        candle_core::safetensors::save(&tensors, dir.path().join("adapter_model.safetensors"))?;
+        match load_peft(dir.path(), DType::F32, &Device::Cpu) {
+            Err(LisaError::MissingAdapterTensor { name, have: h }) => {
+                assert_eq!((name.as_str(), h.as_str()), (missing, have))
+            }
+            other => panic!("without {removed:?}: {other:?}"),
+        }
+    }
+    Ok(())
+}

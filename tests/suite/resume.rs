@@ -161,3 +161,34 @@ fn all_trainable_is_plain_adamw() -> Result<(), Box<dyn std::error::Error>> {
     }
     Ok(())
 }
+
+/// A kill between the two files of `save_state` leaves new moments beside the old counters:
+/// the pair is refused with a typed error, and the optimizer is left as it was.
+#[test]
+fn state_files_from_different_saves_are_refused() -> Result<(), Box<dyn std::error::Error>> {
+    let n = 8;
+    let varmap = toy_varmap(n, 24)?;
+    let mut opt = LisaAdamW::new(&varmap, params(), config())?;
+    run(&varmap, &mut opt, 4, n)?;
+    let dir = tempfile::tempdir()?;
+    opt.save_state(dir.path())?;
+    let json = dir.path().join(candle_lisa::optim::STATE_JSON_FILE);
+    let old_json = std::fs::read(&json)?;
+    run(&varmap, &mut opt, 1, n)?;
+    opt.save_state(dir.path())?;
+    // The moments of step 5 (written first) with the counters of step 4.
+    std::fs::write(&json, old_json)?;
+    let mut fresh = LisaAdamW::new(&varmap, params(), config())?;
+    let before = (fresh.step_count(), fresh.state_bytes());
+    match fresh.load_state(dir.path()) {
+        Err(LisaError::TornState { path }) => assert_eq!(path, dir.path()),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!((fresh.step_count(), fresh.state_bytes()), before);
+    assert_eq!(before.0, 0);
+    // The consistent pair of step 5 loads.
+    opt.save_state(dir.path())?;
+    fresh.load_state(dir.path())?;
+    assert_eq!(fresh.step_count(), 5);
+    Ok(())
+}

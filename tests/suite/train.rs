@@ -373,3 +373,201 @@ fn checkpoints_resume_exactly_and_survive_interruptions() -> Result<(), Box<dyn 
     assert_eq!(t3.optimizer().step_count(), 0);
     Ok(())
 }
+
+/// A line torn by a kill (no newline) is cut off when the sink reopens the file, so the next
+/// record gets a line of its own; the reader skips a torn last line and names any other bad one.
+#[test]
+fn torn_metrics_lines_are_cut_and_skipped() -> Result<(), Box<dyn std::error::Error>> {
+    use candle_lisa::train::{read_jsonl, JsonlSink, MetricsSink};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("metrics.jsonl");
+    std::fs::write(
+        &path,
+        "{\"step\":1}\n{\"step\":2}\n{\"method\":\"lisa\",\"st",
+    )?;
+    let steps = |records: Vec<serde_json::Value>| -> Vec<u64> {
+        records
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(steps(read_jsonl(&path)?), [1, 2]);
+    let mut sink = JsonlSink::append(&path)?;
+    sink.record(&serde_json::json!({"step": 3}))?;
+    drop(sink);
+    assert_eq!(
+        std::fs::read_to_string(&path)?,
+        "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n"
+    );
+    assert_eq!(steps(read_jsonl(&path)?), [1, 2, 3]);
+    // A whole last line without its newline is kept and ended.
+    std::fs::write(&path, "{\"step\":1}\n{\"step\":2}")?;
+    JsonlSink::append(&path)?.record(&serde_json::json!({"step": 3}))?;
+    assert_eq!(steps(read_jsonl(&path)?), [1, 2, 3]);
+    std::fs::write(&path, "{\"step\":1}\n{\"st\n{\"step\":3}\n")?;
+    match read_jsonl(&path) {
+        Err(LisaError::InvalidConfig(m)) => assert!(m.contains("metrics.jsonl:2:"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    Ok(())
+}
+
+/// Writes a one-file checkpoint of `step` whose file `a` holds `text`.
+fn save_text(ck: &Checkpointer, step: u64, text: &str) -> candle_lisa::Result<std::path::PathBuf> {
+    ck.save(step, |dir| {
+        std::fs::write(dir.join("a"), text).map_err(|source| LisaError::Io {
+            action: "cannot write",
+            path: dir.join("a"),
+            source,
+        })
+    })
+}
+
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Two writers in one root (a killed `cargo run` leaves its child running beside the resumed
+/// run): the second is refused while the first saves, and cannot destroy the first's save.
+#[cfg(unix)]
+#[test]
+fn a_second_writer_is_refused_while_a_save_runs() -> Result<(), Box<dyn std::error::Error>> {
+    use std::sync::{Arc, Mutex};
+    let root = tempfile::tempdir()?;
+    let run = serde_json::json!({"test": "busy"});
+    let other = Arc::new(Mutex::new(None));
+    let (seen, path) = (other.clone(), root.path().to_path_buf());
+    let cfg = run.clone();
+    let first = Checkpointer::new(root.path(), 2, &run)?.on_write(move |_| {
+        let mut seen = seen.lock().unwrap();
+        if seen.is_none() {
+            let second = Checkpointer::new(&path, 2, &cfg).unwrap();
+            *seen = Some(match save_text(&second, 4, "second") {
+                Err(LisaError::CheckpointBusy { root }) => Ok(root),
+                other => Err(format!("{other:?}")),
+            });
+        }
+    });
+    let dir = save_text(&first, 4, "first")?;
+    let busy = other.lock().unwrap().take().expect("the hook ran");
+    assert_eq!(busy, Ok(root.path().to_path_buf()));
+    assert_eq!(std::fs::read_to_string(dir.join("a"))?, "first");
+    assert_eq!(first.latest()?.map(|f| f.step), Some(4));
+    assert_eq!(names_in(root.path()), ["step-000000004"]);
+    // Once the first save is done, the second writer may save.
+    let second = Checkpointer::new(root.path(), 2, &run)?;
+    save_text(&second, 5, "second")?;
+    assert_eq!(names_in(root.path()), ["step-000000004", "step-000000005"]);
+    Ok(())
+}
+
+/// A kill between moving the old copy of a re-saved step aside and renaming the new one in
+/// leaves the old copy, which resume finds and the next save keeps until it is replaced.
+#[test]
+fn a_resave_killed_between_its_renames_keeps_the_old_copy() -> Result<(), Box<dyn std::error::Error>>
+{
+    let root = tempfile::tempdir()?;
+    let run = serde_json::json!({"test": "resave"});
+    let ck = Checkpointer::new(root.path(), 1, &run)?;
+    save_text(&ck, 3, "old")?;
+    let dying = Checkpointer::new(root.path(), 1, &run)?.on_replace(|_| panic!("killed"));
+    let killed =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| save_text(&dying, 3, "new")));
+    assert!(killed.is_err(), "the save was not interrupted");
+    let found = ck.latest()?.expect("the old copy of step 3 counts");
+    assert_eq!(found.step, 3);
+    assert_eq!(std::fs::read_to_string(found.dir.join("a"))?, "old");
+    // Re-saving step 3 replaces the aside copy; with keep = 1 only it remains.
+    save_text(&ck, 3, "new")?;
+    assert_eq!(names_in(root.path()), ["step-000000003"]);
+    let found = ck.latest()?.unwrap();
+    assert_eq!(std::fs::read_to_string(found.dir.join("a"))?, "new");
+    // Killed again, then the next step: the aside copy is pruned like any older checkpoint.
+    let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        save_text(&dying, 3, "newer")
+    }));
+    assert!(killed.is_err());
+    save_text(&ck, 4, "four")?;
+    assert_eq!(names_in(root.path()), ["step-000000004"]);
+    Ok(())
+}
+
+/// Retention never removes the checkpoint just written: a save below a complete checkpoint
+/// of a later step is refused and changes nothing, and another run's checkpoints are not
+/// this run's to prune.
+#[test]
+fn retention_never_removes_the_checkpoint_just_written() -> Result<(), Box<dyn std::error::Error>> {
+    let root = tempfile::tempdir()?;
+    let run = serde_json::json!({"test": "retention"});
+    save_text(&Checkpointer::new(root.path(), 2, &run)?, 60, "earlier run")?;
+    let ck = Checkpointer::new(root.path(), 1, &run)?;
+    match save_text(&ck, 7, "this run") {
+        Err(LisaError::LaterCheckpoint { step, later, path }) => {
+            assert_eq!((step, later), (7, 60));
+            assert_eq!(path, root.path().join("step-000000060"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(names_in(root.path()), ["step-000000060"]);
+    assert_eq!(ck.latest()?.map(|f| f.step), Some(60));
+
+    let root = tempfile::tempdir()?;
+    let other = Checkpointer::new(root.path(), 2, &serde_json::json!({"test": "other"}))?;
+    save_text(&other, 1, "other run")?;
+    save_text(&other, 2, "other run")?;
+    for step in [3, 4] {
+        let dir = save_text(&ck_in(root.path(), &run)?, step, "this run")?;
+        assert!(dir.join("a").is_file());
+    }
+    assert_eq!(
+        names_in(root.path()),
+        ["step-000000001", "step-000000002", "step-000000004"]
+    );
+    Ok(())
+}
+
+fn ck_in(root: &std::path::Path, run: &serde_json::Value) -> candle_lisa::Result<Checkpointer> {
+    Checkpointer::new(root, 1, run)
+}
+
+/// A skipped step consumes its batch but does not advance the optimizer: the checkpoint is
+/// numbered by the batches consumed, and a resumed run goes on with the next batch, as the
+/// uninterrupted run does.
+#[test]
+fn skipped_steps_do_not_replay_batches_on_resume() -> Result<(), Box<dyn std::error::Error>> {
+    let dev = Device::Cpu;
+    let ex = examples();
+    let batches: Vec<Batch> = (0..4)
+        .map(|i| pad_batch(&ex[i..i + 3], 0, None, &dev).unwrap())
+        .collect();
+    let root = tempfile::tempdir()?;
+    let ck = Checkpointer::new(root.path(), 2, &serde_json::json!({"test": "skip"}))?;
+    let straight = varmap()?;
+    let mut t = trainer(&straight, TrainerConfig::default())?;
+    t.step(std::slice::from_ref(&batches[0]))?;
+    let head = straight.data().lock().unwrap()["lm_head.weight"].clone();
+    let saved = head.as_tensor().copy()?;
+    head.set(&(saved.ones_like()? * f64::NAN)?)?;
+    assert!(t.step(std::slice::from_ref(&batches[1]))?.skipped);
+    head.set(&saved)?;
+    assert_eq!((t.position(), t.optimizer().step_count()), (2, 1));
+    let dir = t.save_checkpoint(&ck, |_| Ok(()))?;
+    assert_eq!(dir, root.path().join(Checkpointer::dir_name(2)));
+
+    let resumed = varmap()?;
+    let mut t2 = trainer(&resumed, TrainerConfig::default())?;
+    assert_eq!(t2.resume(&ck)?, Some(2));
+    assert_eq!((t2.position(), t2.optimizer().step_count()), (2, 1));
+    assert_eq!(t2.skipped_steps(), 1);
+    for b in &batches[2..] {
+        t.step(std::slice::from_ref(b))?;
+        t2.step(std::slice::from_ref(b))?;
+    }
+    assert_eq!(values(&resumed), values(&straight));
+    Ok(())
+}
