@@ -7,8 +7,8 @@
 //! projections, and frozen blocks cost neither weight gradients nor optimizer state.
 //! [`Llama`] is a trainable Llama-family decoder built that way, [`load_llama`] and
 //! [`save_llama`] read and write Hugging Face checkpoints, and [`LoraConfig`] with
-//! [`Llama::with_lora`] and [`LisaAdamW::all_trainable`] give the LoRA and full fine-tuning
-//! baselines LISA is compared with. With
+//! [`Llama::with_lora`] and [`AdamW`] (the lean AdamW that `LisaAdamW` is built on) give the
+//! LoRA and full fine-tuning baselines LISA is compared with. With
 //! [`LisaConfig::recompute_frozen`](crate::LisaConfig::recompute_frozen), frozen blocks keep
 //! no activations either: [`recompute`](crate::nn::recompute::recompute) runs them again in
 //! the backward pass. The model's attention, norms, RoPE, SwiGLU and loss ([`nn::ops`]) keep
@@ -16,17 +16,21 @@
 //! optimizer keeps f32 master weights and moments for what trains
 //! ([precision policy](optim::precision), [`LossScaler`] for f16).
 //!
-//! The crate's modules, with dependencies pointing one way:
-//! - [`optim`]: [`LisaAdamW`], its update, samplers, layer map and state I/O;
-//! - [`nn`]: building blocks ([`Linear`], lean ops, recompute, LoRA) and the
-//!   [`TrainingPlan`] a model is built from, which [`LisaAdamW::plan`] produces;
-//! - [`models`]: model families, Hugging Face checkpoint I/O and tokenizers;
+//! The crate's modules, with dependencies pointing one way (each uses only those listed
+//! below it):
+//! - [`dist`]: data-parallel training over MPI or NCCL that sends only the trainable
+//!   gradients, which the trainer uses;
 //! - [`train`]: an optional [`Trainer`](train::Trainer) over any of them, with schedules,
 //!   batches and crash-safe checkpoints;
-//! - [`dist`]: data-parallel training over MPI or NCCL that sends only the trainable
-//!   gradients, which the trainer uses.
+//! - [`models`]: model families, Hugging Face checkpoint I/O and tokenizers;
+//! - [`optim`]: [`AdamW`] and [`LisaAdamW`], the update, samplers, layer map and state I/O;
+//! - [`nn`]: building blocks ([`Linear`], lean ops, losses, recompute, LoRA, the CPU
+//!   kernels) and the [`TrainingPlan`] a model is built from, which [`LisaAdamW::plan`]
+//!   produces;
+//! - [`io`] and [`error`]: atomic writes and the error type.
 //!
-//! Models and building blocks never name the optimizer type.
+//! `models` and `optim` do not use each other: models and building blocks never name the
+//! optimizer type.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
@@ -105,8 +109,9 @@ pub use nn::{
     LORA_TARGETS,
 };
 pub use optim::{
-    BlockPattern, BlockSampler, LayerMap, LisaAdamW, LisaConfig, LisaParams, LossScaler, Mode,
-    NonFinite, ParamGroup, ParamState, UniformSampler, GPT2_BLOCK_PATTERN, LLAMA_BLOCK_PATTERN,
+    AdamW, BlockPattern, BlockSampler, LayerMap, LisaAdamW, LisaConfig, LisaParams, LossScaler,
+    Mode, NonFinite, ParamGroup, ParamState, UniformSampler, GPT2_BLOCK_PATTERN,
+    LLAMA_BLOCK_PATTERN,
 };
 
 #[cfg(doctest)]
