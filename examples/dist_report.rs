@@ -19,8 +19,9 @@ mod training;
 use std::rc::Rc;
 
 use candle_core::{DType, Device};
+use candle_lisa::data::{pad_batch, Example};
 use candle_lisa::dist::{Communicator, Mpi};
-use candle_lisa::train::{pad_batch, Constant, Example, LlamaFineTune, Method, TrainerConfig};
+use candle_lisa::train::{Constant, LlamaFineTune, Method, TrainerConfig};
 use candle_lisa::{LisaConfig, Llama, LlamaConfig, LoraConfig, LLAMA_BLOCK_PATTERN, LORA_TARGETS};
 use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;

@@ -23,26 +23,19 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
+use candle_lisa::data::chat::{ChatTemplate, SpecialTokens};
+use candle_lisa::data::tokenizer::TextTokenizer;
+use candle_lisa::data::{tokenizer_for, Dataset, StepSampler};
 use candle_lisa::dist::Communicator;
-use candle_lisa::models::chat::{chat_example, read_chat_jsonl, ChatTemplate, SpecialTokens};
-use candle_lisa::models::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
-use candle_lisa::models::{Sampling, SaveOptions};
-use candle_lisa::nn::calibrate::observe_linear_inputs;
-use candle_lisa::optim::{outlier_ratios, CompactState, SamplerChoice};
+use candle_lisa::models::SaveOptions;
+use candle_lisa::optim::{CompactState, SamplerChoice};
 use candle_lisa::train::{
-    self, eval_loss, pad_batch, read_prompt_response_jsonl, Checkpointer, Cosine, Example,
-    JsonlSink, LlamaFineTune, MetricsSink, StepSampler, TrainerConfig,
+    self, eval_loss, exact_match, owlore_weights, Checkpointer, Cosine, JsonlSink, LlamaFineTune,
+    MetricsSink, TrainerConfig,
 };
-use candle_lisa::{
-    frozen_var_builder, load_llama, LisaConfig, Llama, LlamaConfig, LoraConfig, TrainingPlan,
-    LLAMA_BLOCK_PATTERN,
-};
+use candle_lisa::{load_llama, LisaConfig, LisaError, Llama, LlamaConfig, LoraConfig};
 use candle_nn::ParamsAdamW;
-use candle_nn::VarMap;
 use clap::{Parser, ValueEnum};
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 #[path = "common/alloc.rs"]
@@ -178,150 +171,27 @@ struct Args {
     kill_at_step: Option<usize>,
 }
 
-/// Training examples, and held-out ones: prompt/response pairs (exact-match accuracy) or
-/// windows of text.
-struct Data {
-    train: Vec<Example>,
-    eval: Vec<Example>,
-    /// Held-out (prompt, response) pairs for exact match; empty for text.
-    pairs: Vec<(Vec<u32>, Vec<u32>)>,
-}
-
-/// The bundled task `sort`: five random digits → the same digits in ascending order
-/// (`31415=` → `11345`); 5000 distinct problems drawn by the seed, the first 200 held out. A
-/// token's answer depends on every digit of the prompt, which takes more than copying.
-fn sorting(seed: u64) -> Vec<(String, String)> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut seen = std::collections::BTreeSet::new();
-    let mut pairs = Vec::new();
-    while pairs.len() < 5000 {
-        let digits: Vec<u8> = (0..5).map(|_| rng.random_range(b'0'..=b'9')).collect();
-        if seen.insert(digits.clone()) {
-            let mut sorted = digits.clone();
-            sorted.sort_unstable();
-            let text = |d: Vec<u8>| String::from_utf8(d).unwrap_or_default();
-            pairs.push((format!("{}=", text(digits)), text(sorted)));
-        }
-    }
-    pairs
-}
-
-/// The bundled task `add`: `a+b=` → `a+b` for a, b in 0..50; 200 held out, chosen by the seed.
-fn arithmetic(seed: u64) -> Vec<(String, String)> {
-    let mut pairs: Vec<(u32, u32)> = (0..50).flat_map(|a| (0..50).map(move |b| (a, b))).collect();
-    pairs.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-    let text = |(a, b): (u32, u32)| (format!("{a}+{b}="), format!("{}", a + b));
-    pairs.into_iter().map(text).collect()
-}
-
-fn load_data(args: &Args, tok: &dyn TextTokenizer, eos: u32) -> Result<Data, Error> {
-    let pairs = match &args.data {
-        None if args.task == "add" => arithmetic(args.seed),
-        None => sorting(args.seed),
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read --data {}: {e}", path.display()))?;
-            if path.extension().is_none_or(|e| e != "jsonl") {
-                let ids = tok.encode(&text)?;
-                let windows: Vec<Example> = ids
-                    .chunks_exact(args.seq_len)
-                    .map(|w| Example::text(w.to_vec()))
-                    .collect();
-                if windows.len() < 2 {
-                    return Err(format!("{} is too short for --seq-len", path.display()).into());
-                }
-                let split = (windows.len() * 9 / 10).max(1);
-                let (train, eval) = windows.split_at(split);
-                let (train, eval) = (train.to_vec(), eval.to_vec());
-                return Ok(Data {
-                    train,
-                    eval,
-                    pairs: Vec::new(),
-                });
-            }
-            if is_chat_jsonl(path)? {
-                return chat_data(args, path, tok);
-            }
-            let mut pairs = read_prompt_response_jsonl(path)?;
-            if pairs.len() < 2 {
-                return Err(format!("{} needs 2 prompt/response lines", path.display()).into());
-            }
-            let held_out = (pairs.len() / 10).max(1);
-            pairs.rotate_right(held_out); // the last tenth is held out, below
-            pairs
-        }
+/// The data --data names, or the bundled --task; chat data is rendered with --chat-template
+/// or the model's own template.
+fn load_data(args: &Args, tok: &dyn TextTokenizer, eos: u32) -> Result<Dataset, Error> {
+    let Some(path) = &args.data else {
+        return Ok(Dataset::from_task(args.task.parse()?, args.seed, tok, eos)?);
     };
-    let held_out = if args.data.is_none() {
-        200
-    } else {
-        (pairs.len() / 10).max(1)
-    };
-    let mut encoded = Vec::new();
-    for (p, r) in pairs {
-        encoded.push((tok.encode(&p)?, tok.encode(&r)?));
+    if let Err(e) = std::fs::File::open(path) {
+        return Err(format!("cannot read --data {}: {e}", path.display()).into());
     }
-    let train = encoded[held_out..].to_vec();
-    let pairs = encoded[..held_out].to_vec();
-    let example = |(p, r): &(Vec<u32>, Vec<u32>)| Example::prompt_response(p, r, eos);
-    let (train, eval) = (
-        train.iter().map(example).collect(),
-        pairs.iter().map(example).collect(),
-    );
-    Ok(Data { train, eval, pairs })
-}
-
-/// Whether the first record of a JSONL file has "messages".
-fn is_chat_jsonl(path: &Path) -> Result<bool, Error> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read --data {}: {e}", path.display()))?;
-    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("{}");
-    let v: serde_json::Value = serde_json::from_str(first).unwrap_or_default();
-    Ok(v.get("messages").is_some())
-}
-
-/// Chat JSONL: each conversation rendered with the model's template (or --chat-template),
-/// the assistant turns trained on; the last tenth held out.
-fn chat_data(args: &Args, path: &Path, tok: &dyn TextTokenizer) -> Result<Data, Error> {
     let model_dir = model_dir(args);
-    let template = match &args.chat_template {
-        Some(file) => {
-            let source = std::fs::read_to_string(file)
-                .map_err(|e| format!("cannot read --chat-template {}: {e}", file.display()))?;
-            let config = model_dir.join("tokenizer_config.json");
-            let special = |key: &str| -> Option<String> {
-                let text = std::fs::read_to_string(&config).ok()?;
-                let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-                v[key].as_str().map(str::to_string)
-            };
-            ChatTemplate::new(
-                &source,
-                special("bos_token").as_deref(),
-                special("eos_token").as_deref(),
-            )?
-        }
-        None => ChatTemplate::from_dir(&model_dir)?.ok_or_else(|| {
-            format!(
-                "{} is chat data but {} has no chat template; pass --chat-template FILE",
-                path.display(),
+    let template = || match &args.chat_template {
+        Some(file) => ChatTemplate::from_file_for_dir(file, &model_dir),
+        None => ChatTemplate::from_dir(&model_dir)?.ok_or_else(|| LisaError::InvalidData {
+            path: path.clone(),
+            reason: format!(
+                "it is chat data but {} has no chat template; pass --chat-template FILE",
                 model_dir.display()
-            )
-        })?,
+            ),
+        }),
     };
-    let chats = read_chat_jsonl(path)?;
-    if chats.len() < 2 {
-        return Err(format!("{} needs 2 conversations", path.display()).into());
-    }
-    let examples = chats
-        .iter()
-        .map(|c| chat_example(&template, tok, c))
-        .collect::<Result<Vec<Example>, _>>()?;
-    let split = examples.len() - (examples.len() / 10).max(1);
-    let (train, eval) = examples.split_at(split);
-    Ok(Data {
-        train: train.to_vec(),
-        eval: eval.to_vec(),
-        pairs: Vec::new(),
-    })
+    Ok(Dataset::from_file(path, tok, eos, args.seq_len, template)?)
 }
 
 /// The model directory: --model, or the bundled checkpoint.
@@ -334,34 +204,15 @@ fn model_dir(args: &Args) -> PathBuf {
 /// Held-out loss (token-weighted), and exact-match accuracy for prompt/response data.
 fn evaluate(
     model: &Llama,
-    data: &Data,
+    data: &Dataset,
     args: &Args,
     eos: u32,
     dev: &Device,
 ) -> Result<(f32, Option<f32>), Error> {
     let n = args.eval_size.clamp(1, data.eval.len());
-    let loss = eval_loss(
-        model,
-        &data.eval[..n],
-        args.batch_size,
-        eos,
-        Some(args.seq_len),
-        dev,
-    )?;
-    let pairs = &data.pairs[..n.min(data.pairs.len())];
-    let mut correct = 0;
-    for (p, r) in pairs {
-        let out = model.generate(
-            p,
-            &Sampling {
-                max_new_tokens: r.len() + 1,
-                stop: vec![eos],
-                ..Default::default()
-            },
-        )?;
-        correct += usize::from(out.iter().take_while(|&&i| i != eos).eq(r));
-    }
-    let accuracy = (!pairs.is_empty()).then(|| correct as f32 / pairs.len() as f32);
+    let (b, t) = (args.batch_size, Some(args.seq_len));
+    let loss = eval_loss(model, &data.eval[..n], b, eos, t, dev)?;
+    let accuracy = exact_match(model, &data.pairs[..n.min(data.pairs.len())], eos)?;
     Ok((loss, accuracy))
 }
 
@@ -370,14 +221,18 @@ fn fine_tune(
     method: Method,
     args: &Args,
     model_dir: &Path,
-    data: &Data,
+    data: &Dataset,
     dtype: DType,
     dev: &Device,
 ) -> Result<LlamaFineTune, Error> {
     let (config, base) = load_llama(model_dir, dtype, dev)?;
     let sampler = match args.owlore {
         Some(m) if method == Method::Lisa => {
-            SamplerChoice::Weighted(owlore_weights(&config, &base, data, m, args, dev)?)
+            let examples = &data.train[..data.train.len().min(64)];
+            let ratios = owlore_weights(&config, &base, examples, m, args.seq_len, dev)?;
+            let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.4}")).collect();
+            eprintln!("OwLore outlier ratios (M = {m}): [{}]", shown.join(", "));
+            SamplerChoice::Weighted(ratios)
         }
         _ => args.sampler.clone(),
     };
@@ -425,35 +280,6 @@ fn fine_tune(
     )?)
 }
 
-/// OwLore's block weights for the base model: its forward over the first 64 training
-/// examples (8 at a time), with every Linear's inputs observed.
-fn owlore_weights(
-    config: &LlamaConfig,
-    base: &VarMap,
-    data: &Data,
-    threshold: f64,
-    args: &Args,
-    dev: &Device,
-) -> Result<Vec<f64>, Error> {
-    let plan = TrainingPlan::new(frozen_var_builder(base)?, false);
-    let model = Llama::from_plan(config, &plan)?;
-    let examples = &data.train[..data.train.len().min(64)];
-    let (_, inputs) = observe_linear_inputs(|| {
-        for chunk in examples.chunks(8) {
-            let batch = pad_batch(chunk, 0, Some(args.seq_len), dev)?;
-            model.forward(&batch.ids)?;
-        }
-        Ok(())
-    })?;
-    let ratios = outlier_ratios(base, LLAMA_BLOCK_PATTERN, &inputs, threshold)?;
-    let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.4}")).collect();
-    eprintln!(
-        "OwLore outlier ratios (M = {threshold}): [{}]",
-        shown.join(", ")
-    );
-    Ok(ratios)
-}
-
 /// Everything a resumed run must share with the one it continues (its hash is in each
 /// checkpoint's manifest).
 fn run_config(args: &Args, method: &str) -> serde_json::Value {
@@ -475,7 +301,7 @@ fn train(
     method: Method,
     args: &Args,
     model_dir: &Path,
-    data: &Data,
+    data: &Dataset,
     eos: u32,
     dtype: DType,
     dev: &Device,
@@ -484,11 +310,7 @@ fn train(
     let name = format!("{method:?}").to_lowercase();
     let heap_base = alloc::reset_peak();
     let mut run = fine_tune(method, args, model_dir, data, dtype, dev)?;
-    let compact = match args.compact_state.as_str() {
-        "always" => CompactState::AlwaysTrainable,
-        "all" => CompactState::All,
-        _ => CompactState::Off,
-    };
+    let compact: CompactState = args.compact_state.parse()?;
     run.trainer.optimizer_mut().set_compact_state(compact)?;
     if let Some(comm) = comm {
         run.trainer.set_communicator(Box::new(comm.clone()))?;
@@ -640,10 +462,7 @@ fn run(args: Args) -> Result<Vec<serde_json::Value>, Error> {
         )
         .into());
     }
-    let tok: Box<dyn TextTokenizer> = match model_dir.join("tokenizer.json") {
-        p if p.is_file() => Box::new(HfTokenizer::from_file(p)?),
-        _ => Box::new(ByteTokenizer),
-    };
+    let tok = tokenizer_for(&model_dir)?;
     if tok.vocab_size() > config.vocab_size {
         return Err(format!(
             "the tokenizer has {} ids but the model only {}",
@@ -718,20 +537,16 @@ fn communicator(args: &Args) -> Result<(Option<Rc<dyn Communicator>>, Device), E
         }
         #[cfg(feature = "nccl")]
         "nccl" => {
-            use candle_lisa::dist::{Nccl, NcclId};
-            let var = |names: &[&str]| {
-                names
-                    .iter()
-                    .find_map(|n| std::env::var(n).ok()?.parse::<usize>().ok())
-            };
-            let rank = var(&["RANK", "OMPI_COMM_WORLD_RANK"]).ok_or("--dist nccl: set RANK")?;
-            let world = var(&["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"])
-                .ok_or("--dist nccl: set WORLD_SIZE")?;
-            let local = var(&["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"]).unwrap_or(rank);
+            use candle_lisa::dist::{Nccl, NcclId, RankEnv};
+            let RankEnv {
+                rank,
+                world_size: world,
+                local_rank,
+            } = RankEnv::from_env()?;
             if args.device != "cuda" {
                 return Err("--dist nccl trains on GPUs: add --device cuda".into());
             }
-            let dev = Device::new_cuda(local)?;
+            let dev = Device::new_cuda(local_rank)?;
             let wait = std::time::Duration::from_secs(300);
             let id = NcclId::share_through_file(&args.nccl_id_file, rank, wait)?;
             let nccl = Nccl::new(&dev, rank, world, id)?;

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_lisa::models::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
+use candle_lisa::data::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
 use candle_lisa::{LisaAdamW, LisaConfig, GPT2_BLOCK_PATTERN};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;

@@ -26,9 +26,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
-use candle_lisa::models::tokenizer::{ByteTokenizer, TextTokenizer};
+use candle_lisa::data::tokenizer::{ByteTokenizer, TextTokenizer};
+use candle_lisa::data::{Example, StepSampler};
 use candle_lisa::nn::ops;
-use candle_lisa::train::{self, eval_loss, Constant, Example, LlamaFineTune, StepSampler};
+use candle_lisa::train::{self, eval_loss, Constant, LlamaFineTune};
 use candle_lisa::{load_llama, LisaAdamW, LisaConfig};
 use candle_nn::ParamsAdamW;
 use clap::Parser;

@@ -16,9 +16,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_lisa::models::tokenizer::{ByteTokenizer, TextTokenizer};
+use candle_lisa::data::tokenizer::{ByteTokenizer, TextTokenizer};
+use candle_lisa::data::{pad_batch, Batch, Example};
 use candle_lisa::models::Sampling;
-use candle_lisa::train::{pad_batch, Batch, Cosine, Example, Trainer, TrainerConfig};
+use candle_lisa::train::{Cosine, Trainer, TrainerConfig};
 use candle_lisa::{named_vars, save_llama, LisaAdamW, Llama, LlamaConfig};
 use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;

@@ -21,8 +21,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_lisa::models::tokenizer::{ByteTokenizer, TextTokenizer};
-use candle_lisa::train::{pad_batch, Example};
+use candle_lisa::data::tokenizer::{ByteTokenizer, TextTokenizer};
+use candle_lisa::data::{pad_batch, Example};
 use candle_lisa::{load_llama, LisaAdamW, LisaConfig, Llama};
 use candle_nn::{Optimizer, ParamsAdamW};
 use clap::Parser;

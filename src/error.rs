@@ -311,6 +311,24 @@ pub enum LisaError {
     #[error("invalid model config: {0}")]
     InvalidConfig(String),
 
+    /// An argument of a call, or a setting read from the environment, is out of range.
+    #[error("invalid {what}: {reason}")]
+    InvalidArgument {
+        /// Which argument or setting.
+        what: &'static str,
+        /// What is wrong with it, and what would be right.
+        reason: String,
+    },
+
+    /// A data file cannot be used for training as it is.
+    #[error("invalid data {path}: {reason}")]
+    InvalidData {
+        /// The file at fault (with `:line` where one line is).
+        path: std::path::PathBuf,
+        /// What is wrong with it, and how to fix it.
+        reason: String,
+    },
+
     /// A checkpoint lacks a tensor the model needs.
     #[error(
         "checkpoint has no tensor {name:?} (expected shape {expected:?}); the config.json does not match the weights, or the checkpoint is not a Llama-family model"

@@ -92,6 +92,7 @@
 #![warn(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
+pub mod data;
 pub mod dist;
 pub mod error;
 pub mod io;

@@ -26,7 +26,7 @@
 //! Every rank must give the optimizer the same seed: the ranks then draw the same blocks
 //! without sending anything. Statistics a sampler takes from the gradients
 //! ([`GradNormSampler`](crate::optim::GradNormSampler)) see the reduced ones, so they agree
-//! too. [`StepSampler::for_rank`](crate::train::StepSampler::for_rank)
+//! too. [`StepSampler::for_rank`](crate::data::StepSampler::for_rank)
 //! gives each rank its share of a step's batch, and only rank 0 writes checkpoints.
 
 use candle_core::backprop::GradStore;
@@ -36,8 +36,10 @@ use sha2::{Digest, Sha256};
 use crate::error::{LisaError, Result};
 use crate::optim::LisaAdamW;
 
+mod launch;
 #[cfg(feature = "mpi")]
 mod mpi;
+pub use self::launch::RankEnv;
 #[cfg(feature = "mpi")]
 pub use self::mpi::Mpi;
 

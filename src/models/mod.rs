@@ -1,11 +1,9 @@
 //! Model families with Hugging Face names and checkpoint I/O, built from a
 //! [`TrainingPlan`](crate::nn::TrainingPlan), and tokenizers.
 
-pub mod chat;
 pub mod checkpoint;
 pub mod llama;
 pub mod rope;
-pub mod tokenizer;
 
 pub use checkpoint::{load_llama, save_llama, save_llama_with, SaveOptions, TOKENIZER_FILES};
 pub use llama::{Llama, LlamaConfig, Sampling};

@@ -70,6 +70,31 @@ pub enum CompactState {
     All,
 }
 
+impl std::str::FromStr for CompactState {
+    type Err = LisaError;
+
+    /// `off`, `always` ([`AlwaysTrainable`](Self::AlwaysTrainable)) or `all`, as the
+    /// `finetune` example's `--compact-state` takes them.
+    ///
+    /// ```
+    /// use candle_lisa::optim::CompactState;
+    /// assert_eq!("always".parse::<CompactState>()?, CompactState::AlwaysTrainable);
+    /// assert!("half".parse::<CompactState>().is_err());
+    /// # Ok::<(), candle_lisa::LisaError>(())
+    /// ```
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(Self::Off),
+            "always" => Ok(Self::AlwaysTrainable),
+            "all" => Ok(Self::All),
+            _ => Err(LisaError::InvalidArgument {
+                what: "compact state",
+                reason: format!("{s:?}: use off, always or all"),
+            }),
+        }
+    }
+}
+
 /// What a step does with a NaN or infinite gradient when no [`LossScaler`] is set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum NonFinite {

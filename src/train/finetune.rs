@@ -3,15 +3,46 @@
 
 use std::path::Path;
 
-use candle_core::DType;
+use candle_core::{DType, Device};
 use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 
 use super::schedule::LrSchedule;
 use super::trainer::{Trainer, TrainerConfig};
+use crate::data::{pad_batch, Example};
 use crate::error::Result;
 use crate::models::{save_llama_with, Llama, LlamaConfig, SaveOptions};
-use crate::nn::{frozen_var_builder, merged_copy, named_vars, seed_adapters, LoraConfig};
-use crate::optim::{AdamW, LisaAdamW, LisaConfig, LossScaler};
+use crate::nn::calibrate::observe_linear_inputs;
+use crate::nn::{
+    frozen_var_builder, merged_copy, named_vars, seed_adapters, LoraConfig, TrainingPlan,
+};
+use crate::optim::{outlier_ratios, AdamW, LisaAdamW, LisaConfig, LossScaler, LLAMA_BLOCK_PATTERN};
+
+/// OwLore's block weights for sampling ([`SamplerChoice::Weighted`](crate::optim::SamplerChoice::Weighted)):
+/// the layerwise outlier ratio of each block at threshold `m`
+/// ([`outlier_ratios`]), from one forward pass of the frozen base model over `examples`, 8
+/// at a time, cut to `seq_len` tokens, with every projection's input observed.
+///
+/// # Errors
+/// Those of the model, of [`pad_batch`] and of [`outlier_ratios`].
+pub fn owlore_weights(
+    config: &LlamaConfig,
+    base: &VarMap,
+    examples: &[Example],
+    m: f64,
+    seq_len: usize,
+    device: &Device,
+) -> Result<Vec<f64>> {
+    let plan = TrainingPlan::new(frozen_var_builder(base)?, false);
+    let model = Llama::from_plan(config, &plan)?;
+    let (_, inputs) = observe_linear_inputs(|| {
+        for chunk in examples.chunks(8) {
+            let batch = pad_batch(chunk, 0, Some(seq_len), device)?;
+            model.forward(&batch.ids)?;
+        }
+        Ok(())
+    })?;
+    outlier_ratios(base, LLAMA_BLOCK_PATTERN, &inputs, m)
+}
 
 /// How to fine-tune.
 #[derive(Clone, Debug, PartialEq)]

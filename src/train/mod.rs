@@ -6,17 +6,15 @@
 //! nothing.
 
 pub mod checkpoint;
-pub mod data;
+mod eval;
 mod finetune;
 pub mod metrics;
 pub mod schedule;
 mod trainer;
 
 pub use checkpoint::Checkpointer;
-pub use data::{
-    eval_loss, pack_examples, pad_batch, read_prompt_response_jsonl, Batch, Example, StepSampler,
-};
-pub use finetune::{LlamaFineTune, Method};
+pub use eval::{eval_loss, exact_match};
+pub use finetune::{owlore_weights, LlamaFineTune, Method};
 pub use metrics::{read_jsonl, JsonlSink, MetricsSink};
 pub use schedule::{Constant, Cosine, Linear, LrSchedule};
 pub use trainer::{CausalLm, StepReport, Trainer, TrainerConfig, OPTIMIZER, TRAINER, WEIGHTS};

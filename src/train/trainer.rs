@@ -7,8 +7,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::checkpoint::Checkpointer;
-use super::data::Batch;
 use super::schedule::LrSchedule;
+use crate::data::Batch;
 use crate::dist::{self, Communicator, DEFAULT_BUCKET_BYTES};
 use crate::error::{LisaError, Result};
 use crate::io::io;
@@ -95,7 +95,8 @@ type Build<M> = Box<dyn FnMut(&TrainingPlan) -> Result<M> + Send>;
 ///
 /// ```
 /// use candle_core::{DType, Device};
-/// use candle_lisa::train::{pad_batch, Cosine, Example, Trainer, TrainerConfig};
+/// use candle_lisa::data::{pad_batch, Example};
+/// use candle_lisa::train::{Cosine, Trainer, TrainerConfig};
 /// use candle_lisa::{load_llama, LisaAdamW, LisaConfig, Llama};
 /// use candle_nn::ParamsAdamW;
 ///
@@ -179,7 +180,7 @@ impl<M: CausalLm> Trainer<M> {
     /// the update, weighted by each rank's counted labels, and
     /// [`save_checkpoint`](Self::save_checkpoint) writes on rank 0 only. Give each rank its own
     /// share of every batch
-    /// ([`StepSampler::for_rank`](crate::train::StepSampler::for_rank)).
+    /// ([`StepSampler::for_rank`](crate::data::StepSampler::for_rank)).
     ///
     /// Collective: every rank calls it. It checks at once that all ranks built the same
     /// optimizer (the same draw, step and trainable set), as it checks after every redraw.

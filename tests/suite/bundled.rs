@@ -4,7 +4,7 @@ use crate::common;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_lisa::models::tokenizer::{ByteTokenizer, TextTokenizer};
+use candle_lisa::data::tokenizer::{ByteTokenizer, TextTokenizer};
 use candle_lisa::models::Sampling;
 use candle_lisa::{load_llama, LisaAdamW, LisaConfig, Llama};
 use candle_nn::{Optimizer, ParamsAdamW};
@@ -92,7 +92,7 @@ fn lisa_fine_tunes_the_bundled_checkpoint() -> Result<(), Box<dyn std::error::Er
 
 #[test]
 fn hugging_face_tokenizer_json() -> Result<(), Box<dyn std::error::Error>> {
-    use candle_lisa::models::tokenizer::HfTokenizer;
+    use candle_lisa::data::tokenizer::HfTokenizer;
     let dir = tempfile::tempdir()?;
     let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
         "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,

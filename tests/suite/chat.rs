@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_lisa::models::chat::{chat_example, ChatMessage, ChatTemplate, SpecialTokens};
-use candle_lisa::models::tokenizer::{HfTokenizer, TextTokenizer};
+use candle_lisa::data::chat::{chat_example, ChatMessage, ChatTemplate, SpecialTokens};
+use candle_lisa::data::tokenizer::{HfTokenizer, TextTokenizer};
 use candle_lisa::{LisaError, IGNORE_INDEX};
 use serde_json::Value;
 
@@ -129,7 +129,7 @@ fn runaway_templates_run_out_of_fuel() -> Result<(), Error> {
     let t = ChatTemplate::new(nested, None, None)?;
     match t.render(&chat, false) {
         Err(LisaError::TemplateFuelExhausted { fuel }) => {
-            assert_eq!(fuel, candle_lisa::models::chat::DEFAULT_TEMPLATE_FUEL)
+            assert_eq!(fuel, candle_lisa::data::chat::DEFAULT_TEMPLATE_FUEL)
         }
         other => panic!("{other:?}"),
     }

@@ -7,9 +7,10 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
+use candle_lisa::data::{Example, StepSampler};
 use candle_lisa::dist::{Communicator, Mpi};
 use candle_lisa::optim::SamplerChoice;
-use candle_lisa::train::{Checkpointer, Constant, Example, StepSampler, Trainer, TrainerConfig};
+use candle_lisa::train::{Checkpointer, Constant, Trainer, TrainerConfig};
 use candle_lisa::{LisaAdamW, LisaConfig, LisaError, Llama, LlamaConfig, TrainingPlan};
 use candle_nn::ParamsAdamW;
 use sha2::{Digest, Sha256};

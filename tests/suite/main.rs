@@ -10,6 +10,7 @@ mod dist;
 mod bundled;
 mod chat;
 mod checkpoint;
+mod data;
 mod dropin;
 mod errors;
 mod freezing;

@@ -2,10 +2,8 @@
 //! non-finite guard, crash-safe checkpoints and exact resume.
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_lisa::train::{
-    pack_examples, pad_batch, Batch, Checkpointer, Constant, Example, StepReport, Trainer,
-    TrainerConfig,
-};
+use candle_lisa::data::{pack_examples, pad_batch, Batch, Example};
+use candle_lisa::train::{Checkpointer, Constant, StepReport, Trainer, TrainerConfig};
 use candle_lisa::{LisaAdamW, LisaError, Llama, LlamaConfig, TrainingPlan};
 use candle_nn::{ParamsAdamW, VarMap};
 

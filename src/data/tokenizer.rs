@@ -31,7 +31,7 @@ pub trait TextTokenizer {
 /// bundled tiny model.
 ///
 /// ```
-/// use candle_lisa::models::tokenizer::{ByteTokenizer, TextTokenizer};
+/// use candle_lisa::data::tokenizer::{ByteTokenizer, TextTokenizer};
 /// let t = ByteTokenizer;
 /// let ids = t.encode("hé")?;
 /// assert_eq!(ids, [104, 195, 169]);

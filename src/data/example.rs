@@ -11,7 +11,6 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use rand::{Rng, SeedableRng};
 
 use crate::error::{LisaError, Result};
 use crate::nn::loss::IGNORE_INDEX;
@@ -36,7 +35,7 @@ impl Example {
     /// `prompt`, then `response` and `eos`: only the response and `eos` are trained on.
     ///
     /// ```
-    /// use candle_lisa::train::Example;
+    /// use candle_lisa::data::Example;
     /// let e = Example::prompt_response(&[5, 6], &[7], 2);
     /// assert_eq!(e.ids, [5, 6, 7, 2]);
     /// assert_eq!(e.labels, [-100, -100, 7, 2]);
@@ -140,7 +139,7 @@ pub fn pad_batch(
 /// boundaries inside a packed sequence (as with packing in TRL without position resets).
 ///
 /// ```
-/// use candle_lisa::train::{pack_examples, Example};
+/// use candle_lisa::data::{pack_examples, Example};
 /// let ex = [Example::text(vec![1, 2]), Example::text(vec![3, 4]), Example::text(vec![5, 6, 7])];
 /// let packed = pack_examples(&ex, 4);
 /// assert_eq!(packed.iter().map(|e| e.ids.clone()).collect::<Vec<_>>(), [vec![1, 2, 3, 4], vec![5, 6, 7]]);
@@ -163,117 +162,11 @@ pub fn pack_examples(examples: &[Example], seq_len: usize) -> Vec<Example> {
     out
 }
 
-/// Which examples each optimizer step trains on: a function of the seed and the step alone,
-/// so the data position of a run is its step and a resumed run sees the same batches.
-///
-/// In a data-parallel run every rank draws the same batch and keeps its own contiguous share
-/// of it ([`for_rank`](Self::for_rank)), so the ranks together train on exactly the examples
-/// one process would, and the data position is still the step.
-///
-/// ```
-/// use candle_lisa::train::StepSampler;
-/// let s = StepSampler::new(7);
-/// assert_eq!(s.indices(12, 4, 100), s.indices(12, 4, 100));
-/// assert!(s.indices(12, 4, 100).iter().all(|&i| i < 100));
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StepSampler {
-    seed: u64,
-    /// This rank and the number of ranks; (0, 1) in a single process.
-    rank: usize,
-    world_size: usize,
-}
-
-impl StepSampler {
-    /// A sampler for `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self {
-            seed,
-            rank: 0,
-            world_size: 1,
-        }
-    }
-
-    /// The sampler of rank `rank` of `world_size`: [`micro_batches`](Self::micro_batches)
-    /// gives its share of each step's batch, examples `rank·B/W .. (rank+1)·B/W` of the `B`
-    /// drawn.
-    ///
-    /// ```
-    /// use candle_lisa::train::StepSampler;
-    /// let all = StepSampler::new(7).indices(3, 8, 100);
-    /// let second = StepSampler::new(7).for_rank(1, 2)?;
-    /// assert_eq!(second.indices(3, 8, 100), all);
-    /// # Ok::<(), candle_lisa::LisaError>(())
-    /// ```
-    ///
-    /// # Errors
-    /// [`LisaError::InvalidConfig`] unless `rank < world_size`.
-    pub fn for_rank(self, rank: usize, world_size: usize) -> Result<Self> {
-        if rank >= world_size {
-            return Err(LisaError::InvalidConfig(format!(
-                "rank {rank} is out of range for {world_size} ranks"
-            )));
-        }
-        Ok(Self {
-            rank,
-            world_size,
-            ..self
-        })
-    }
-
-    /// `count` indices below `len`, drawn with replacement for `step` (ChaCha8, the same on
-    /// every platform).
-    pub fn indices(&self, step: u64, count: usize, len: usize) -> Vec<usize> {
-        let seed = self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        (0..count)
-            .map(|_| rng.random_range(0..len.max(1)))
-            .collect()
-    }
-
-    /// The micro-batches of `step`: `batch_size` examples split into `micro` padded batches;
-    /// for a sampler [`for_rank`](Self::for_rank), this rank's share of them.
-    ///
-    /// # Errors
-    /// Those of [`pad_batch`], and [`LisaError::InvalidConfig`] for no example, or for fewer
-    /// examples in a batch than ranks.
-    #[allow(clippy::too_many_arguments)]
-    pub fn micro_batches(
-        &self,
-        examples: &[Example],
-        step: u64,
-        batch_size: usize,
-        micro: usize,
-        pad_id: u32,
-        max_len: Option<usize>,
-        device: &Device,
-    ) -> Result<Vec<Batch>> {
-        if examples.is_empty() {
-            return Err(LisaError::InvalidConfig("no training example".into()));
-        }
-        let (rank, world) = (self.rank, self.world_size);
-        if batch_size < world {
-            return Err(LisaError::InvalidConfig(format!(
-                "a batch of {batch_size} cannot be shared by {world} ranks: give each rank \
-                 one example at least"
-            )));
-        }
-        let drawn = self.indices(step, batch_size, examples.len());
-        let share = &drawn[rank * batch_size / world..(rank + 1) * batch_size / world];
-        let picked: Vec<Example> = share.iter().map(|&i| examples[i].clone()).collect();
-        let size = picked.len().div_ceil(micro.max(1)).max(1);
-        picked
-            .chunks(size)
-            .map(|c| pad_batch(c, pad_id, max_len, device))
-            .collect()
-    }
-}
-
 /// Prompt/response pairs from a JSONL file: one object per line with string fields `prompt`
 /// and `response` (blank lines skipped).
 ///
 /// # Errors
-/// [`LisaError::Io`] for an unreadable file, [`LisaError::InvalidConfig`] naming the line
+/// [`LisaError::Io`] for an unreadable file, [`LisaError::InvalidData`] naming the line
 /// for bad JSON or a missing field.
 pub fn read_prompt_response_jsonl(path: impl AsRef<Path>) -> Result<Vec<(String, String)>> {
     let path = path.as_ref();
@@ -284,7 +177,10 @@ pub fn read_prompt_response_jsonl(path: impl AsRef<Path>) -> Result<Vec<(String,
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let at = |m: String| LisaError::InvalidConfig(format!("{}:{}: {m}", path.display(), i + 1));
+        let at = |reason: String| LisaError::InvalidData {
+            path: format!("{}:{}", path.display(), i + 1).into(),
+            reason,
+        };
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
         let field = |k: &str| {
             v[k].as_str()
@@ -294,31 +190,4 @@ pub fn read_prompt_response_jsonl(path: impl AsRef<Path>) -> Result<Vec<(String,
         pairs.push((field("prompt")?, field("response")?));
     }
     Ok(pairs)
-}
-
-/// The mean loss over every counted label of `examples`, in padded batches of `batch_size`
-/// (each batch weighted by its labels), without building a graph if the model's weights are
-/// detached.
-///
-/// # Errors
-/// Those of [`pad_batch`] and of the model.
-pub fn eval_loss(
-    model: &impl super::CausalLm,
-    examples: &[Example],
-    batch_size: usize,
-    pad_id: u32,
-    max_len: Option<usize>,
-    device: &Device,
-) -> Result<f32> {
-    let (mut sum, mut tokens) = (0.0f64, 0usize);
-    for chunk in examples.chunks(batch_size.max(1)) {
-        let b = pad_batch(chunk, pad_id, max_len, device)?;
-        let loss = model
-            .loss(&b)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_scalar::<f32>()?;
-        sum += loss as f64 * b.tokens as f64;
-        tokens += b.tokens;
-    }
-    Ok((sum / tokens.max(1) as f64) as f32)
 }

@@ -3,7 +3,7 @@
 //! them, and training examples where only the assistant's turns are in the loss.
 //!
 //! ```
-//! use candle_lisa::models::chat::{ChatMessage, ChatTemplate};
+//! use candle_lisa::data::chat::{ChatMessage, ChatTemplate};
 //! let chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
 //!               {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 //! let t = ChatTemplate::new(chatml, None, None)?;
@@ -20,10 +20,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::tokenizer::TextTokenizer;
+use super::Example;
 use crate::error::{LisaError, Result};
 use crate::io::io;
-use crate::models::tokenizer::TextTokenizer;
-use crate::train::Example;
 use crate::IGNORE_INDEX;
 
 /// One turn of a conversation, as in the `messages` of Hugging Face chat data.
@@ -154,6 +154,23 @@ impl ChatTemplate {
         source
             .map(|s| Self::new(&s, bos.as_deref(), eos.as_deref()))
             .transpose()
+    }
+
+    /// The template in `file`, with the `bos_token` and `eos_token` of `dir`'s
+    /// `tokenizer_config.json` (if any): for a model directory that has no template of its
+    /// own, or to override it.
+    ///
+    /// # Errors
+    /// Unreadable or malformed files, and templates that do not compile.
+    pub fn from_file_for_dir(file: impl AsRef<Path>, dir: impl AsRef<Path>) -> Result<Self> {
+        let file = file.as_ref();
+        let source = std::fs::read_to_string(file).map_err(io("cannot read", file))?;
+        let config = read_json(&dir.as_ref().join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let (bos, eos) = (
+            token_string(&config["bos_token"]),
+            token_string(&config["eos_token"]),
+        );
+        Self::new(&source, bos.as_deref(), eos.as_deref())
     }
 
     /// The conversation as text, with the assistant prompt appended when
