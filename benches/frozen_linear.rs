@@ -60,7 +60,7 @@ fn frozen_linear(c: &mut Criterion) {
         group.throughput(Throughput::Elements((2 * rows * inp * out) as u64));
         group.bench_function(BenchmarkId::new("lisa_frozen_matmul", proj), |b| {
             b.iter(|| {
-                let y = candle_lisa::frozen_matmul(&x, &w).unwrap();
+                let y = candle_lisa::nn::frozen_matmul(&x, &w).unwrap();
                 dev.synchronize().unwrap();
                 y
             })

@@ -10,14 +10,14 @@ mod common;
 mod training;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use training::{batch, shape_config, Method, Training, Weights};
+use training::{batch, shape_config, Training, Variant, Weights};
 
 fn train_step(c: &mut Criterion) {
     let (dev, mut group) = common::group(c, "train_step/smollm2-135m/T128", 10, 3, 20);
     let config = shape_config("smollm2-135m").unwrap();
     let (ids, labels) = batch(&config, 1, 128, &dev).unwrap();
     for method in ["full", "lora16", "lisa2"] {
-        let kind: Method = method.parse().unwrap();
+        let kind: Variant = method.parse().unwrap();
         let weights = Weights::new(config.clone(), kind, &dev, candle_core::DType::F32).unwrap();
         let uniform = candle_lisa::optim::SamplerChoice::Uniform;
         let mut training = Training::new(weights, kind, &uniform).unwrap();

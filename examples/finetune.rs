@@ -47,7 +47,7 @@ static GLOBAL: alloc::Counting = alloc::Counting;
 type Error = Box<dyn std::error::Error>;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-enum Method {
+enum MethodArg {
     Lisa,
     Lora,
     Full,
@@ -60,7 +60,7 @@ enum Method {
 struct Args {
     /// Which method to run; `all` runs the three on the same data and seed.
     #[arg(long, value_enum, default_value = "all")]
-    method: Method,
+    method: MethodArg,
     /// A Hugging Face Llama-family directory (config.json, model.safetensors, optionally
     /// tokenizer.json). Default: the bundled tiny checkpoint.
     #[arg(long)]
@@ -218,7 +218,7 @@ fn evaluate(
 
 /// One method's fine-tuning set-up.
 fn fine_tune(
-    method: Method,
+    method: MethodArg,
     args: &Args,
     model_dir: &Path,
     data: &Dataset,
@@ -227,7 +227,7 @@ fn fine_tune(
 ) -> Result<LlamaFineTune, Error> {
     let (config, base) = load_llama(model_dir, dtype, dev)?;
     let sampler = match args.owlore {
-        Some(m) if method == Method::Lisa => {
+        Some(m) if method == MethodArg::Lisa => {
             let examples = &data.train[..data.train.len().min(64)];
             let ratios = owlore_weights(&config, &base, examples, m, args.seq_len, dev)?;
             let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.4}")).collect();
@@ -242,7 +242,7 @@ fn fine_tune(
         ..Default::default()
     };
     let method = match method {
-        Method::Lisa => train::Method::Lisa(LisaConfig {
+        MethodArg::Lisa => train::Method::Lisa(LisaConfig {
             gamma: args.gamma,
             period: args.period,
             seed: args.seed,
@@ -250,7 +250,7 @@ fn fine_tune(
             recompute_frozen: args.recompute_frozen,
             ..Default::default()
         }),
-        Method::Lora => {
+        MethodArg::Lora => {
             let alpha = args.lora_alpha.unwrap_or(2.0 * args.lora_rank as f64);
             train::Method::Lora(
                 LoraConfig {
@@ -261,7 +261,7 @@ fn fine_tune(
                 args.seed,
             )
         }
-        Method::Full | Method::All => train::Method::Full,
+        MethodArg::Full | MethodArg::All => train::Method::Full,
     };
     let warmup = (args.steps / 20).max(1);
     let schedule = Cosine {
@@ -298,7 +298,7 @@ fn run_config(args: &Args, method: &str) -> serde_json::Value {
 /// Trains one method; returns its summary line for `summary.json`.
 #[allow(clippy::too_many_arguments)]
 fn train(
-    method: Method,
+    method: MethodArg,
     args: &Args,
     model_dir: &Path,
     data: &Dataset,
@@ -487,7 +487,7 @@ fn run(args: Args) -> Result<Vec<serde_json::Value>, Error> {
         let _ = std::fs::remove_file(&metrics);
     }
     let methods = match args.method {
-        Method::All => vec![Method::Lisa, Method::Lora, Method::Full],
+        MethodArg::All => vec![MethodArg::Lisa, MethodArg::Lora, MethodArg::Full],
         m => vec![m],
     };
     let (mut summaries, mut curves) = (Vec::new(), Vec::new());

@@ -19,7 +19,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_lisa::data::tokenizer::{ByteTokenizer, HfTokenizer, TextTokenizer};
-use candle_lisa::{LisaAdamW, LisaConfig, GPT2_BLOCK_PATTERN};
+use candle_lisa::optim::GPT2_BLOCK_PATTERN;
+use candle_lisa::{LisaAdamW, LisaConfig};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
 use rand::{Rng, SeedableRng};
@@ -97,7 +98,7 @@ fn train(
         ..Default::default()
     };
     let mut opt = match method {
-        "full" => LisaAdamW::all_trainable(candle_lisa::named_vars(&vars)?, params)?,
+        "full" => LisaAdamW::all_trainable(candle_lisa::nn::named_vars(&vars)?, params)?,
         _ => {
             let lisa = LisaConfig {
                 gamma: args.gamma,
@@ -111,7 +112,7 @@ fn train(
     };
     let eval_loss =
         |model: &Gpt2| -> Result<f32, Error> { Ok(model.loss(eval)?.to_scalar::<f32>()?) };
-    let frozen = Gpt2::new(&config, candle_lisa::frozen_var_builder(&vars)?)?;
+    let frozen = Gpt2::new(&config, candle_lisa::nn::frozen_var_builder(&vars)?)?;
     let before = eval_loss(&frozen)?;
     drop(frozen);
     let mut model = Gpt2::new(&config, opt.var_builder())?;
@@ -133,7 +134,7 @@ fn train(
     let seconds = started.elapsed().as_secs_f64();
     let after = eval_loss(&Gpt2::new(
         &config,
-        candle_lisa::frozen_var_builder(&vars)?,
+        candle_lisa::nn::frozen_var_builder(&vars)?,
     )?)?;
     Ok(serde_json::json!({
         "method": method, "steps": args.steps, "eval_loss_before": before,

@@ -200,7 +200,7 @@ fn op_cases() -> Vec<OpCase> {
             "frozen_matmul",
             &[&[32, 64]],
             Box::new(move |x, d| {
-                candle_lisa::frozen_matmul(&x[0], &frozen(&[96, 64], x[0].dtype(), d, 3)?)
+                candle_lisa::nn::frozen_matmul(&x[0], &frozen(&[96, 64], x[0].dtype(), d, 3)?)
             }),
         ),
         case(
@@ -215,7 +215,8 @@ fn op_cases() -> Vec<OpCase> {
             &[&[32, 64]],
             Box::new(move |x, d| {
                 let w = frozen(&[64, 64], x[0].dtype(), d, 4)?;
-                let block = Arc::new(move |x: &Tensor| candle_lisa::frozen_matmul(x, &w)?.tanh());
+                let block =
+                    Arc::new(move |x: &Tensor| candle_lisa::nn::frozen_matmul(x, &w)?.tanh());
                 candle_lisa::nn::recompute::recompute(&x[0], block)
             }),
         ),
@@ -444,7 +445,8 @@ fn check_finetune(report: &mut Report, args: &Args, dev: &Device) -> Result<(), 
     report.emit(line, worst <= 1e-3);
 
     let (config, base) = load_llama(&args.model, DType::F32, dev)?;
-    let before_model = candle_lisa::Llama::new(&config, candle_lisa::frozen_var_builder(&base)?)?;
+    let before_model =
+        candle_lisa::Llama::new(&config, candle_lisa::nn::frozen_var_builder(&base)?)?;
     let before = eval_loss(&before_model, &eval, 32, eos, Some(24), dev)?;
     let after = eval_loss(&run.eval_model()?, &eval, 32, eos, Some(24), dev)?;
     let line = json!({"check": "finetune", "name": "lisa on the device", "steps": losses.len(),

@@ -49,7 +49,7 @@ mod training;
 mod report;
 
 use report::{Record, Setup};
-use training::{shape_config, Method, METHODS};
+use training::{shape_config, Variant, METHODS};
 
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
@@ -374,7 +374,7 @@ fn main() -> Result<(), Error> {
                 shape_config(shape)?;
             }
             for method in &methods {
-                method.parse::<Method>()?;
+                method.parse::<Variant>()?;
             }
             let mut records = Vec::new();
             for shape in &args.shape {

@@ -14,7 +14,7 @@
 //! the backward pass. The model's attention, norms, RoPE, SwiGLU and loss ([`nn::ops`]) keep
 //! only their inputs and outputs in the graph. Half-precision models train correctly: the
 //! optimizer keeps f32 master weights and moments for what trains
-//! ([precision policy](optim::precision), [`LossScaler`] for f16).
+//! ([precision policy](optim::precision), [`LossScaler`](optim::LossScaler) for f16).
 //!
 //! The crate's modules, with dependencies pointing one way (each uses only those listed
 //! below it):
@@ -103,17 +103,12 @@ pub mod train;
 
 pub use error::{LisaError, Result};
 pub use models::{load_llama, save_llama, Llama, LlamaConfig};
-pub use nn::loss::{causal_lm_loss, head_loss, IGNORE_INDEX};
+pub use nn::loss::IGNORE_INDEX;
 pub use nn::{
-    frozen_matmul, frozen_var_builder, layer_norm, linear, linear_b, linear_no_bias, merge_lora,
-    named_vars, rms_norm, LayerNorm, Linear, LoraAdapter, LoraConfig, RmsNorm, TrainingPlan,
-    LORA_TARGETS,
+    layer_norm, linear, linear_b, linear_no_bias, rms_norm, LayerNorm, Linear, LoraConfig, RmsNorm,
+    TrainingPlan,
 };
-pub use optim::{
-    AdamW, BlockPattern, BlockSampler, LayerMap, LisaAdamW, LisaConfig, LisaParams, LossScaler,
-    Mode, NonFinite, ParamGroup, ParamState, UniformSampler, GPT2_BLOCK_PATTERN,
-    LLAMA_BLOCK_PATTERN,
-};
+pub use optim::{AdamW, LisaAdamW, LisaConfig};
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -266,6 +266,6 @@ impl Gpt2 {
     /// Mean next-token cross-entropy of `ids` (every position trained on).
     pub fn loss(&self, ids: &Tensor) -> Result<Tensor, candle_lisa::LisaError> {
         let labels = ids.to_dtype(DType::I64)?;
-        candle_lisa::causal_lm_loss(&self.forward(ids)?, &labels)
+        candle_lisa::nn::loss::causal_lm_loss(&self.forward(ids)?, &labels)
     }
 }

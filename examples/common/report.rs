@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use crate::alloc;
-use crate::training::{batch, shape_config, Method, Training, Weights};
+use crate::training::{batch, shape_config, Training, Variant, Weights};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -81,7 +81,7 @@ pub struct Setup<'a> {
 /// once the previous one's tensors are dropped.
 pub fn measure(s: &Setup, dev: &Device) -> Result<Record, Error> {
     let config = shape_config(s.shape)?;
-    let method: Method = s.method.parse()?;
+    let method: Variant = s.method.parse()?;
     let (b, t) = (s.batch_size, s.seq_len);
     let meter = Meter::new(dev)?;
     let (ids, labels) = batch(&config, b, t, dev)?;

@@ -3,10 +3,9 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor};
+use candle_lisa::nn::{frozen_var_builder, named_vars};
 use candle_lisa::optim::{CompactState, SamplerChoice};
-use candle_lisa::{
-    frozen_var_builder, named_vars, LisaAdamW, LisaConfig, Llama, LlamaConfig, LoraConfig,
-};
+use candle_lisa::{LisaAdamW, LisaConfig, Llama, LlamaConfig, LoraConfig};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 /// Shape names: SmolLM2-135M; LLaMA-2-7B's proportions at a CPU-friendly size (embedding and
@@ -14,7 +13,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 /// tied 128k-token embedding: a GPU shape); a tiny one for smoke tests.
 pub const SHAPES: [&str; 4] = ["smollm2-135m", "llama2-7b-scaled", "llama3.2-1b", "tiny"];
 
-/// Method names, in report order.
+/// Variant names, in report order.
 pub const METHODS: [&str; 13] = [
     "full",
     "adamw-candle",
@@ -67,7 +66,7 @@ pub fn shape_config(name: &str) -> std::result::Result<LlamaConfig, String> {
 
 /// What a method name asks for.
 #[derive(Clone, Copy, Debug)]
-pub enum Method {
+pub enum Variant {
     /// The crate's lean AdamW over every parameter.
     Full,
     /// `candle_nn::AdamW` over every parameter, the model built from the `VarMap`.
@@ -88,25 +87,25 @@ pub enum Method {
     },
 }
 
-impl std::str::FromStr for Method {
+impl std::str::FromStr for Variant {
     type Err = String;
 
     fn from_str(name: &str) -> std::result::Result<Self, String> {
         let unknown = || format!("unknown method {name:?}; choose from {METHODS:?}");
         if name == "full" {
-            return Ok(Method::Full);
+            return Ok(Variant::Full);
         }
         if name == "adamw-candle" {
-            return Ok(Method::AdamwCandle);
+            return Ok(Variant::AdamwCandle);
         }
         if let Some(rank) = name.strip_prefix("lora") {
-            return rank.parse().map(Method::Lora).map_err(|_| unknown());
+            return rank.parse().map(Variant::Lora).map_err(|_| unknown());
         }
         let rest = name.strip_prefix("lisa").ok_or_else(unknown)?;
         let (gamma, variant) = rest.split_once('-').unwrap_or((rest, ""));
         let gamma = gamma.parse().map_err(|_| unknown())?;
         match variant {
-            "" | "dropin" | "recompute" | "frozen-embed" | "compact" => Ok(Method::Lisa {
+            "" | "dropin" | "recompute" | "frozen-embed" | "compact" => Ok(Variant::Lisa {
                 gamma,
                 drop_in: variant == "dropin",
                 // Compact state is measured with recompute: the leanest LISA.
@@ -131,12 +130,17 @@ pub struct Weights {
 
 impl Weights {
     /// Weights in `dtype` (adapters too).
-    pub fn new(config: LlamaConfig, method: Method, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn new(
+        config: LlamaConfig,
+        method: Variant,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let base = VarMap::new();
         Llama::new(&config, VarBuilder::from_varmap(&base, dtype, device))?;
         let adapters = VarMap::new();
         let lora = match method {
-            Method::Lora(rank) => {
+            Variant::Lora(rank) => {
                 let lora = LoraConfig {
                     rank,
                     alpha: 2.0 * rank as f64,
@@ -200,28 +204,28 @@ pub struct Step {
 impl Training {
     /// Builds the optimizer (allocating its state) and the model. Learning rate 1e-5; LISA
     /// draws with `sampler`.
-    pub fn new(weights: Weights, method: Method, sampler: &SamplerChoice) -> Result<Self> {
+    pub fn new(weights: Weights, method: Variant, sampler: &SamplerChoice) -> Result<Self> {
         let params = ParamsAdamW {
             lr: 1e-5,
             ..Default::default()
         };
         let optim = match method {
-            Method::Full => Optim::Lean {
+            Variant::Full => Optim::Lean {
                 opt: Box::new(LisaAdamW::all_trainable(
                     named_vars(&weights.base)?,
                     params,
                 )?),
                 rebuild: false,
             },
-            Method::Lora(_) => Optim::Lean {
+            Variant::Lora(_) => Optim::Lean {
                 opt: Box::new(LisaAdamW::all_trainable(
                     named_vars(&weights.adapters)?,
                     params,
                 )?),
                 rebuild: false,
             },
-            Method::AdamwCandle => Optim::Candle(AdamW::new(weights.base.all_vars(), params)?),
-            Method::Lisa {
+            Variant::AdamwCandle => Optim::Candle(AdamW::new(weights.base.all_vars(), params)?),
+            Variant::Lisa {
                 gamma,
                 drop_in,
                 recompute,

@@ -100,7 +100,7 @@ impl std::str::FromStr for SamplerChoice {
 /// ```
 /// use candle_lisa::LisaConfig;
 /// let config = LisaConfig { gamma: 4, period: 50, ..Default::default() };
-/// assert_eq!(config.block_pattern, candle_lisa::LLAMA_BLOCK_PATTERN);
+/// assert_eq!(config.block_pattern, candle_lisa::optim::LLAMA_BLOCK_PATTERN);
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct LisaConfig {

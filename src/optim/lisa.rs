@@ -6,8 +6,8 @@ use candle_core::{Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 use super::adamw::{check_params, AdamW, GradScale, ParamState};
+use super::block_map::{BlockMap, ParamRole};
 use super::config::LisaConfig;
-use super::layer_map::{LayerMap, ParamGroup};
 use super::precision::{CompactState, LossScaler, NonFinite};
 use super::sampler::BlockSampler;
 use crate::error::{LisaError, Result};
@@ -107,7 +107,7 @@ pub struct LisaAdamW {
     /// keeps it so.
     pub(super) adamw: AdamW,
     /// Its names are `adamw`'s, in the same order.
-    pub(super) map: LayerMap,
+    pub(super) map: BlockMap,
     /// Sorted: `gamma` distinct indices below `map.num_blocks()` in [`Mode::Lisa`], empty in
     /// [`Mode::Full`] (whose map has no blocks).
     pub(super) active: Vec<usize>,
@@ -138,7 +138,7 @@ impl From<AdamW> for LisaAdamW {
     /// `adamw` with no block schedule ([`Mode::Full`]): every parameter trains at every step.
     fn from(adamw: AdamW) -> Self {
         Self {
-            map: LayerMap::all_trainable_sorted(adamw.names.clone()),
+            map: BlockMap::all_trainable_sorted(adamw.names.clone()),
             adamw,
             active: Vec::new(),
             sampler: None,
@@ -191,7 +191,7 @@ impl LisaAdamW {
             return Err(LisaError::ZeroPeriod);
         }
         let adamw = AdamW::frozen(vars, params)?;
-        let map = LayerMap::new(&adamw.names, &config)?;
+        let map = BlockMap::new(&adamw.names, &config)?;
         if config.gamma == 0 || config.gamma > map.num_blocks() {
             return Err(LisaError::InvalidGamma {
                 gamma: config.gamma,
@@ -213,7 +213,7 @@ impl LisaAdamW {
             resampled: false,
         };
         for i in 0..opt.map.len() {
-            if opt.map.group_at(i) == ParamGroup::Always {
+            if opt.map.group_at(i) == ParamRole::Always {
                 opt.adamw.set_trainable(i, true)?;
             }
         }
@@ -537,7 +537,7 @@ impl LisaAdamW {
     pub(super) fn compact_at(&self, compact: CompactState, i: usize) -> bool {
         match compact {
             CompactState::Off => false,
-            CompactState::AlwaysTrainable => self.map.group_at(i) == ParamGroup::Always,
+            CompactState::AlwaysTrainable => self.map.group_at(i) == ParamRole::Always,
             CompactState::All => true,
         }
     }
@@ -551,7 +551,7 @@ impl LisaAdamW {
     }
 
     /// Which parameter is in which block.
-    pub fn layer_map(&self) -> &LayerMap {
+    pub fn block_map(&self) -> &BlockMap {
         &self.map
     }
 

@@ -1,10 +1,10 @@
 //! The optimizers: [`AdamW`], a lean AdamW over named variables that keeps state only for
 //! what is trainable, and [`LisaAdamW`], that AdamW plus LISA's block schedule: the block
-//! [`sampler`]s, the [`LayerMap`] from parameter names to blocks, and optimizer state I/O.
+//! [`sampler`]s, the [`BlockMap`] from parameter names to blocks, and optimizer state I/O.
 
 mod adamw;
+mod block_map;
 mod config;
-mod layer_map;
 mod lisa;
 mod outliers;
 pub mod precision;
@@ -13,11 +13,11 @@ mod state;
 mod update;
 
 pub use adamw::{AdamW, ParamState};
+pub use block_map::{BlockMap, BlockPattern, ParamRole};
 pub use config::{
     LisaConfig, SamplerChoice, EMBEDDING_PREFIXES, GPT2_BLOCK_PATTERN, HEAD_PREFIXES,
     LLAMA_BLOCK_PATTERN,
 };
-pub use layer_map::{BlockPattern, LayerMap, ParamGroup};
 pub use lisa::{LisaAdamW, LisaParams, Mode};
 pub use outliers::outlier_ratios;
 pub use precision::{CompactState, LossScaler, NonFinite};

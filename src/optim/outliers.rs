@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 
-use super::layer_map::BlockPattern;
+use super::block_map::BlockPattern;
 use crate::error::{LisaError, Result};
 use crate::nn::calibrate::LinearInputs;
 use crate::nn::named_vars;
@@ -33,8 +33,9 @@ use crate::nn::named_vars;
 /// use candle_core::{DType, Device, Tensor};
 /// use candle_lisa::nn::calibrate::observe_linear_inputs;
 /// use candle_lisa::optim::{outlier_ratios, SamplerChoice};
-/// use candle_lisa::{frozen_var_builder, load_llama, Llama, LisaConfig, TrainingPlan};
-/// use candle_lisa::LLAMA_BLOCK_PATTERN;
+/// use candle_lisa::{load_llama, Llama, LisaConfig, TrainingPlan};
+/// use candle_lisa::nn::frozen_var_builder;
+/// use candle_lisa::optim::LLAMA_BLOCK_PATTERN;
 ///
 /// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tiny-llama");
 /// let (config, varmap) = load_llama(dir, DType::F32, &Device::Cpu)?;

@@ -114,7 +114,7 @@ pub enum NonFinite {
 /// clean steps in a row it is multiplied by `growth_factor`.
 ///
 /// ```
-/// use candle_lisa::LossScaler;
+/// use candle_lisa::optim::LossScaler;
 /// let s = LossScaler::default();
 /// assert_eq!(s.scale(), 65536.0);
 /// let s = LossScaler::new(1024.0, 2.0, 0.5, 100)?;

@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 /// weighted or gradient-driven samplers implement this trait.
 ///
 /// ```
-/// use candle_lisa::BlockSampler;
+/// use candle_lisa::optim::BlockSampler;
 ///
 /// /// Walks through the blocks in order, γ at a time.
 /// struct Cyclic(usize);
@@ -75,7 +75,7 @@ fn rng_restore(state: &serde_json::Value) -> std::result::Result<(u64, ChaCha8Rn
 /// the same seed gives the same sequence of draws.
 ///
 /// ```
-/// use candle_lisa::{BlockSampler, UniformSampler};
+/// use candle_lisa::optim::{BlockSampler, UniformSampler};
 /// let mut a = UniformSampler::new(7);
 /// let mut b = UniformSampler::new(7);
 /// let draw = a.draw(30, 2);
@@ -139,7 +139,7 @@ pub enum Order {
 ///
 /// ```
 /// use candle_lisa::optim::sampler::{Order, OrderedSampler};
-/// use candle_lisa::BlockSampler;
+/// use candle_lisa::optim::BlockSampler;
 /// let mut s = OrderedSampler::new(Order::Ascending, 0);
 /// assert_eq!(s.draw(5, 2), [0, 1]);
 /// assert_eq!(s.draw(5, 2), [2, 3]);
@@ -248,7 +248,7 @@ fn weighted_draw(rng: &mut ChaCha8Rng, weights: &[f64], gamma: usize) -> Vec<usi
 ///
 /// ```
 /// use candle_lisa::optim::sampler::WeightedSampler;
-/// use candle_lisa::BlockSampler;
+/// use candle_lisa::optim::BlockSampler;
 /// let mut s = WeightedSampler::new(vec![0.0, 1.0, 3.0], 7)?;
 /// let d = s.draw(3, 1);
 /// assert!(d == [1] || d == [2]);
@@ -317,7 +317,7 @@ impl BlockSampler for WeightedSampler {
 ///
 /// ```
 /// use candle_lisa::optim::sampler::GradNormSampler;
-/// use candle_lisa::BlockSampler;
+/// use candle_lisa::optim::BlockSampler;
 /// let mut s = GradNormSampler::new(0.9, 0.1, 3);
 /// s.observe(0, 10.0);
 /// s.observe(1, 0.0);

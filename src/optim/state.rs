@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::ParamsAdamW;
 
 use super::adamw::check_params;
-use super::layer_map::ParamGroup;
+use super::block_map::ParamRole;
 use super::lisa::{LisaAdamW, Mode};
 use super::precision::LossScaler;
 use super::update::{can_compact, is_half, Moments};
@@ -195,9 +195,9 @@ impl LisaAdamW {
         for (i, var) in self.adamw.vars.iter().enumerate() {
             let name = self.map.name_at(i);
             let trainable = match self.map.group_at(i) {
-                ParamGroup::Always => true,
-                ParamGroup::Block(b) => active.contains(&b),
-                ParamGroup::Never => false,
+                ParamRole::Always => true,
+                ParamRole::Block(b) => active.contains(&b),
+                ParamRole::Never => false,
             };
             if !trainable {
                 continue;

@@ -1,6 +1,6 @@
 //! Training around the optimizer: a [`Trainer`] for full fine-tuning, LoRA or LISA with
 //! gradient accumulation, clipping and a non-finite guard; learning-rate [`schedule`]s;
-//! padded and packed batches ([`data`]); crash-safe [`checkpoint`]s; metrics sinks.
+//! evaluation ([`eval_loss`], [`exact_match`]); crash-safe [`checkpoint`]s; metrics sinks.
 //!
 //! Everything here is optional: [`LisaAdamW`](crate::LisaAdamW) in a loop of your own loses
 //! nothing.
@@ -16,5 +16,5 @@ pub use checkpoint::Checkpointer;
 pub use eval::{eval_loss, exact_match};
 pub use finetune::{owlore_weights, LlamaFineTune, Method};
 pub use metrics::{read_jsonl, JsonlSink, MetricsSink};
-pub use schedule::{Constant, Cosine, Linear, LrSchedule};
+pub use schedule::{Constant, Cosine, LinearDecay, LrSchedule};
 pub use trainer::{CausalLm, StepReport, Trainer, TrainerConfig, OPTIMIZER, TRAINER, WEIGHTS};

@@ -45,13 +45,13 @@ impl LrSchedule for Constant {
 /// Linear warm-up to `peak`, then a straight line down to `end` at step `total`.
 ///
 /// ```
-/// use candle_lisa::train::{Linear, LrSchedule};
-/// let s = Linear { peak: 1.0, warmup: 0, total: 10, end: 0.0 };
+/// use candle_lisa::train::{LinearDecay, LrSchedule};
+/// let s = LinearDecay { peak: 1.0, warmup: 0, total: 10, end: 0.0 };
 /// assert_eq!(s.lr(5), 0.5);
 /// assert_eq!(s.lr(10), 0.0);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Linear {
+pub struct LinearDecay {
     /// The rate at the end of the warm-up.
     pub peak: f64,
     /// Warm-up steps.
@@ -62,7 +62,7 @@ pub struct Linear {
     pub end: f64,
 }
 
-impl LrSchedule for Linear {
+impl LrSchedule for LinearDecay {
     fn lr(&self, step: usize) -> f64 {
         warm(self.peak, self.warmup, step).unwrap_or_else(|| {
             let p = progress(self.warmup, self.total, step);

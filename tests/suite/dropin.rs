@@ -4,7 +4,8 @@
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_lisa::nn::ops;
-use candle_lisa::{linear, LisaAdamW, LisaConfig, LisaError, GPT2_BLOCK_PATTERN};
+use candle_lisa::optim::GPT2_BLOCK_PATTERN;
+use candle_lisa::{linear, LisaAdamW, LisaConfig, LisaError};
 use candle_nn::{embedding, Embedding, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 use crate::common::max_abs_diff;

@@ -2,7 +2,8 @@
 
 use crate::common::*;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_lisa::{BlockSampler, LisaAdamW, LisaConfig, LisaError, LisaParams};
+use candle_lisa::optim::{BlockSampler, LisaParams};
+use candle_lisa::{LisaAdamW, LisaConfig, LisaError};
 use candle_nn::{Optimizer, ParamsAdamW, VarMap};
 
 fn varmap_with(names: &[&str]) -> VarMap {
@@ -294,7 +295,7 @@ impl BlockSampler for Broken {
 fn a_broken_sampler_is_caught_before_anything_is_written() -> candle_core::Result<()> {
     let n = 4;
     let varmap = toy_varmap(n, 14)?;
-    let vars = candle_lisa::named_vars(&varmap)?;
+    let vars = candle_lisa::nn::named_vars(&varmap)?;
     let config = LisaConfig {
         gamma: 2,
         period: 1,

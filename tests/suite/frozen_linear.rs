@@ -3,7 +3,8 @@
 use crate::common::max_abs_diff;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Module, Tensor, Var};
-use candle_lisa::{frozen_matmul, Linear};
+use candle_lisa::nn::frozen_matmul;
+use candle_lisa::Linear;
 
 fn randn(shape: &[usize]) -> candle_core::Result<Tensor> {
     Tensor::randn(0f32, 1., shape, &Device::Cpu)

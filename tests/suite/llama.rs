@@ -2,8 +2,9 @@
 //! the differentiable ops match candle's fused ones, frozen blocks store no gradient.
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_lisa::models::Sampling;
+use candle_lisa::nn::loss::causal_lm_loss;
 use candle_lisa::nn::ops;
-use candle_lisa::{causal_lm_loss, LisaAdamW, LisaConfig, Llama, LlamaConfig, IGNORE_INDEX};
+use candle_lisa::{LisaAdamW, LisaConfig, Llama, LlamaConfig, IGNORE_INDEX};
 use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use serde_json::json;
 
@@ -238,7 +239,7 @@ fn lisa_builder_stores_gradients_only_for_trainable_parameters(
         .filter(|g| block_shapes.contains(&g.dims().to_vec()))
         .count();
     let trainable_block_tensors = opt
-        .layer_map()
+        .block_map()
         .block_params(opt.active_blocks()[0])
         .filter(|n| !n.ends_with("layernorm.weight"))
         .count();

@@ -1,6 +1,7 @@
 //! The LoRA baseline: starts at the base model, trains only adapters, merges exactly.
 use candle_core::{DType, Device, Tensor};
-use candle_lisa::{frozen_var_builder, merge_lora, LisaAdamW, Llama, LlamaConfig, LoraConfig};
+use candle_lisa::nn::{frozen_var_builder, merge_lora};
+use candle_lisa::{LisaAdamW, Llama, LlamaConfig, LoraConfig};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 fn setup() -> candle_core::Result<(LlamaConfig, VarMap)> {
@@ -80,7 +81,7 @@ fn lora_trains_adapters_only_and_merges_exactly() -> Result<(), Box<dyn std::err
         .count();
     assert_eq!(big, 0, "no gradient shaped like an MLP base weight");
 
-    let vars = candle_lisa::named_vars(&adapters)?;
+    let vars = candle_lisa::nn::named_vars(&adapters)?;
     let mut opt = LisaAdamW::all_trainable(
         vars,
         ParamsAdamW {

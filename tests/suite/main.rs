@@ -7,6 +7,7 @@ mod common;
 #[cfg(feature = "mpi")]
 mod dist;
 
+mod block_map;
 mod bundled;
 mod chat;
 mod checkpoint;
@@ -18,7 +19,6 @@ mod frozen_linear;
 mod gpt2;
 #[path = "../../examples/common/gpt2_model.rs"]
 mod gpt2_model;
-mod layer_map;
 mod llama;
 mod lora;
 mod parity;

@@ -107,7 +107,7 @@ fn plain_adamw_matches_candle_adamw() -> Result<(), Box<dyn std::error::Error>> 
     let mut named = candle_lisa::optim::AdamW::new(&maps[0], params())?;
     let mut unnamed = <candle_lisa::optim::AdamW as Optimizer>::new(maps[1].all_vars(), params())?;
     let mut converted: LisaAdamW = candle_lisa::optim::AdamW::new(&maps[2], params())?.into();
-    assert_eq!(converted.mode(), candle_lisa::Mode::Full);
+    assert_eq!(converted.mode(), candle_lisa::optim::Mode::Full);
     assert_eq!(converted.state_bytes(), named.state_bytes());
     let models = [
         Toy::new(n, vb(&reference_map))?,

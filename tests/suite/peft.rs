@@ -5,8 +5,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use candle_lisa::nn::frozen_var_builder;
 use candle_lisa::nn::{load_peft, save_peft};
-use candle_lisa::{frozen_var_builder, load_llama, LisaError, Llama};
+use candle_lisa::{load_llama, LisaError, Llama};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 

@@ -3,7 +3,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_lisa::optim::CompactState;
-use candle_lisa::{LisaAdamW, LisaError, Llama, LlamaConfig, LossScaler, NonFinite};
+use candle_lisa::optim::{LossScaler, NonFinite};
+use candle_lisa::{LisaAdamW, LisaError, Llama, LlamaConfig};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 /// Vocabulary 40, of which the batch uses only ids below 32: the embedding rows of 32..40

@@ -181,7 +181,7 @@ fn only_frozen_blocks_are_recomputed() -> Result<(), Box<dyn std::error::Error>>
     };
     let mut with_lora = Llama::with_lora(
         &c,
-        candle_lisa::frozen_var_builder(&map)?,
+        candle_lisa::nn::frozen_var_builder(&map)?,
         &lora,
         VarBuilder::from_varmap(&adapters, DType::F32, &Device::Cpu),
     )?;
@@ -189,7 +189,7 @@ fn only_frozen_blocks_are_recomputed() -> Result<(), Box<dyn std::error::Error>>
     assert!(with_lora.recomputed_blocks().is_empty());
 
     // The same frozen base without adapters: every block is recomputed.
-    let mut frozen = Llama::new(&c, candle_lisa::frozen_var_builder(&map)?)?;
+    let mut frozen = Llama::new(&c, candle_lisa::nn::frozen_var_builder(&map)?)?;
     frozen.set_recompute_frozen(true);
     assert_eq!(frozen.recomputed_blocks(), [0, 1, 2, 3, 4, 5]);
     frozen.set_recompute_frozen(false);

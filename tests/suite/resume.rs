@@ -60,7 +60,7 @@ fn resumed_run_equals_uninterrupted_run() -> Result<(), Box<dyn std::error::Erro
     assert_eq!(opt2.active_blocks(), opt.active_blocks());
     assert_eq!(opt2.period_index(), opt.period_index());
     assert_eq!(snapshot(&resumed), snapshot(&straight), "weights differ");
-    for (name, _) in opt.layer_map().iter() {
+    for (name, _) in opt.block_map().iter() {
         match (opt.param_state(name), opt2.param_state(name)) {
             (None, None) => {}
             (Some(a), Some(b)) => {
@@ -128,7 +128,7 @@ fn all_trainable_is_plain_adamw() -> Result<(), Box<dyn std::error::Error>> {
     let n = 4;
     let a = toy_varmap(n, 23)?;
     let b = clone_varmap(&a)?;
-    let vars = candle_lisa::named_vars(&a)?;
+    let vars = candle_lisa::nn::named_vars(&a)?;
     let mut full = LisaAdamW::all_trainable(vars, params())?;
     assert_eq!(full.num_blocks(), 0);
     let total: usize = a.all_vars().iter().map(|v| v.elem_count() * 4).sum();

@@ -3,7 +3,8 @@
 use std::collections::BTreeSet;
 
 use crate::common::*;
-use candle_lisa::{BlockSampler, LisaAdamW, LisaConfig, UniformSampler};
+use candle_lisa::optim::{BlockSampler, UniformSampler};
+use candle_lisa::{LisaAdamW, LisaConfig};
 use candle_nn::{Optimizer, ParamsAdamW};
 
 #[test]
@@ -128,8 +129,9 @@ fn optimizer_follows_the_seeded_sequence() -> candle_core::Result<()> {
 
 mod samplers {
     use candle_lisa::optim::sampler::{GradNormSampler, Order, OrderedSampler, WeightedSampler};
+    use candle_lisa::optim::BlockSampler;
     use candle_lisa::optim::SamplerChoice;
-    use candle_lisa::{BlockSampler, LisaAdamW, LisaConfig};
+    use candle_lisa::{LisaAdamW, LisaConfig};
     use candle_nn::{Optimizer, ParamsAdamW};
 
     use crate::common::*;
@@ -322,7 +324,8 @@ fn outlier_ratios_by_hand() -> Result<(), Box<dyn std::error::Error>> {
     use candle_core::{Module, Tensor, Var};
     use candle_lisa::nn::calibrate::observe_linear_inputs;
     use candle_lisa::optim::outlier_ratios;
-    use candle_lisa::{Linear, LLAMA_BLOCK_PATTERN};
+    use candle_lisa::optim::LLAMA_BLOCK_PATTERN;
+    use candle_lisa::Linear;
     let dev = candle_core::Device::Cpu;
     let varmap = candle_nn::VarMap::new();
     let weights = [

@@ -33,7 +33,7 @@ fn state_bytes_track_trainable_bytes() -> candle_core::Result<()> {
         }
         assert_eq!(opt.trainable_bytes(), always_bytes + 2 * block_bytes);
         assert_eq!(opt.state_bytes(), 2 * opt.trainable_bytes());
-        for (name, _) in opt.layer_map().iter() {
+        for (name, _) in opt.block_map().iter() {
             let active = block_of(name).is_none_or(|b| opt.active_blocks().contains(&b));
             assert_eq!(opt.param_state(name).is_some(), active, "{name}");
         }
@@ -77,7 +77,7 @@ fn returning_block_starts_fresh_and_staying_block_keeps_state() -> candle_core::
         for &b in &active {
             let returning = fresh_start && seen.contains(&b) && !previous.contains(&b);
             let staying = fresh_start && previous.contains(&b);
-            for name in opt.layer_map().block_params(b) {
+            for name in opt.block_map().block_params(b) {
                 let st = opt.param_state(name).unwrap();
                 if staying {
                     assert_eq!(st.step, run[b], "step {step}: {name} kept its state");
@@ -131,7 +131,7 @@ fn state_is_detached() -> candle_core::Result<()> {
     let mut opt = LisaAdamW::new(&varmap, ParamsAdamW::default(), LisaConfig::default())?;
     let model = Toy::new(n, opt.var_builder())?;
     opt.backward_step(&model.loss(&batch()?)?)?;
-    let names: Vec<String> = opt.layer_map().iter().map(|(n, _)| n.to_string()).collect();
+    let names: Vec<String> = opt.block_map().iter().map(|(n, _)| n.to_string()).collect();
     let mut checked = 0;
     for name in &names {
         if let Some(st) = opt.param_state(name) {

@@ -85,7 +85,7 @@ fn values(varmap: &VarMap) -> Vec<(String, Vec<f32>)> {
 fn padding_stays_out_of_loss_and_attention() -> Result<(), Box<dyn std::error::Error>> {
     let dev = Device::Cpu;
     let varmap = varmap()?;
-    let opt = LisaAdamW::all_trainable(candle_lisa::named_vars(&varmap)?, params())?;
+    let opt = LisaAdamW::all_trainable(candle_lisa::nn::named_vars(&varmap)?, params())?;
     let model = Llama::from_plan(&config(), &opt.plan())?;
     let ex = examples();
     let batch = pad_batch(&ex, 0, None, &dev)?;

@@ -179,7 +179,7 @@ impl Llama {
     }
 
     /// Builds the model with LoRA adapters on the projections `lora.targets`. The base weights
-    /// come from `base` (use [`frozen_var_builder`](crate::frozen_var_builder) so they get no
+    /// come from `base` (use [`frozen_var_builder`](crate::nn::frozen_var_builder) so they get no
     /// gradient), the adapters from `adapters`, named
     /// `model.layers.{i}.self_attn.q_proj.lora_A.weight` and so on (a builder over an empty
     /// `VarMap` creates them: A uniform, B zero).

@@ -1,6 +1,7 @@
 //! Finding blocks in parameter names.
 use candle_core::{DType, Device, Tensor, Var};
-use candle_lisa::{BlockPattern, LayerMap, LisaAdamW, LisaConfig, ParamGroup, GPT2_BLOCK_PATTERN};
+use candle_lisa::optim::{BlockMap, BlockPattern, ParamRole, GPT2_BLOCK_PATTERN};
+use candle_lisa::{LisaAdamW, LisaConfig};
 use candle_nn::{ParamsAdamW, VarMap};
 
 fn gpt2_names(n: usize) -> Vec<String> {
@@ -30,7 +31,7 @@ fn gpt2_names_with_two_digit_indices() -> candle_lisa::Result<()> {
         block_pattern: GPT2_BLOCK_PATTERN.into(),
         ..Default::default()
     };
-    let map = LayerMap::new(gpt2_names(12), &config)?;
+    let map = BlockMap::new(gpt2_names(12), &config)?;
     assert_eq!(map.num_blocks(), 12);
     assert_eq!(map.len(), 4 + 12 * 5);
     // "transformer.h.1." must not swallow blocks 10 and 11.
@@ -40,13 +41,10 @@ fn gpt2_names_with_two_digit_indices() -> candle_lisa::Result<()> {
         .all(|n| n.starts_with("transformer.h.1.")));
     assert_eq!(
         map.group("transformer.h.11.mlp.c_fc.weight"),
-        Some(ParamGroup::Block(11))
+        Some(ParamRole::Block(11))
     );
-    assert_eq!(
-        map.group("transformer.wte.weight"),
-        Some(ParamGroup::Always)
-    );
-    assert_eq!(map.group("transformer.ln_f.bias"), Some(ParamGroup::Always));
+    assert_eq!(map.group("transformer.wte.weight"), Some(ParamRole::Always));
+    assert_eq!(map.group("transformer.ln_f.bias"), Some(ParamRole::Always));
     assert_eq!(map.group("nope"), None);
     Ok(())
 }
@@ -58,9 +56,9 @@ fn map_is_sorted_and_independent_of_input_order() -> candle_lisa::Result<()> {
         ..Default::default()
     };
     let mut names = gpt2_names(3);
-    let a = LayerMap::new(names.clone(), &config)?;
+    let a = BlockMap::new(names.clone(), &config)?;
     names.reverse();
-    let b = LayerMap::new(names, &config)?;
+    let b = BlockMap::new(names, &config)?;
     let (a, b): (Vec<_>, Vec<_>) = (a.iter().collect(), b.iter().collect());
     assert_eq!(a, b);
     assert!(a.windows(2).all(|w| w[0].0 < w[1].0));
@@ -95,16 +93,16 @@ fn always_and_never_lists() -> candle_lisa::Result<()> {
         never_trainable: vec!["transformer.wpe.".into()],
         ..Default::default()
     };
-    let map = LayerMap::new(gpt2_names(2), &config)?;
+    let map = BlockMap::new(gpt2_names(2), &config)?;
     assert_eq!(
         map.group("transformer.h.0.ln_1.weight"),
-        Some(ParamGroup::Always)
+        Some(ParamRole::Always)
     );
     assert_eq!(
         map.group("transformer.h.0.attn.c_attn.weight"),
-        Some(ParamGroup::Block(0))
+        Some(ParamRole::Block(0))
     );
-    assert_eq!(map.group("transformer.wpe.weight"), Some(ParamGroup::Never));
+    assert_eq!(map.group("transformer.wpe.weight"), Some(ParamRole::Never));
     assert_eq!(map.block_params(0).count(), 4);
     Ok(())
 }
@@ -136,8 +134,8 @@ fn optimizer_skips_integers_and_never_trainable() -> Result<(), Box<dyn std::err
         ..Default::default()
     };
     let opt = LisaAdamW::new(&varmap, ParamsAdamW::default(), config)?;
-    assert_eq!(opt.layer_map().len(), 4);
-    assert_eq!(opt.layer_map().group("model.position_ids"), None);
+    assert_eq!(opt.block_map().len(), 4);
+    assert_eq!(opt.block_map().group("model.position_ids"), None);
     assert!(!opt.is_trainable("model.rotary.inv_freq"));
     assert!(opt.param_state("model.rotary.inv_freq").is_none());
     // Embedding + one block, f32, m and v.
@@ -167,7 +165,7 @@ fn huge_block_indices_are_a_gap_without_allocating() {
             "model.layers.0.w".to_string(),
             format!("model.layers.{index}.x"),
         ];
-        match LayerMap::new(&names, &config) {
+        match BlockMap::new(&names, &config) {
             Err(candle_lisa::LisaError::BlockGap { missing, max: m }) => {
                 assert_eq!((missing, m), (1, max))
             }

@@ -1,11 +1,11 @@
-//! [`LayerMap`]: which parameter belongs to which block.
+//! [`BlockMap`]: which parameter belongs to which block.
 
 use super::config::{LisaConfig, EMBEDDING_PREFIXES, HEAD_PREFIXES};
 use crate::error::{LisaError, Result};
 
 /// Where a parameter stands in LISA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ParamGroup {
+pub enum ParamRole {
     /// Trained at every step (embedding, LM head, final norm, or named in `always_trainable`).
     Always,
     /// Trained only while block `i` is active.
@@ -25,7 +25,7 @@ impl BlockPattern {
     /// Parses a pattern that holds `{i}` exactly once.
     ///
     /// ```
-    /// use candle_lisa::BlockPattern;
+    /// use candle_lisa::optim::BlockPattern;
     /// let p = BlockPattern::parse("transformer.h.{i}.")?;
     /// assert_eq!(p.block_index("transformer.h.11.attn.c_attn.weight"), Some(11));
     /// assert_eq!(p.block_index("transformer.wte.weight"), None);
@@ -64,19 +64,19 @@ impl BlockPattern {
     }
 }
 
-/// The map from parameter names to [`ParamGroup`]s.
+/// The map from parameter names to [`ParamRole`]s.
 ///
 /// Invariant: `names` is sorted and holds each float parameter once; `groups[i]` is the group
 /// of `names[i]`; `blocks[b]` lists, in order, the indices of every parameter in block `b`, and
 /// no block is empty.
 #[derive(Clone, Debug)]
-pub struct LayerMap {
+pub struct BlockMap {
     names: Vec<String>,
-    groups: Vec<ParamGroup>,
+    groups: Vec<ParamRole>,
     blocks: Vec<Vec<usize>>,
 }
 
-impl LayerMap {
+impl BlockMap {
     /// Builds the map for the given parameter names (duplicates are ignored).
     ///
     /// # Errors
@@ -170,11 +170,11 @@ impl LayerMap {
                         never,
                     })
                 }
-                (None, Some(_), _) => ParamGroup::Never,
-                (Some(_), None, _) | (None, None, None) => ParamGroup::Always,
+                (None, Some(_), _) => ParamRole::Never,
+                (Some(_), None, _) | (None, None, None) => ParamRole::Always,
                 (None, None, Some(b)) => {
                     blocks[*b].push(i);
-                    ParamGroup::Block(*b)
+                    ParamRole::Block(*b)
                 }
             };
             groups.push(group);
@@ -189,7 +189,7 @@ impl LayerMap {
         })
     }
 
-    /// A map with no blocks: every parameter is [`ParamGroup::Always`]. This is plain AdamW.
+    /// A map with no blocks: every parameter is [`ParamRole::Always`]. This is plain AdamW.
     ///
     /// # Errors
     /// [`LisaError::EmptyVarMap`] for no name.
@@ -206,7 +206,7 @@ impl LayerMap {
     /// [`all_trainable`](Self::all_trainable) over names that are already sorted and distinct.
     pub(super) fn all_trainable_sorted(names: Vec<String>) -> Self {
         Self {
-            groups: vec![ParamGroup::Always; names.len()],
+            groups: vec![ParamRole::Always; names.len()],
             names,
             blocks: Vec::new(),
         }
@@ -228,7 +228,7 @@ impl LayerMap {
     }
 
     /// The group of `name`, or `None` when the map does not know the name.
-    pub fn group(&self, name: &str) -> Option<ParamGroup> {
+    pub fn group(&self, name: &str) -> Option<ParamRole> {
         self.index_of(name).map(|i| self.groups[i])
     }
 
@@ -246,7 +246,7 @@ impl LayerMap {
     }
 
     /// All parameter names with their groups, sorted by name.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, ParamGroup)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&str, ParamRole)> {
         self.names
             .iter()
             .map(String::as_str)
@@ -257,7 +257,7 @@ impl LayerMap {
         &self.blocks[block]
     }
 
-    pub(crate) fn group_at(&self, index: usize) -> ParamGroup {
+    pub(crate) fn group_at(&self, index: usize) -> ParamRole {
         self.groups[index]
     }
 
