@@ -335,6 +335,48 @@ fn config_errors() {
 
 /// The lean ops (outputs computed without a graph, custom backward) give the values and the
 /// gradients of the same math written with candle's differentiable ops.
+/// The resolved architecture: the padding id read once (a value that is no token id is an
+/// error, not ignored), and the Gemma settings from the family.
+#[test]
+fn architecture_resolves_the_config_once() -> Result<(), Box<dyn std::error::Error>> {
+    let with = |fields: serde_json::Value| {
+        let mut v = serde_json::to_value(config(false, 4, 2)).unwrap();
+        v.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        serde_json::from_value::<LlamaConfig>(v).unwrap()
+    };
+    assert_eq!(
+        with(json!({"pad_token_id": 3}))
+            .architecture()?
+            .pad_token_id,
+        Some(3)
+    );
+    assert_eq!(
+        with(json!({"pad_token_id": null}))
+            .architecture()?
+            .pad_token_id,
+        None
+    );
+    assert!(matches!(
+        with(json!({"pad_token_id": -1})).architecture(),
+        Err(candle_lisa::LisaError::InvalidConfig(_))
+    ));
+    let gemma = with(json!({"model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh"}));
+    let arch = gemma.architecture()?;
+    assert_eq!(arch.family, candle_lisa::models::llama::Family::Gemma2);
+    assert!(arch.norm_offset && arch.sandwich_norms);
+    assert_eq!(
+        arch.embedding_scale,
+        Some((gemma.hidden_size as f64).sqrt())
+    );
+    assert_eq!(
+        (arch.attention_softcap, arch.final_softcap),
+        (Some(50.0), Some(30.0))
+    );
+    Ok(())
+}
+
 /// transformers' Gemma 2 and Gemma 3 config classes default `tie_word_embeddings` to true;
 /// a `config.json` without the key must load tied for them and untied for the others.
 #[test]

@@ -11,7 +11,7 @@ use crate::nn::ops::{
     causal_attention_softcap, causal_attention_token_major, rms_norm, rope, rope_token_major,
 };
 
-use super::{norm_weight, LlamaConfig};
+use super::{norm_weight, Architecture};
 
 /// LoRA settings and the builder of the adapters' scope (e.g. `model.layers.3.self_attn`).
 pub(super) type Adapters<'a> = Option<(&'a LoraConfig, &'a VarBuilder<'a>)>;
@@ -100,39 +100,39 @@ impl Attention {
     }
 
     pub(super) fn new(
-        c: &LlamaConfig,
+        a: &Architecture,
         vb: VarBuilder,
         lora: Adapters,
     ) -> candle_core::Result<Self> {
-        let (h, d) = (c.hidden_size, c.head_size());
+        let (h, d) = (a.hidden_size, a.head_dim);
         let proj = |in_dim, out_dim, bias, name| projection(in_dim, out_dim, bias, &vb, name, lora);
-        let norm_init = candle_nn::Init::Const(if c.gemma() { 0.0 } else { 1.0 });
-        let qk_norm = match c.qk_norm() {
+        let norm_init = candle_nn::Init::Const(if a.norm_offset { 0.0 } else { 1.0 });
+        let qk_norm = match a.qk_norm {
             true => Some((
                 vb.get_with_hints(d, "q_norm.weight", norm_init)?,
                 vb.get_with_hints(d, "k_norm.weight", norm_init)?,
-                c.rms_norm_eps,
+                a.rms_norm_eps,
             )),
             false => None,
         };
-        let (q_dim, kv_dim) = (c.num_attention_heads * d, c.kv_heads() * d);
-        let qkv = match c.fused_projections() {
-            true => Qkv::Fused(proj(h, q_dim + 2 * kv_dim, c.qkv_bias(), "qkv_proj")?),
+        let (q_dim, kv_dim) = (a.heads * d, a.kv_heads * d);
+        let qkv = match a.fused_projections {
+            true => Qkv::Fused(proj(h, q_dim + 2 * kv_dim, a.qkv_bias, "qkv_proj")?),
             false => Qkv::Split {
-                q: proj(h, q_dim, c.qkv_bias(), "q_proj")?,
-                k: proj(h, kv_dim, c.qkv_bias(), "k_proj")?,
-                v: proj(h, kv_dim, c.qkv_bias(), "v_proj")?,
+                q: proj(h, q_dim, a.qkv_bias, "q_proj")?,
+                k: proj(h, kv_dim, a.qkv_bias, "k_proj")?,
+                v: proj(h, kv_dim, a.qkv_bias, "v_proj")?,
             },
         };
         Ok(Self {
             qk_norm,
-            norm_offset: c.gemma(),
+            norm_offset: a.norm_offset,
             qkv,
-            scale: c.attention_scale(),
-            softcap: c.attention_softcap(),
-            o: proj(q_dim, h, c.attention_bias, "o_proj")?,
-            heads: c.num_attention_heads,
-            kv_heads: c.kv_heads(),
+            scale: a.attention_scale,
+            softcap: a.attention_softcap,
+            o: proj(q_dim, h, a.o_bias, "o_proj")?,
+            heads: a.heads,
+            kv_heads: a.kv_heads,
             head_dim: d,
         })
     }

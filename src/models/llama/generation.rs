@@ -69,7 +69,7 @@ impl Llama {
             ));
         }
         let total = prompt.len() + max_new_tokens;
-        if let Some(w) = self.config.attention_window().filter(|&w| total > w) {
+        if let Some(w) = self.arch.window.filter(|&w| total > w) {
             return Err(LisaError::UnsupportedConfig {
                 field: "sliding_window",
                 value: w.to_string(),
@@ -91,13 +91,13 @@ impl Llama {
             let ids = Tensor::new(input.as_slice(), device)?;
             let mut x =
                 self.scale_embedding(self.embed.detach().index_select(&ids, 0)?.unsqueeze(0)?)?;
-            let eps = self.config.rms_norm_eps;
+            let eps = self.arch.rms_norm_eps;
             let layers = self.blocks.iter().zip(&tables).zip(cache.layers.iter_mut());
             for ((block, (cos, sin)), layer) in layers {
                 let rope_cs = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
                 x = block.forward_cached(&x, &rope_cs, eps, layer)?;
             }
-            let norm = norm_weight(&self.norm, self.config.gemma())?;
+            let norm = norm_weight(&self.norm, self.arch.norm_offset)?;
             let last = rms_norm(&x.narrow(1, t - 1, 1)?, &norm, eps)?;
             let logits = self
                 .cap_logits(self.lm_head.forward(&last)?)?

@@ -2,7 +2,9 @@
 //! and Gemma 3 (text), with
 //! Hugging Face tensor names and `config.json` in the formats transformers 4 and 5 write.
 //!
-//! Every `config.json` field that changes the computation is read or refused:
+//! Every `config.json` field that changes the computation is read or refused, once: a model
+//! is built from the [`Architecture`] that [`LlamaConfig::architecture`] resolves, and its
+//! forward pass reads only that.
 //!
 //! | field | handling |
 //! |---|---|
@@ -12,7 +14,7 @@
 //! | Gemma 2's `query_pre_attn_scalar`, `attn_logit_softcapping`, `final_logit_softcapping` | read (transformers' defaults 256, 50, 30 when absent); soft-capping is refused for the other families |
 //! | `use_bidirectional_attention` | false only |
 //! | Gemma 3's `rope_local_base_freq`, `sliding_window_pattern`, `rope_parameters` keyed by layer kind | read: a RoPE per layer kind |
-//! | `pad_token_id` | that embedding row gets no gradient from the input lookup, as `nn.Embedding(padding_idx=…)` |
+//! | `pad_token_id` | that embedding row gets no gradient from the input lookup, as `nn.Embedding(padding_idx=…)`; a value that is no token id is refused |
 //! | `rms_norm_eps` | read |
 //! | `rope_theta`, `rope_scaling` (transformers 4), `rope_parameters` (transformers 5) | read: [`Rope`] (default, linear, llama3, yarn; others refused; θ given twice must agree) |
 //! | `tie_word_embeddings` | read; when absent, transformers' default: true for `gemma2` and `gemma3_text`, false for the others |
@@ -35,6 +37,7 @@
 //! constants, so a model built from [`LisaAdamW::var_builder`](crate::LisaAdamW::var_builder)
 //! stores gradients only for what trains.
 
+mod arch;
 mod attention;
 mod config;
 mod generation;
@@ -44,7 +47,6 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use serde_json::Value;
 
 use crate::error::{LisaError, Result};
 use crate::nn::linear::Linear;
@@ -54,6 +56,7 @@ use crate::nn::ops::{causal_mask, mul_const, rms_norm};
 use crate::nn::recompute::recompute;
 use crate::nn::TrainingPlan;
 
+pub use arch::{Activation, Architecture, Family};
 use attention::{projection, Adapters, Attention};
 pub use config::LlamaConfig;
 pub use generation::Sampling;
@@ -167,8 +170,8 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Linear,
     config: LlamaConfig,
-    /// Each layer's RoPE (the same for every layer but Gemma 3's).
-    ropes: Vec<Rope>,
+    /// `config` resolved: what the forward pass reads.
+    arch: Architecture,
 }
 
 impl Llama {
@@ -194,10 +197,11 @@ impl Llama {
     }
 
     fn build(config: &LlamaConfig, vb: VarBuilder, lora: Adapters) -> Result<Self> {
-        config.validate()?;
+        let arch = config.architecture()?;
         let c = config;
+        let a = &arch;
         // Gemma's norms scale by 1 + w, so they start at 0.
-        let norm_init = candle_nn::Init::Const(if c.gemma() { 0.0 } else { 1.0 });
+        let norm_init = candle_nn::Init::Const(if a.norm_offset { 0.0 } else { 1.0 });
         let embed = vb.get_with_hints(
             (c.vocab_size, c.hidden_size),
             "model.embed_tokens.weight",
@@ -218,21 +222,21 @@ impl Llama {
                 let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
                 Ok(Arc::new(Block {
                     input_norm: vb.get_with_hints(h, "input_layernorm.weight", norm_init)?,
-                    attn: Attention::new(c, vb.pp("self_attn"), attn_lora)?,
+                    attn: Attention::new(a, vb.pp("self_attn"), attn_lora)?,
                     post_norm: vb.get_with_hints(
                         h,
                         "post_attention_layernorm.weight",
                         norm_init,
                     )?,
-                    ff_norms: match c.gemma() {
+                    ff_norms: match a.sandwich_norms {
                         true => Some((
                             vb.get_with_hints(h, "pre_feedforward_layernorm.weight", norm_init)?,
                             vb.get_with_hints(h, "post_feedforward_layernorm.weight", norm_init)?,
                         )),
                         false => None,
                     },
-                    norm_offset: c.gemma(),
-                    mlp: match c.fused_projections() {
+                    norm_offset: a.norm_offset,
+                    mlp: match a.fused_projections {
                         true => Mlp::Fused {
                             gate_up: projection(h, 2 * i, bias, &mlp, "gate_up_proj", mlp_lora)?,
                             down: projection(i, h, bias, &mlp, "down_proj", mlp_lora)?,
@@ -242,14 +246,14 @@ impl Llama {
                             gate: projection(h, i, bias, &mlp, "gate_proj", mlp_lora)?,
                             up: projection(h, i, bias, &mlp, "up_proj", mlp_lora)?,
                             down: projection(i, h, bias, &mlp, "down_proj", mlp_lora)?,
-                            gelu: c.gemma(),
+                            gelu: a.activation == Activation::GeluTanh,
                         },
                     },
                 }))
             })
             .collect::<candle_core::Result<_>>()?;
         let norm = vb.get_with_hints(c.hidden_size, "model.norm.weight", norm_init)?;
-        let lm_head = if c.tie_word_embeddings {
+        let lm_head = if a.tied {
             Linear::new(embed.clone(), None)
         } else {
             Linear::new(
@@ -268,7 +272,7 @@ impl Llama {
             norm,
             lm_head,
             config: c.clone(),
-            ropes: c.layer_ropes()?,
+            arch,
         })
     }
 
@@ -307,11 +311,16 @@ impl Llama {
         &self.config
     }
 
+    /// The configuration resolved: what the forward pass reads.
+    pub fn architecture(&self) -> &Architecture {
+        &self.arch
+    }
+
     /// The final hidden states `(batch, seq, hidden)`, after the last norm, for token ids
     /// `(batch, seq)` (u32), with a causal mask.
     pub fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        if let Some(w) = self.config.attention_window().filter(|&w| t > w) {
+        if let Some(w) = self.arch.window.filter(|&w| t > w) {
             return Err(LisaError::UnsupportedConfig {
                 field: "sliding_window",
                 value: w.to_string(),
@@ -324,12 +333,12 @@ impl Llama {
         let x = self
             .embed
             .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))?;
+            .reshape((b, t, self.arch.hidden_size))?;
         let x = self.mask_padding_gradient(x, input_ids)?;
         let mut x = self.scale_embedding(x)?;
         let tables = self.rope_tables(t, dtype, device)?;
         let mask = causal_mask(t, dtype, device)?;
-        let eps = self.config.rms_norm_eps;
+        let eps = self.arch.rms_norm_eps;
         for (i, (block, rope_cs)) in self.blocks.iter().zip(&tables).enumerate() {
             x = if self.recomputed.binary_search(&i).is_ok() {
                 let (block, rope_cs, mask) = (block.clone(), rope_cs.clone(), mask.clone());
@@ -343,7 +352,7 @@ impl Llama {
         }
         Ok(rms_norm(
             &x,
-            &norm_weight(&self.norm, self.config.gemma())?,
+            &norm_weight(&self.norm, self.arch.norm_offset)?,
             eps,
         )?)
     }
@@ -356,18 +365,10 @@ impl Llama {
     /// As transformers' `nn.Embedding(..., padding_idx=pad_token_id)`: the rows looked up
     /// for the padding id pass no gradient to the embedding (their values are unchanged).
     fn mask_padding_gradient(&self, x: Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
-        let pad = self
-            .config
-            .extra
-            .get("pad_token_id")
-            .and_then(Value::as_u64);
-        match pad {
+        match self.arch.pad_token_id {
             Some(pad) if x.track_op() => {
                 let (b, t) = ids.dims2()?;
-                let keep = ids
-                    .ne(pad as u32)?
-                    .to_dtype(x.dtype())?
-                    .reshape((b, t, 1))?;
+                let keep = ids.ne(pad)?.to_dtype(x.dtype())?.reshape((b, t, 1))?;
                 let drop = (1.0 - &keep)?;
                 mul_const(&x, &keep)? + mul_const(&x.detach(), &drop)?
             }
@@ -378,15 +379,15 @@ impl Llama {
     /// Gemma 2 scales embeddings by √hidden (the factor rounded to the weights' dtype, as
     /// transformers does).
     fn scale_embedding(&self, x: Tensor) -> candle_core::Result<Tensor> {
-        match self.config.gemma() {
-            true => x * (self.config.hidden_size as f64).sqrt(),
-            false => Ok(x),
+        match self.arch.embedding_scale {
+            Some(scale) => x * scale,
+            None => Ok(x),
         }
     }
 
     /// Gemma 2's final soft-cap, `c·tanh(logits / c)`; the logits unchanged otherwise.
     fn cap_logits(&self, logits: Tensor) -> Result<Tensor> {
-        Ok(match self.config.final_softcap() {
+        Ok(match self.arch.final_softcap {
             Some(c) => ((logits / c)?.tanh()? * c)?,
             None => logits,
         })
@@ -401,8 +402,8 @@ impl Llama {
         device: &Device,
     ) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
         let mut made: Vec<(&Rope, (Tensor, Tensor))> = Vec::new();
-        let mut out = Vec::with_capacity(self.ropes.len());
-        for rope in &self.ropes {
+        let mut out = Vec::with_capacity(self.arch.layer_ropes.len());
+        for rope in &self.arch.layer_ropes {
             if let Some((_, cs)) = made.iter().find(|(r, _)| *r == rope) {
                 out.push(cs.clone());
                 continue;
@@ -432,7 +433,7 @@ impl Llama {
     /// pass instead; see [`head_loss`]).
     pub fn loss(&self, input_ids: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids)?;
-        let softcap = self.config.final_softcap();
+        let softcap = self.arch.final_softcap;
         match (self.lm_head.bias(), self.lm_head.lora(), softcap) {
             (None, None, None) => head_loss(&hidden, self.lm_head.weight(), labels),
             _ => causal_lm_loss(&self.cap_logits(self.lm_head.forward(&hidden)?)?, labels),
