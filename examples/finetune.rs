@@ -20,20 +20,19 @@ mod plot;
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::time::Instant;
 
 use candle_core::{DType, Device};
 use candle_lisa::data::chat::{ChatTemplate, SpecialTokens};
 use candle_lisa::data::tokenizer::TextTokenizer;
-use candle_lisa::data::{tokenizer_for, Dataset, StepSampler};
+use candle_lisa::data::{tokenizer_for, Dataset};
 use candle_lisa::dist::Communicator;
 use candle_lisa::models::SaveOptions;
 use candle_lisa::optim::{CompactState, SamplerChoice};
 use candle_lisa::train::{
-    self, eval_loss, exact_match, owlore_weights, Checkpointer, Cosine, JsonlSink, LlamaFineTune,
+    self, owlore_weights, Checkpointer, Cosine, FitEvent, FitOptions, JsonlSink, LlamaFineTune,
     MetricsSink, TrainerConfig,
 };
-use candle_lisa::{load_llama, LisaConfig, LisaError, Llama, LlamaConfig, LoraConfig};
+use candle_lisa::{load_llama, LisaConfig, LisaError, LlamaConfig, LoraConfig};
 use candle_nn::ParamsAdamW;
 use clap::{Parser, ValueEnum};
 use serde_json::json;
@@ -201,21 +200,6 @@ fn model_dir(args: &Args) -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-llama"))
 }
 
-/// Held-out loss (token-weighted), and exact-match accuracy for prompt/response data.
-fn evaluate(
-    model: &Llama,
-    data: &Dataset,
-    args: &Args,
-    eos: u32,
-    dev: &Device,
-) -> Result<(f32, Option<f32>), Error> {
-    let n = args.eval_size.clamp(1, data.eval.len());
-    let (b, t) = (args.batch_size, Some(args.seq_len));
-    let loss = eval_loss(model, &data.eval[..n], b, eos, t, dev)?;
-    let accuracy = exact_match(model, &data.pairs[..n.min(data.pairs.len())], eos)?;
-    Ok((loss, accuracy))
-}
-
 /// One method's fine-tuning set-up.
 fn fine_tune(
     method: MethodArg,
@@ -352,60 +336,63 @@ fn train(
     pb.set_style(indicatif::ProgressStyle::with_template(
         "{prefix:>5} [{bar:30}] {pos}/{len} {msg}",
     )?);
-    let (mut tokens, started, mut recent) = (0usize, Instant::now(), Vec::new());
-    let mut last_eval = (f32::NAN, None);
     let device_peak = common::DevicePeak::new(dev)?;
-    let sampler = StepSampler::new(args.seed).for_rank(rank, world)?;
-    let mut all_reduced = 0usize;
-    for step in start + 1..=args.steps.min(args.stop_after.unwrap_or(usize::MAX)) {
-        let (b, micro, t) = (args.batch_size, args.grad_accum, Some(args.seq_len));
-        let batches = sampler.micro_batches(&data.train, step as u64, b, micro, eos, t, dev)?;
-        let report = run.trainer.step(&batches)?;
-        all_reduced += report.all_reduced_bytes;
-        if args.kill_at_step == Some(step) {
-            common::kill_self();
-        }
-        (tokens, recent) = (
-            tokens + batches.iter().map(|b| b.ids.elem_count()).sum::<usize>(),
-            [&recent[recent.len().saturating_sub(9)..], &[report.loss]].concat(),
-        );
-        let opt = run.trainer.optimizer();
-        let tps = tokens as f64 / started.elapsed().as_secs_f64();
-        pb.set_message(format!(
-            "loss {:.3} {tps:.0} tok/s blocks {:?}",
-            report.loss,
-            opt.active_blocks()
-        ));
-        pb.set_position(step as u64);
-        let mut line = json!({
-            "method": name, "step": step, "loss": report.loss, "lr": report.lr, "grad_norm": report.grad_norm,
-            "skipped": report.skipped, "active_blocks": opt.active_blocks(), "state_bytes": opt.state_bytes(),
-            "elapsed_s": started.elapsed().as_secs_f64(), "all_reduced_bytes": report.all_reduced_bytes,
-        });
-        if (step % args.eval_every == 0 || step == args.steps) && rank == 0 {
-            last_eval = evaluate(&run.eval_model()?, data, args, eos, dev)?;
-            let acc = last_eval
-                .1
-                .map_or(String::new(), |a| format!(", accuracy {:.1}%", 100.0 * a));
-            common::say(
-                &pb,
-                format!("{name:>5} step {step:4}: eval loss {:.3}{acc}", last_eval.0),
-            );
-            (line["eval_loss"], line["eval_accuracy"]) = (json!(last_eval.0), json!(last_eval.1));
-        }
-        if let Some(sink) = sink.as_mut() {
-            sink.record(&line)?;
-        }
-        if step % args.save_every.unwrap_or(args.eval_every) == 0 || step == args.steps {
-            run.trainer.save_checkpoint(&ck, |_| Ok(()))?;
-        }
-    }
+    let options = FitOptions {
+        name: name.clone(),
+        steps: args.steps,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        seq_len: args.seq_len,
+        seed: args.seed,
+        eval_every: args.eval_every,
+        eval_size: args.eval_size,
+        save_every: args.save_every.unwrap_or(args.eval_every),
+        eos,
+    };
+    let sink = sink.as_mut().map(|s| s as &mut dyn MetricsSink);
+    let fit = run.fit(
+        data,
+        &options,
+        start,
+        args.stop_after,
+        Some(&ck),
+        sink,
+        |event| {
+            match event {
+                FitEvent::Step {
+                    step,
+                    report,
+                    active_blocks,
+                    tokens_per_second,
+                } => {
+                    if args.kill_at_step == Some(step) {
+                        common::kill_self();
+                    }
+                    let (loss, tps) = (report.loss, tokens_per_second);
+                    pb.set_message(format!(
+                        "loss {loss:.3} {tps:.0} tok/s blocks {active_blocks:?}"
+                    ));
+                    pb.set_position(step as u64);
+                }
+                FitEvent::Eval {
+                    step,
+                    loss,
+                    accuracy,
+                } => {
+                    let acc =
+                        accuracy.map_or(String::new(), |a| format!(", accuracy {:.1}%", 100.0 * a));
+                    common::say(
+                        &pb,
+                        format!("{name:>5} step {step:4}: eval loss {loss:.3}{acc}"),
+                    );
+                }
+            }
+            Ok(())
+        },
+    )?;
     pb.finish_and_clear();
     if rank != 0 {
         return Ok(json!({"method": name, "rank": rank}));
-    }
-    if last_eval.0.is_nan() {
-        last_eval = evaluate(&run.eval_model()?, data, args, eos, dev)?;
     }
     // The tokenizer files travel with the weights, so the saved model can be used as it is.
     let options = SaveOptions {
@@ -420,15 +407,13 @@ fn train(
     let device_peak = device_peak.peak()?;
     Ok(json!({
         "method": name, "steps": args.steps,
-        "final_train_loss": recent.iter().sum::<f32>() / recent.len().max(1) as f32,
-        "eval_loss": last_eval.0, "accuracy": last_eval.1,
-        "wall_seconds": started.elapsed().as_secs_f64(),
-        "tokens_per_second": tokens as f64 / started.elapsed().as_secs_f64(),
+        "final_train_loss": fit.final_train_loss, "eval_loss": fit.eval_loss, "accuracy": fit.accuracy,
+        "wall_seconds": fit.wall_seconds, "tokens_per_second": fit.tokens as f64 / fit.wall_seconds,
         "peak_bytes": device_peak.unwrap_or(alloc::peak() - heap_base),
         "peak_source": if device_peak.is_some() { "high-water mark of the CUDA memory pool over the run, weights included" } else { "heap above the method's start, counted by the allocator" },
         "trainable_params": opt.trainable_params(), "state_bytes": opt.state_bytes(),
         "skipped_steps": run.trainer.skipped_steps(), "world_size": world,
-        "all_reduced_bytes_per_step": all_reduced as f64 / (args.steps - start).max(1) as f64,
+        "all_reduced_bytes_per_step": fit.all_reduced_bytes_per_step,
     }))
 }
 

@@ -8,6 +8,7 @@
 pub mod checkpoint;
 mod eval;
 mod finetune;
+mod fit;
 pub mod metrics;
 pub mod schedule;
 mod trainer;
@@ -15,6 +16,7 @@ mod trainer;
 pub use checkpoint::Checkpointer;
 pub use eval::{eval_loss, exact_match};
 pub use finetune::{owlore_weights, LlamaFineTune, Method};
+pub use fit::{FitEvent, FitOptions, FitSummary};
 pub use metrics::{read_jsonl, JsonlSink, MetricsSink};
 pub use schedule::{Constant, Cosine, LinearDecay, LrSchedule};
 pub use trainer::{CausalLm, StepReport, Trainer, TrainerConfig, OPTIMIZER, TRAINER, WEIGHTS};

@@ -229,7 +229,8 @@ impl<M: CausalLm> Trainer<M> {
         self.communicator().map_or(1, |c| c.world_size())
     }
 
-    fn device(&self) -> Device {
+    /// The device of the parameters (the CPU for a model without any).
+    pub fn device(&self) -> Device {
         let device = self.opt.vars().next().map(|(_, v)| v.device().clone());
         device.unwrap_or(Device::Cpu)
     }
