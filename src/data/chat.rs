@@ -202,7 +202,7 @@ impl ChatTemplate {
     /// end of the conversation that includes it (so the reply's end-of-turn tokens are in).
     ///
     /// # Errors
-    /// Those of [`ChatTemplate::render`], and [`LisaError::InvalidConfig`] when the template
+    /// Those of [`ChatTemplate::render`], and [`LisaError::InvalidArgument`] when the template
     /// does not render a conversation as a prefix of its continuation (then the turns cannot
     /// be located).
     pub fn render_with_assistant_spans(
@@ -218,9 +218,13 @@ impl ChatTemplate {
             let before = self.render(&messages[..i], true)?;
             let through = self.render(&messages[..=i], false)?;
             if !through.starts_with(&before) || !text.starts_with(&through) {
-                return Err(LisaError::InvalidConfig(format!(
-                    "the chat template does not render turn {i} as a continuation of the turns before it; assistant turns cannot be located"
-                )));
+                return Err(LisaError::InvalidArgument {
+                    what: "chat template",
+                    reason: format!(
+                        "it does not render turn {i} as a continuation of the turns before it, \
+                         so assistant turns cannot be located"
+                    ),
+                });
             }
             if before.len() < through.len() {
                 spans.push(before.len()..through.len());
@@ -235,7 +239,7 @@ impl ChatTemplate {
 /// [`ChatTemplate::render_with_assistant_spans`]); everything else is [`IGNORE_INDEX`].
 ///
 /// # Errors
-/// Those of the template and the tokenizer, and [`LisaError::InvalidConfig`] for a chat
+/// Those of the template and the tokenizer, and [`LisaError::InvalidArgument`] for a chat
 /// without an assistant turn.
 pub fn chat_example(
     template: &ChatTemplate,
@@ -244,9 +248,10 @@ pub fn chat_example(
 ) -> Result<Example> {
     let (text, spans) = template.render_with_assistant_spans(messages)?;
     if spans.is_empty() {
-        return Err(LisaError::InvalidConfig(
-            "a chat example needs at least one assistant turn to train on".into(),
-        ));
+        return Err(LisaError::InvalidArgument {
+            what: "conversation",
+            reason: "a chat example needs at least one assistant turn to train on".into(),
+        });
     }
     let tokens = tokenizer.encode_with_offsets(&text)?;
     let ids: Vec<u32> = tokens.iter().map(|(id, _)| *id).collect();
@@ -266,7 +271,7 @@ pub fn chat_example(
 /// (blank lines skipped).
 ///
 /// # Errors
-/// [`LisaError::Io`] for an unreadable file, [`LisaError::InvalidConfig`] naming the line for
+/// [`LisaError::Io`] for an unreadable file, [`LisaError::InvalidData`] naming the line for
 /// bad JSON or a missing field.
 pub fn read_chat_jsonl(path: impl AsRef<Path>) -> Result<Vec<Vec<ChatMessage>>> {
     let path = path.as_ref();
@@ -277,7 +282,10 @@ pub fn read_chat_jsonl(path: impl AsRef<Path>) -> Result<Vec<Vec<ChatMessage>>> 
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let at = |m: String| LisaError::InvalidConfig(format!("{}:{}: {m}", path.display(), i + 1));
+        let at = |reason: String| LisaError::InvalidData {
+            path: format!("{}:{}", path.display(), i + 1).into(),
+            reason,
+        };
         let v: Value = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
         let messages = v
             .get("messages")

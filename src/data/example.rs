@@ -83,7 +83,7 @@ pub struct Batch {
 /// `pad_id` and [`IGNORE_INDEX`] labels.
 ///
 /// # Errors
-/// [`LisaError::InvalidConfig`] for no example, an example whose ids and labels differ in
+/// [`LisaError::InvalidArgument`] for no example, an example whose ids and labels differ in
 /// length, or a batch whose longest example is shorter than 2 tokens.
 pub fn pad_batch(
     examples: &[Example],
@@ -91,7 +91,10 @@ pub fn pad_batch(
     max_len: Option<usize>,
     device: &Device,
 ) -> Result<Batch> {
-    let bad = |m: String| LisaError::InvalidConfig(format!("pad_batch: {m}"));
+    let bad = |reason: String| LisaError::InvalidArgument {
+        what: "pad_batch examples",
+        reason,
+    };
     if let Some(e) = examples.iter().find(|e| e.ids.len() != e.labels.len()) {
         return Err(bad(format!(
             "an example has {} ids but {} labels",

@@ -52,12 +52,13 @@ impl StepSampler {
     /// ```
     ///
     /// # Errors
-    /// [`LisaError::InvalidConfig`] unless `rank < world_size`.
+    /// [`LisaError::InvalidArgument`] unless `rank < world_size`.
     pub fn for_rank(self, rank: usize, world_size: usize) -> Result<Self> {
         if rank >= world_size {
-            return Err(LisaError::InvalidConfig(format!(
-                "rank {rank} is out of range for {world_size} ranks"
-            )));
+            return Err(LisaError::InvalidArgument {
+                what: "rank",
+                reason: format!("rank {rank} is out of range for {world_size} ranks"),
+            });
         }
         Ok(Self {
             rank,
@@ -80,7 +81,7 @@ impl StepSampler {
     /// for a sampler [`for_rank`](Self::for_rank), this rank's share of them.
     ///
     /// # Errors
-    /// Those of [`pad_batch`], and [`LisaError::InvalidConfig`] for no example, or for fewer
+    /// Those of [`pad_batch`], and [`LisaError::InvalidArgument`] for no example, or for fewer
     /// examples in a batch than ranks.
     #[allow(clippy::too_many_arguments)]
     pub fn micro_batches(
@@ -94,14 +95,20 @@ impl StepSampler {
         device: &Device,
     ) -> Result<Vec<Batch>> {
         if examples.is_empty() {
-            return Err(LisaError::InvalidConfig("no training example".into()));
+            return Err(LisaError::InvalidArgument {
+                what: "examples",
+                reason: "there is no training example to draw from".into(),
+            });
         }
         let (rank, world) = (self.rank, self.world_size);
         if batch_size < world {
-            return Err(LisaError::InvalidConfig(format!(
-                "a batch of {batch_size} cannot be shared by {world} ranks: give each rank \
+            return Err(LisaError::InvalidArgument {
+                what: "batch_size",
+                reason: format!(
+                    "a batch of {batch_size} cannot be shared by {world} ranks: give each rank \
                  one example at least"
-            )));
+                ),
+            });
         }
         let drawn = self.indices(step, batch_size, examples.len());
         let share = &drawn[rank * batch_size / world..(rank + 1) * batch_size / world];

@@ -50,9 +50,12 @@ pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor>
     let (b, t, h) = hidden.dims3()?;
     let (v, wh) = w.dims2()?;
     if wh != h {
-        return Err(LisaError::InvalidConfig(format!(
-            "head_loss: hidden states ({b}, {t}, {h}) do not match the head weight ({v}, {wh})"
-        )));
+        return Err(LisaError::InvalidArgument {
+            what: "head_loss shapes",
+            reason: format!(
+                "hidden states ({b}, {t}, {h}) do not match the head weight ({v}, {wh})"
+            ),
+        });
     }
     let targets = Targets::new(labels, b, t, v, hidden.dtype())?;
     let rows = move |x: &Tensor| x.detach().reshape((b * t, h));
@@ -149,9 +152,13 @@ impl Targets {
     fn new(labels: &Tensor, b: usize, t: usize, v: usize, dtype: DType) -> Result<Self> {
         let (lb, lt) = labels.dims2()?;
         if (lb, lt) != (b, t) || t < 2 {
-            return Err(LisaError::InvalidConfig(format!(
-                "labels of shape ({lb}, {lt}) do not match logits ({b}, {t}, {v}); they must be equal and seq >= 2"
-            )));
+            return Err(LisaError::InvalidArgument {
+                what: "labels",
+                reason: format!(
+                    "labels of shape ({lb}, {lt}) do not match logits ({b}, {t}, {v}); they \
+                     must be equal and seq >= 2"
+                ),
+            });
         }
         let dtype = compute_dtype(dtype);
         let ignored = Tensor::full(IGNORE_INDEX, (b, 1), labels.device())?;

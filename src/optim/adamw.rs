@@ -262,11 +262,14 @@ impl AdamW {
     ) -> Result<()> {
         if what != CompactState::Off {
             if let Some(var) = self.vars.iter().find(|v| !v.device().is_cpu()) {
-                return Err(LisaError::InvalidConfig(format!(
-                    "compact optimizer state ({what:?}) is updated on the CPU only for now, \
-                     and a parameter is on {:?}: keep CompactState::Off there",
-                    var.device()
-                )));
+                return Err(LisaError::InvalidArgument {
+                    what: "compact state",
+                    reason: format!(
+                        "compact optimizer state ({what:?}) is updated on the CPU only for now, \
+                         and a parameter is on {:?}: keep CompactState::Off there",
+                        var.device()
+                    ),
+                });
             }
         }
         self.compact = compact;
@@ -284,7 +287,7 @@ impl AdamW {
     /// [`CompactState::AlwaysTrainable`] means the same as [`CompactState::All`].
     ///
     /// # Errors
-    /// [`LisaError::InvalidConfig`] when a parameter is not on the CPU (the CUDA and Metal
+    /// [`LisaError::InvalidArgument`] when a parameter is not on the CPU (the CUDA and Metal
     /// updates keep f32 moments); nothing is changed then.
     pub fn set_compact_state(&mut self, compact: CompactState) -> Result<()> {
         let on = compact != CompactState::Off;

@@ -517,7 +517,7 @@ impl LisaAdamW {
     /// ```
     ///
     /// # Errors
-    /// [`LisaError::InvalidConfig`] when a parameter is not on the CPU (the CUDA and Metal
+    /// [`LisaError::InvalidArgument`] when a parameter is not on the CPU (the CUDA and Metal
     /// updates keep f32 moments); nothing is changed then.
     pub fn set_compact_state(&mut self, compact: CompactState) -> Result<()> {
         let mask = (0..self.map.len())

@@ -51,7 +51,7 @@ use crate::nn::named_vars;
 ///
 /// # Errors
 /// [`LisaError::InvalidHyperparameter`] for a `threshold` that is not finite and positive;
-/// [`LisaError::InvalidConfig`] when a block has no weight the calibration pass used, or when
+/// [`LisaError::InvalidArgument`] when a block has no weight the calibration pass used, or when
 /// no weight of any block exceeds `threshold` times its block's mean (lower it then).
 pub fn outlier_ratios(
     varmap: &VarMap,
@@ -83,10 +83,13 @@ pub fn outlier_ratios(
     let mut ratios = Vec::with_capacity(blocks.len());
     for (b, scores) in blocks.iter().enumerate() {
         if scores.is_empty() {
-            return Err(LisaError::InvalidConfig(format!(
-                "outlier_ratios: no weight of block {b} was used in the calibration pass; run the \
-                 model's forward inside observe_linear_inputs, with every block in it"
-            )));
+            return Err(LisaError::InvalidArgument {
+                what: "calibration pass",
+                reason: format!(
+                    "no weight of block {b} was used in it; run the model's forward inside \
+                     observe_linear_inputs, with every block in it"
+                ),
+            });
         }
         let (mut sum, mut count) = (0f64, 0usize);
         for a in scores {
@@ -102,10 +105,12 @@ pub fn outlier_ratios(
         ratios.push(outliers / count as f64);
     }
     if ratios.iter().all(|&r| r == 0.0) {
-        return Err(LisaError::InvalidConfig(format!(
-            "outlier_ratios: no weight scores above {threshold} times its block's mean; lower \
-             the threshold"
-        )));
+        return Err(LisaError::InvalidArgument {
+            what: "threshold",
+            reason: format!(
+                "no weight scores above {threshold} times its block's mean; lower the threshold"
+            ),
+        });
     }
     Ok(ratios)
 }

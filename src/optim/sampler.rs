@@ -265,13 +265,16 @@ impl WeightedSampler {
     /// A sampler over one non-negative, finite weight per block (not all zero).
     ///
     /// # Errors
-    /// [`LisaError::InvalidConfig`](crate::LisaError::InvalidConfig) for a negative or
+    /// [`LisaError::InvalidArgument`](crate::LisaError::InvalidArgument) for a negative or
     /// non-finite weight, or weights that are all zero.
     pub fn new(weights: Vec<f64>, seed: u64) -> crate::Result<Self> {
         if weights.iter().any(|w| !w.is_finite() || *w < 0.0) || weights.iter().all(|&w| w == 0.0) {
-            return Err(crate::LisaError::InvalidConfig(format!(
-                "WeightedSampler: weights must be finite, non-negative and not all zero, got {weights:?}"
-            )));
+            return Err(crate::LisaError::InvalidArgument {
+                what: "sampler weights",
+                reason: format!(
+                    "they must be finite, non-negative and not all zero, got {weights:?}"
+                ),
+            });
         }
         Ok(Self {
             weights,

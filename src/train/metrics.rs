@@ -87,7 +87,7 @@ impl MetricsSink for Vec<serde_json::Value> {
 /// (one without its newline that does not parse).
 ///
 /// # Errors
-/// [`LisaError::Io`] for an unreadable file, [`LisaError::InvalidConfig`] naming the line
+/// [`LisaError::Io`] for an unreadable file, [`LisaError::InvalidData`] naming the line
 /// for any other line that is not JSON.
 pub fn read_jsonl(path: impl AsRef<Path>) -> Result<Vec<serde_json::Value>> {
     let path = path.as_ref();
@@ -101,11 +101,10 @@ pub fn read_jsonl(path: impl AsRef<Path>) -> Result<Vec<serde_json::Value>> {
             Ok(v) => records.push(v),
             Err(_) if !line.ends_with('\n') => {}
             Err(e) => {
-                return Err(LisaError::InvalidConfig(format!(
-                    "{}:{}: {e}",
-                    path.display(),
-                    i + 1
-                )))
+                return Err(LisaError::InvalidData {
+                    path: format!("{}:{}", path.display(), i + 1).into(),
+                    reason: e.to_string(),
+                })
             }
         }
     }

@@ -203,12 +203,13 @@ impl<M: CausalLm> Trainer<M> {
     /// mean fewer calls and a larger temporary buffer.
     ///
     /// # Errors
-    /// [`LisaError::InvalidConfig`] for 0.
+    /// [`LisaError::InvalidArgument`] for 0.
     pub fn set_bucket_bytes(&mut self, bytes: usize) -> Result<()> {
         if bytes == 0 {
-            return Err(LisaError::InvalidConfig(
-                "the bucket size must be at least one byte".into(),
-            ));
+            return Err(LisaError::InvalidArgument {
+                what: "bucket size",
+                reason: "it must be at least one byte".into(),
+            });
         }
         self.bucket_bytes = bytes;
         Ok(())
@@ -238,13 +239,14 @@ impl<M: CausalLm> Trainer<M> {
     /// One optimizer step over `micro_batches` (at least one).
     ///
     /// # Errors
-    /// [`LisaError::InvalidConfig`] for no micro-batch, [`LisaError::TooManyNonFinite`], and
+    /// [`LisaError::InvalidArgument`] for no micro-batch, [`LisaError::TooManyNonFinite`], and
     /// the optimizer's and the model's errors.
     pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepReport> {
         if micro_batches.is_empty() {
-            return Err(LisaError::InvalidConfig(
-                "Trainer::step needs at least one micro-batch".into(),
-            ));
+            return Err(LisaError::InvalidArgument {
+                what: "micro-batches",
+                reason: "Trainer::step needs at least one micro-batch".into(),
+            });
         }
         let lr = self.schedule.lr(self.opt.step_count() as usize + 1);
         self.opt.try_set_learning_rate(lr)?;

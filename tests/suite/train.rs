@@ -133,7 +133,7 @@ fn pad_batch_and_packing_errors() -> Result<(), Box<dyn std::error::Error>> {
     let dev = Device::Cpu;
     assert!(matches!(
         pad_batch(&[], 0, None, &dev),
-        Err(LisaError::InvalidConfig(_))
+        Err(LisaError::InvalidArgument { .. })
     ));
     let bad = Example {
         ids: vec![1, 2],
@@ -141,7 +141,7 @@ fn pad_batch_and_packing_errors() -> Result<(), Box<dyn std::error::Error>> {
     };
     assert!(matches!(
         pad_batch(&[bad], 0, None, &dev),
-        Err(LisaError::InvalidConfig(_))
+        Err(LisaError::InvalidArgument { .. })
     ));
     let b = pad_batch(&examples(), 7, Some(5), &dev)?;
     assert_eq!(b.ids.dims(), [6, 5]);
@@ -404,7 +404,12 @@ fn torn_metrics_lines_are_cut_and_skipped() -> Result<(), Box<dyn std::error::Er
     assert_eq!(steps(read_jsonl(&path)?), [1, 2, 3]);
     std::fs::write(&path, "{\"step\":1}\n{\"st\n{\"step\":3}\n")?;
     match read_jsonl(&path) {
-        Err(LisaError::InvalidConfig(m)) => assert!(m.contains("metrics.jsonl:2:"), "{m}"),
+        Err(LisaError::InvalidData { path, .. }) => {
+            assert!(
+                path.to_string_lossy().ends_with("metrics.jsonl:2"),
+                "{path:?}"
+            )
+        }
         other => panic!("{other:?}"),
     }
     Ok(())

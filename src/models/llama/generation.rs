@@ -49,7 +49,7 @@ impl Llama {
     /// token costs one position's forward pass. Builds no graph.
     ///
     /// # Errors
-    /// [`LisaError::InvalidConfig`] for an empty prompt or a temperature that is negative or
+    /// [`LisaError::InvalidArgument`] for an empty prompt or a temperature that is negative or
     /// not finite; a sequence longer than an enabled sliding window; candle errors.
     pub fn generate(&self, prompt: &[u32], sampling: &Sampling) -> Result<Vec<u32>> {
         let Sampling {
@@ -59,14 +59,16 @@ impl Llama {
             ref stop,
         } = *sampling;
         if !(temperature.is_finite() && temperature >= 0.0) {
-            return Err(LisaError::InvalidConfig(format!(
-                "temperature {temperature} must be finite and at least 0"
-            )));
+            return Err(LisaError::InvalidArgument {
+                what: "temperature",
+                reason: format!("{temperature} must be finite and at least 0"),
+            });
         }
         if prompt.is_empty() {
-            return Err(LisaError::InvalidConfig(
-                "generate needs a prompt of at least one token (a BOS id will do)".into(),
-            ));
+            return Err(LisaError::InvalidArgument {
+                what: "prompt",
+                reason: "generate needs a prompt of at least one token (a BOS id will do)".into(),
+            });
         }
         let total = prompt.len() + max_new_tokens;
         if let Some(w) = self.arch.window.filter(|&w| total > w) {
