@@ -6,8 +6,7 @@
 
 mod common;
 
-#[path = "../examples/common/training.rs"]
-mod training;
+use candle_lisa_testkit::training;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use training::{batch, shape_config, Training, Variant, Weights};

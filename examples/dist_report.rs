@@ -13,8 +13,7 @@
 //! the same for Llama-2-7B and Llama-3-8B, where no weights are needed. Rank 0 prints a
 //! Markdown table and writes JSON lines to `--json`.
 
-#[path = "common/training.rs"]
-mod training;
+use candle_lisa_testkit::training;
 
 use std::rc::Rc;
 

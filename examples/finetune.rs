@@ -37,8 +37,7 @@ use candle_nn::ParamsAdamW;
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 
-#[path = "common/alloc.rs"]
-mod alloc;
+use candle_lisa_testkit::alloc;
 
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;

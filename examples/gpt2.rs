@@ -5,7 +5,7 @@
 //! cargo run --release --example gpt2 -- [--model DIR] [--steps 200] [--gamma 2] [--period 10]
 //! ```
 //!
-//! The model is written the way a candle user writes one (`examples/common/gpt2_model.rs`),
+//! The model is written the way a candle user writes one (`testkit/src/gpt2.rs`),
 //! with candle-lisa's differentiable `LayerNorm` and `Linear`, and trained with
 //! `GPT2_BLOCK_PATTERN` (`transformer.h.{i}.`): the model is rebuilt from
 //! `LisaAdamW::var_builder()` after each resample. Without `--model` it writes a small random
@@ -29,11 +29,9 @@ use rand_chacha::ChaCha8Rng;
 #[path = "common/mod.rs"]
 mod common;
 
-#[path = "common/alloc.rs"]
-mod alloc;
+use candle_lisa_testkit::alloc;
 
-#[path = "common/gpt2_model.rs"]
-mod gpt2_model;
+use candle_lisa_testkit::gpt2 as gpt2_model;
 
 use gpt2_model::{Gpt2, Gpt2Config};
 

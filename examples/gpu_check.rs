@@ -40,11 +40,9 @@ use serde_json::{json, Value};
 #[path = "common/mod.rs"]
 mod common;
 
-#[path = "common/alloc.rs"]
-mod alloc;
+use candle_lisa_testkit::alloc;
 
-#[path = "common/training.rs"]
-mod training;
+use candle_lisa_testkit::training;
 
 #[path = "common/report.rs"]
 mod report;

@@ -40,9 +40,7 @@ fn device() -> (Device, &'static str) {
     })
 }
 
-/// The settings of `examples/common`: thread count, malloc thresholds.
+/// The examples' process settings: thread count, malloc thresholds.
 fn setup() {
-    #[path = "../../examples/common/mod.rs"]
-    mod examples_common;
-    examples_common::setup();
+    candle_lisa_testkit::setup();
 }

@@ -7,8 +7,8 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
-use crate::alloc;
-use crate::training::{batch, shape_config, Training, Variant, Weights};
+use candle_lisa_testkit::alloc;
+use candle_lisa_testkit::training::{batch, shape_config, Training, Variant, Weights};
 
 type Error = Box<dyn std::error::Error>;
 

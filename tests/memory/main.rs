@@ -4,8 +4,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-#[path = "../../examples/common/alloc.rs"]
-mod alloc;
+use candle_lisa_testkit::alloc;
 
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;

@@ -17,8 +17,7 @@ mod errors;
 mod freezing;
 mod frozen_linear;
 mod gpt2;
-#[path = "../../examples/common/gpt2_model.rs"]
-mod gpt2_model;
+use candle_lisa_testkit::gpt2 as gpt2_model;
 mod llama;
 mod lora;
 mod parity;

@@ -6,7 +6,6 @@
 //! Hugging Face stores GPT-2's projections as `Conv1D` weights of shape `(in, out)`;
 //! [`load`] transposes them to `(out, in)` once, so every projection is an ordinary
 //! `candle_lisa::Linear`, and [`save`] transposes them back.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -2,7 +2,6 @@
 //!
 //! Install it in a binary with
 //! `#[global_allocator] static GLOBAL: alloc::Counting = alloc::Counting;`.
-#![allow(dead_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};

@@ -1,5 +1,4 @@
 //! The model shapes and training methods compared by the memory report and the benches.
-#![allow(dead_code)]
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor};
