@@ -18,19 +18,20 @@
 //!
 //! The crate's modules, with dependencies pointing one way (each uses only those listed
 //! below it):
+//! - [`train`]: an optional [`Trainer`](train::Trainer) over any of them, the fine-tuning
+//!   loop, schedules, evaluation and crash-safe checkpoints;
 //! - [`dist`]: data-parallel training over MPI or NCCL that sends only the trainable
 //!   gradients, which the trainer uses;
-//! - [`train`]: an optional [`Trainer`](train::Trainer) over any of them, with schedules,
-//!   batches and crash-safe checkpoints;
-//! - [`models`]: model families, Hugging Face checkpoint I/O and tokenizers;
-//! - [`optim`]: [`AdamW`] and [`LisaAdamW`], the update, samplers, layer map and state I/O;
+//! - [`optim`]: [`AdamW`] and [`LisaAdamW`], the update, samplers, block map and state I/O;
+//! - [`models`]: model families and Hugging Face checkpoint I/O;
+//! - [`data`]: tokenizers, chat templates, examples, batches and datasets;
 //! - [`nn`]: building blocks ([`Linear`], lean ops, losses, recompute, LoRA, the CPU
 //!   kernels) and the [`TrainingPlan`] a model is built from, which [`LisaAdamW::plan`]
 //!   produces;
 //! - [`io`] and [`error`]: atomic writes and the error type.
 //!
-//! `models` and `optim` do not use each other: models and building blocks never name the
-//! optimizer type.
+//! `optim`, `models` and `data` do not use each other: models and building blocks never name
+//! the optimizer type.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
