@@ -274,27 +274,12 @@ pub fn chat_example(
 /// [`LisaError::Io`] for an unreadable file, [`LisaError::InvalidData`] naming the line for
 /// bad JSON or a missing field.
 pub fn read_chat_jsonl(path: impl AsRef<Path>) -> Result<Vec<Vec<ChatMessage>>> {
-    let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(io("cannot read", path))?;
-    let mut chats = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let at = |reason: String| LisaError::InvalidData {
-            path: format!("{}:{}", path.display(), i + 1).into(),
-            reason,
-        };
-        let v: Value = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
+    super::example::read_jsonl_records(path.as_ref(), |v| {
         let messages = v
             .get("messages")
-            .ok_or_else(|| at("no \"messages\" field".into()))?;
-        let messages: Vec<ChatMessage> =
-            serde_json::from_value(messages.clone()).map_err(|e| at(format!("messages: {e}")))?;
-        chats.push(messages);
-    }
-    Ok(chats)
+            .ok_or_else(|| "no \"messages\" field".to_string())?;
+        serde_json::from_value(messages.clone()).map_err(|e| format!("messages: {e}"))
+    })
 }
 
 /// A model's beginning- and end-of-sequence ids, as transformers resolves them.

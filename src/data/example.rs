@@ -172,25 +172,34 @@ pub fn pack_examples(examples: &[Example], seq_len: usize) -> Vec<Example> {
 /// [`LisaError::Io`] for an unreadable file, [`LisaError::InvalidData`] naming the line
 /// for bad JSON or a missing field.
 pub fn read_prompt_response_jsonl(path: impl AsRef<Path>) -> Result<Vec<(String, String)>> {
-    let path = path.as_ref();
+    read_jsonl_records(path.as_ref(), |v| {
+        let field = |k: &str| {
+            v[k].as_str()
+                .map(str::to_string)
+                .ok_or_else(|| format!("no string field {k:?}"))
+        };
+        Ok((field("prompt")?, field("response")?))
+    })
+}
+
+/// Every record of a JSONL file (blank lines skipped), each turned into a `T` by `record`;
+/// bad JSON or a record `record` refuses is [`LisaError::InvalidData`] naming the line.
+pub(crate) fn read_jsonl_records<T>(
+    path: &Path,
+    mut record: impl FnMut(serde_json::Value) -> std::result::Result<T, String>,
+) -> Result<Vec<T>> {
     let text = std::fs::read_to_string(path).map_err(crate::io::io("cannot read", path))?;
-    let mut pairs = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
         let at = |reason: String| LisaError::InvalidData {
             path: format!("{}:{}", path.display(), i + 1).into(),
             reason,
         };
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
-        let field = |k: &str| {
-            v[k].as_str()
-                .map(str::to_string)
-                .ok_or_else(|| at(format!("no string field {k:?}")))
-        };
-        pairs.push((field("prompt")?, field("response")?));
+        let v = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
+        out.push(record(v).map_err(at)?);
     }
-    Ok(pairs)
+    Ok(out)
 }

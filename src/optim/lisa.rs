@@ -324,9 +324,8 @@ impl LisaAdamW {
         self.step_with(grads, GradScale::Fixed(1.0))
     }
 
-    /// [`try_step`](Self::try_step) with every gradient multiplied by `grad_scale` inside the
-    /// update, without a copy (for example to average accumulated micro-batches).
-    /// `grad_scale = 1` is `try_step`.
+    /// [`try_step`](Self::try_step) with the gradients scaled inside the update
+    /// ([`AdamW::try_step_scaled`]).
     ///
     /// # Errors
     /// Those of [`try_step`](Self::try_step), and [`LisaError::InvalidHyperparameter`] for a

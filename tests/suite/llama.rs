@@ -15,6 +15,15 @@ fn config(tied: bool, heads: usize, kv_heads: usize) -> LlamaConfig {
     c
 }
 
+/// The test config with `fields` set on top (as `config.json` would give them).
+fn config_with(fields: serde_json::Value) -> LlamaConfig {
+    let mut v = serde_json::to_value(config(false, 4, 2)).unwrap();
+    v.as_object_mut()
+        .unwrap()
+        .extend(fields.as_object().unwrap().clone());
+    serde_json::from_value::<LlamaConfig>(v).unwrap()
+}
+
 fn build(c: &LlamaConfig, dtype: DType) -> candle_core::Result<(VarMap, Llama)> {
     let varmap = VarMap::new();
     let model = Llama::new(c, VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu))?;
@@ -299,13 +308,7 @@ fn config_errors() {
         ),
         (json!({"model_type": "gpt2"}), "model_type"),
     ];
-    let with = |fields: serde_json::Value| {
-        let mut v = serde_json::to_value(config(false, 4, 2)).unwrap();
-        v.as_object_mut()
-            .unwrap()
-            .extend(fields.as_object().unwrap().clone());
-        serde_json::from_value::<LlamaConfig>(v).unwrap()
-    };
+    let with = config_with;
     for (fields, name) in refused {
         match with(fields.clone()).validate() {
             Err(UnsupportedConfig { field, .. }) if field == name => {}
@@ -339,13 +342,7 @@ fn config_errors() {
 /// error, not ignored), and the Gemma settings from the family.
 #[test]
 fn architecture_resolves_the_config_once() -> Result<(), Box<dyn std::error::Error>> {
-    let with = |fields: serde_json::Value| {
-        let mut v = serde_json::to_value(config(false, 4, 2)).unwrap();
-        v.as_object_mut()
-            .unwrap()
-            .extend(fields.as_object().unwrap().clone());
-        serde_json::from_value::<LlamaConfig>(v).unwrap()
-    };
+    let with = config_with;
     assert_eq!(
         with(json!({"pad_token_id": 3}))
             .architecture()?
