@@ -147,6 +147,9 @@ struct Args {
     keep: usize,
     #[arg(long, default_value = "runs/finetune")]
     out: PathBuf,
+    /// Also write TensorBoard event files, one run per method: DIR/<method>/.
+    #[arg(long, value_name = "DIR")]
+    tensorboard: Option<PathBuf>,
     /// Continue each method from its newest complete checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -343,6 +346,13 @@ fn train(
         }
         _ => None,
     };
+    let mut tensorboard = match (rank, &args.tensorboard) {
+        (0, Some(dir)) => Some(train::TensorBoardSink::create(
+            dir.join(&name),
+            start as u64,
+        )?),
+        _ => None,
+    };
     let pb = match rank {
         0 => indicatif::ProgressBar::new(args.steps as u64),
         _ => indicatif::ProgressBar::hidden(),
@@ -394,6 +404,9 @@ fn train(
             (line["eval_loss"], line["eval_accuracy"]) = (json!(last_eval.0), json!(last_eval.1));
         }
         if let Some(sink) = sink.as_mut() {
+            sink.record(&line)?;
+        }
+        if let Some(sink) = tensorboard.as_mut() {
             sink.record(&line)?;
         }
         if step % args.save_every.unwrap_or(args.eval_every) == 0 || step == args.steps {

@@ -15,6 +15,6 @@ mod trainer;
 pub use checkpoint::Checkpointer;
 pub use eval::{eval_loss, exact_match};
 pub use finetune::{owlore_weights, LlamaFineTune, Method};
-pub use metrics::{read_jsonl, JsonlSink, MetricsSink};
+pub use metrics::{read_jsonl, JsonlSink, MetricsSink, TensorBoardSink};
 pub use schedule::{Constant, Cosine, Linear, LrSchedule};
 pub use trainer::{CausalLm, StepReport, Trainer, TrainerConfig, OPTIMIZER, TRAINER, WEIGHTS};
