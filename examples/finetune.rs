@@ -145,6 +145,9 @@ struct Args {
     keep: usize,
     #[arg(long, default_value = "runs/finetune")]
     out: PathBuf,
+    /// Also write TensorBoard event files, one run per method: DIR/<method>/.
+    #[arg(long, value_name = "DIR")]
+    tensorboard: Option<PathBuf>,
     /// Continue each method from its newest complete checkpoint in --out.
     #[arg(long)]
     resume: bool,
@@ -326,6 +329,13 @@ fn train(
         }
         _ => None,
     };
+    let mut tensorboard = match (rank, &args.tensorboard) {
+        (0, Some(dir)) => Some(train::TensorBoardSink::create(
+            dir.join(&name),
+            start as u64,
+        )?),
+        _ => None,
+    };
     let pb = match rank {
         0 => indicatif::ProgressBar::new(args.steps as u64),
         _ => indicatif::ProgressBar::hidden(),
@@ -348,14 +358,16 @@ fn train(
         save_every: args.save_every.unwrap_or(args.eval_every),
         eos,
     };
-    let sink = sink.as_mut().map(|s| s as &mut dyn MetricsSink);
+    let mut sinks: Vec<&mut dyn MetricsSink> = Vec::new();
+    sinks.extend(sink.as_mut().map(|s| s as &mut dyn MetricsSink));
+    sinks.extend(tensorboard.as_mut().map(|s| s as &mut dyn MetricsSink));
     let fit = run.fit(
         data,
         &options,
         start,
         args.stop_after,
         Some(&ck),
-        sink,
+        &mut sinks,
         |event| {
             match event {
                 FitEvent::Step {

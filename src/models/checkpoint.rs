@@ -344,7 +344,7 @@ pub fn save_llama(
 
 /// Saves a model in the Hugging Face layout: `config.json` and `model.safetensors`, or shards
 /// and `model.safetensors.index.json` (see [`SaveOptions::max_shard_bytes`]), in `dtype`
-/// (the config's `dtype` or `torch_dtype` is set to match), plus the tokenizer files of
+/// (the config's `torch_dtype` and `dtype` both say so), plus the tokenizer files of
 /// [`SaveOptions::copy_files_from`].
 ///
 /// Each file is written atomically (a temporary file, then a rename), so a failed save never
@@ -452,11 +452,10 @@ pub fn save_llama_with(
         }
     }
     let mut config = config.clone();
-    // Written under the name the config came with (transformers 5: `dtype`).
-    match config.dtype.is_some() {
-        true => config.dtype = dtype_name(dtype).map(str::to_string),
-        false => config.torch_dtype = dtype_name(dtype).map(str::to_string),
-    }
+    // transformers 4 reads `torch_dtype` and 5 reads `dtype`: a stale one would make the two
+    // load different dtypes, so both name the dtype saved.
+    config.torch_dtype = dtype_name(dtype).map(str::to_string);
+    config.dtype = config.torch_dtype.clone();
     let json = serde_json::to_string_pretty(&config).map_err(|source| LisaError::Json {
         path: dir.join(CONFIG_FILE),
         source,

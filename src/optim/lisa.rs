@@ -352,7 +352,7 @@ impl LisaAdamW {
             return Ok(());
         };
         let next = match self.mode {
-            Mode::Lisa { period, .. } if (self.adamw.steps + 1) % period as u64 == 0 => {
+            Mode::Lisa { period, .. } if (self.adamw.steps + 1).is_multiple_of(period as u64) => {
                 self.draw()?
             }
             _ => None,

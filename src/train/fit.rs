@@ -90,7 +90,8 @@ impl LlamaFineTune {
     /// and at the end when `checkpointer` is given. `start` is what
     /// [`Trainer::resume`](super::Trainer::resume) returned (0 for a fresh run), so a resumed
     /// run takes the same batches as an uninterrupted one. `observe` sees every step and
-    /// evaluation, after the step and before its line is written; its error stops the loop.
+    /// evaluation, after the step and before its line goes to each of `sinks`; its error stops
+    /// the loop.
     ///
     /// # Errors
     /// [`LisaError::InvalidArgument`] for a zero step count, batch size, micro-batch count,
@@ -104,7 +105,7 @@ impl LlamaFineTune {
         start: usize,
         stop_after: Option<usize>,
         checkpointer: Option<&Checkpointer>,
-        mut sink: Option<&mut dyn MetricsSink>,
+        sinks: &mut [&mut dyn MetricsSink],
         mut observe: impl FnMut(FitEvent<'_>) -> Result<()>,
     ) -> Result<FitSummary> {
         let o = options;
@@ -171,7 +172,7 @@ impl LlamaFineTune {
                 })?;
                 (line["eval_loss"], line["eval_accuracy"]) = (json!(loss), json!(accuracy));
             }
-            if let Some(sink) = sink.as_mut() {
+            for sink in sinks.iter_mut() {
                 sink.record(&line)?;
             }
             if let Some(ck) = checkpointer {

@@ -17,6 +17,6 @@ pub use checkpoint::Checkpointer;
 pub use eval::{eval_loss, exact_match};
 pub use finetune::{owlore_weights, LlamaFineTune, Method};
 pub use fit::{FitEvent, FitOptions, FitSummary};
-pub use metrics::{read_jsonl, JsonlSink, MetricsSink};
+pub use metrics::{read_jsonl, JsonlSink, MetricsSink, TensorBoardSink};
 pub use schedule::{Constant, Cosine, LinearDecay, LrSchedule};
 pub use trainer::{CausalLm, StepReport, Trainer, TrainerConfig, OPTIMIZER, TRAINER, WEIGHTS};

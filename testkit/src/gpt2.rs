@@ -93,7 +93,7 @@ impl Gpt2Config {
                 return Err(format!("{key} must be 0 (no dropout here)").into());
             }
         }
-        if c.n_embd % c.n_head != 0 {
+        if !c.n_embd.is_multiple_of(c.n_head) {
             return Err("n_embd must be a multiple of n_head".into());
         }
         Ok(c)

@@ -80,6 +80,69 @@ fn half_precision_weights_are_converted_on_load() -> Result<(), Box<dyn std::err
 }
 
 /// A sharded checkpoint (two files and an index) loads to the same tensors.
+/// transformers 4 reads `torch_dtype` and 5 reads `dtype`: a save writes both, with the dtype
+/// saved, whichever of them the source config had.
+#[test]
+fn saved_config_names_the_saved_dtype_under_both_keys() -> Result<(), Box<dyn std::error::Error>> {
+    let c = config(false, 2);
+    let original = random_model(&c)?;
+    let source = [
+        (Some("float32"), None),
+        (None, Some("float32")),
+        (Some("float32"), Some("float32")),
+        (Some("bfloat16"), Some("bfloat16")),
+        (None, None),
+    ];
+    for (torch_dtype, dtype) in source {
+        for (saved, name) in [(DType::BF16, "bfloat16"), (DType::F32, "float32")] {
+            let (src, dst) = (tempfile::tempdir()?, tempfile::tempdir()?);
+            let mut c = c.clone();
+            c.torch_dtype = torch_dtype.map(str::to_string);
+            c.dtype = dtype.map(str::to_string);
+            save_llama(src.path(), &c, &original, DType::F32)?;
+            let (loaded, varmap) = load_llama(src.path(), DType::F32, &Device::Cpu)?;
+            save_llama(dst.path(), &loaded, &varmap, saved)?;
+            let text = std::fs::read_to_string(dst.path().join("config.json"))?;
+            let json: serde_json::Value = serde_json::from_str(&text)?;
+            let case = format!("source {torch_dtype:?}/{dtype:?}, saved {saved:?}");
+            assert_eq!(json["torch_dtype"], name, "{case}");
+            assert_eq!(json["dtype"], name, "{case}");
+            let (reread, _) = load_llama(dst.path(), DType::F32, &Device::Cpu)?;
+            assert_eq!(reread.torch_dtype.as_deref(), Some(name), "{case}");
+            assert_eq!(reread.dtype.as_deref(), Some(name), "{case}");
+        }
+    }
+    Ok(())
+}
+
+/// A model whose vocabulary grew is saved only with a config that says so, and its saved
+/// config then gives the new size.
+#[test]
+fn saved_vocab_size_matches_the_embedding() -> Result<(), Box<dyn std::error::Error>> {
+    let c = config(true, 2);
+    let mut grown = c.clone();
+    grown.vocab_size = 30;
+    let varmap = random_model(&grown)?;
+    let dir = tempfile::tempdir()?;
+    match save_llama(dir.path(), &c, &varmap, DType::F32) {
+        Err(LisaError::TensorShape {
+            name,
+            expected,
+            found,
+        }) => assert_eq!(
+            (name.as_str(), expected, found),
+            ("model.embed_tokens.weight", vec![23, 16], vec![30, 16])
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(!dir.path().join("config.json").exists());
+    save_llama(dir.path(), &grown, &varmap, DType::F32)?;
+    let (saved, loaded) = load_llama(dir.path(), DType::F32, &Device::Cpu)?;
+    assert_eq!((saved.vocab_size, saved.tie_word_embeddings), (30, true));
+    assert_eq!(common::snapshot(&loaded), common::snapshot(&varmap));
+    Ok(())
+}
+
 #[test]
 fn sharded_checkpoint_loads() -> Result<(), Box<dyn std::error::Error>> {
     let c = config(false, 4);

@@ -1,6 +1,8 @@
 //! The library trainer: padding, accumulation, clipping, weight-decay groups, the
 //! non-finite guard, crash-safe checkpoints and exact resume.
 
+use std::path::Path;
+
 use candle_core::{DType, Device, Tensor, Var};
 use candle_lisa::data::{pack_examples, pad_batch, Batch, Example};
 use candle_lisa::train::{Checkpointer, Constant, StepReport, Trainer, TrainerConfig};
@@ -412,6 +414,175 @@ fn torn_metrics_lines_are_cut_and_skipped() -> Result<(), Box<dyn std::error::Er
         }
         other => panic!("{other:?}"),
     }
+    Ok(())
+}
+
+/// One decoded `tensorboard.Event`: step, file_version, session_log status, scalars.
+#[derive(Debug, Default, PartialEq)]
+struct Event {
+    wall_time: f64,
+    step: i64,
+    file_version: Option<String>,
+    session_status: Option<u64>,
+    scalars: Vec<(String, f32)>,
+}
+
+/// CRC-32C bit by bit (the sink uses a table), masked as TFRecord stores it.
+fn masked_crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0x82f6_3b78 & 0u32.wrapping_sub(crc & 1));
+        }
+    }
+    (!crc).rotate_right(15).wrapping_add(0xa282_ead8)
+}
+
+fn varint(b: &[u8], i: &mut usize) -> u64 {
+    let (mut x, mut shift) = (0u64, 0);
+    loop {
+        let byte = b[*i];
+        *i += 1;
+        x |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return x;
+        }
+        shift += 7;
+    }
+}
+
+/// The (field, wire type, payload) triples of a protobuf message; varints come as 8 LE bytes.
+fn fields(b: &[u8]) -> Vec<(u64, u64, Vec<u8>)> {
+    let (mut out, mut i) = (Vec::new(), 0);
+    while i < b.len() {
+        let key = varint(b, &mut i);
+        let payload = match key & 7 {
+            0 => varint(b, &mut i).to_le_bytes().to_vec(),
+            1 => (b[i..i + 8].to_vec(), i += 8).0,
+            2 => {
+                let n = varint(b, &mut i) as usize;
+                (b[i..i + n].to_vec(), i += n).0
+            }
+            5 => (b[i..i + 4].to_vec(), i += 4).0,
+            w => panic!("wire type {w}"),
+        };
+        out.push((key >> 3, key & 7, payload));
+    }
+    out
+}
+
+/// Reads an event file, checking both CRCs of every record.
+fn read_events(path: &Path) -> Vec<Event> {
+    let bytes = std::fs::read(path).unwrap();
+    let (mut events, mut i) = (Vec::new(), 0);
+    while i < bytes.len() {
+        let len = &bytes[i..i + 8];
+        let n = u64::from_le_bytes(len.try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(bytes[i + 8..i + 12].try_into().unwrap());
+        assert_eq!(crc, masked_crc32c(len), "length CRC at {i}");
+        let data = &bytes[i + 12..i + 12 + n];
+        let crc = u32::from_le_bytes(bytes[i + 12 + n..i + 16 + n].try_into().unwrap());
+        assert_eq!(crc, masked_crc32c(data), "data CRC at {i}");
+        i += 16 + n;
+        let mut e = Event::default();
+        for (field, wire, p) in fields(data) {
+            match (field, wire) {
+                (1, 1) => e.wall_time = f64::from_le_bytes(p.try_into().unwrap()),
+                (2, 0) => e.step = i64::from_le_bytes(p.try_into().unwrap()),
+                (3, 2) => e.file_version = Some(String::from_utf8(p).unwrap()),
+                (5, 2) => {
+                    for (_, _, value) in fields(&p) {
+                        let v = fields(&value);
+                        assert_eq!((v[0].0, v[0].1, v[1].0, v[1].1), (1, 2, 2, 5));
+                        e.scalars.push((
+                            String::from_utf8(v[0].2.clone()).unwrap(),
+                            f32::from_le_bytes(v[1].2.clone().try_into().unwrap()),
+                        ));
+                    }
+                }
+                (7, 2) => {
+                    e.session_status =
+                        Some(u64::from_le_bytes(fields(&p)[0].2[..8].try_into().unwrap()))
+                }
+                other => panic!("unexpected field {other:?}"),
+            }
+        }
+        events.push(e);
+    }
+    events
+}
+
+/// Numbers become scalars at the record's step, framed and checksummed as TensorFlow does; a
+/// resumed sink starts with a session start at its step, in a file of its own.
+#[test]
+fn tensorboard_events_read_back() -> Result<(), Box<dyn std::error::Error>> {
+    use candle_lisa::train::{MetricsSink, TensorBoardSink};
+    let dir = tempfile::tempdir()?;
+    let run = dir.path().join("runs").join("lisa");
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let mut sink = TensorBoardSink::create(&run, 0)?;
+    sink.record(&serde_json::json!({
+        "method": "lisa", "step": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.75,
+        "active_blocks": [0, 3], "eval_accuracy": null,
+    }))?;
+    sink.record(
+        &serde_json::json!({"step": 300, "loss": 1.25, "eval_loss": 1.5, "eval_accuracy": 0.875}),
+    )?;
+    sink.record(&serde_json::json!({"step": 301, "method": "lisa"}))?;
+    let path = sink.path().to_path_buf();
+    drop(sink);
+    assert_eq!(path.parent(), Some(run.as_path()));
+    assert!(path
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("events.out.tfevents."));
+    let events = read_events(&path);
+    assert_eq!(
+        events.len(),
+        3,
+        "a record without numbers writes nothing: {events:?}"
+    );
+    assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
+    assert!(events[0].wall_time >= before.as_secs_f64() - 1.0);
+    assert_eq!(events[1].step, 1);
+    let tags = |e: &Event| {
+        let mut s = e.scalars.clone();
+        s.sort_by(|a, b| a.0.cmp(&b.0));
+        s
+    };
+    assert_eq!(
+        tags(&events[1]),
+        [
+            ("grad_norm".into(), 0.75),
+            ("loss".into(), 2.5),
+            ("lr".into(), 1e-3f32)
+        ]
+    );
+    assert_eq!(events[2].step, 300);
+    assert_eq!(
+        tags(&events[2]),
+        [
+            ("eval_accuracy".into(), 0.875),
+            ("eval_loss".into(), 1.5),
+            ("loss".into(), 1.25)
+        ]
+    );
+
+    let resumed = TensorBoardSink::create(&run, 200)?;
+    assert_ne!(resumed.path(), path);
+    let events = read_events(resumed.path());
+    assert_eq!(events.len(), 2);
+    assert_eq!((events[1].step, events[1].session_status), (200, Some(1)));
+
+    // A directory that cannot be made is an error, not a panic.
+    std::fs::write(dir.path().join("file"), "")?;
+    assert!(matches!(
+        TensorBoardSink::create(dir.path().join("file").join("run"), 0),
+        Err(LisaError::Io { .. })
+    ));
     Ok(())
 }
 

@@ -300,20 +300,20 @@ impl LlamaConfig {
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return invalid(format!("{name} must be at least 1"));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return invalid(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}; give head_dim",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return invalid(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.kv_heads()
             ));
         }
-        if self.head_size() % 2 != 0 || self.head_size() == 0 {
+        if !self.head_size().is_multiple_of(2) || self.head_size() == 0 {
             return invalid(format!(
                 "head_dim {} must be even for RoPE",
                 self.head_size()

@@ -27,7 +27,7 @@
 //! | `partial_rotary_factor` (top level or in the RoPE object) | 1 only |
 //! | `original_max_position_embeddings` (top level, Phi-3) | read for llama3/yarn RoPE |
 //! | `attn_logit_softcapping`, `final_logit_softcapping` | refused unless null |
-//! | `torch_dtype` (4), `dtype` (5) | storage dtype; written back under the name read |
+//! | `torch_dtype` (4), `dtype` (5) | storage dtype; a save writes both, as the dtype saved |
 //! | `bos_token_id`, `eos_token_id`, `max_position_embeddings` and everything else | kept and written back |
 //!
 //! candle-transformers' Llama uses fused ops with no backward (`rms_norm`, `rope`,
