@@ -169,6 +169,29 @@ struct Args {
     /// Fault injection: SIGKILL this process right after this step's update.
     #[arg(long, hide = true)]
     kill_at_step: Option<usize>,
+    /// Fault injection: make this step's loss NaN (one trainable weight is NaN during the
+    /// step), so that the trainer skips it.
+    #[arg(long, hide = true)]
+    poison_step: Option<usize>,
+}
+
+/// A step with one trainable weight set to NaN (restored after), whose loss is then NaN:
+/// the trainer skips it, as it would a step that overflowed.
+fn poisoned_step(
+    trainer: &mut train::Trainer<Llama>,
+    batches: &[candle_lisa::data::Batch],
+) -> Result<train::StepReport, Error> {
+    let (_, var) = trainer
+        .optimizer()
+        .trainable_vars()
+        .next()
+        .ok_or("nothing trains")?;
+    let var = var.clone();
+    let saved = var.as_tensor().copy()?;
+    var.set(&(saved.ones_like()? * f64::NAN)?)?;
+    let report = trainer.step(batches);
+    var.set(&saved)?;
+    Ok(report?)
 }
 
 /// The data --data names, or the bundled --task; chat data is rendered with --chat-template
@@ -353,14 +376,32 @@ fn train(
         "{prefix:>5} [{bar:30}] {pos}/{len} {msg}",
     )?);
     let (mut tokens, started, mut recent) = (0usize, Instant::now(), Vec::new());
+    if start > 0 && rank == 0 {
+        // The summary's training loss is over the last ten steps, also those before a resume.
+        let lines = train::read_jsonl(&metrics)?;
+        recent = lines
+            .iter()
+            .filter(|l| l["method"] == name.as_str())
+            .map(|l| l["loss"].as_f64().map_or(f32::NAN, |x| x as f32))
+            .collect();
+        recent.drain(..recent.len().saturating_sub(10));
+    }
     let mut last_eval = (f32::NAN, None);
     let device_peak = common::DevicePeak::new(dev)?;
     let sampler = StepSampler::new(args.seed).for_rank(rank, world)?;
     let mut all_reduced = 0usize;
     for step in start + 1..=args.steps.min(args.stop_after.unwrap_or(usize::MAX)) {
         let (b, micro, t) = (args.batch_size, args.grad_accum, Some(args.seq_len));
-        let batches = sampler.micro_batches(&data.train, step as u64, b, micro, eos, t, dev)?;
-        let report = run.trainer.step(&batches)?;
+        // A failure here or in the evaluation meets the other ranks' next collective, so that
+        // they stop too instead of waiting for this rank.
+        let batches = match sampler.micro_batches(&data.train, step as u64, b, micro, eos, t, dev) {
+            Ok(batches) => batches,
+            Err(e) => return Err(run.trainer.fail_step(e).into()),
+        };
+        let report = match args.poison_step == Some(step) {
+            true => poisoned_step(&mut run.trainer, &batches)?,
+            false => run.trainer.step(&batches)?,
+        };
         all_reduced += report.all_reduced_bytes;
         if args.kill_at_step == Some(step) {
             common::kill_self();
@@ -383,7 +424,14 @@ fn train(
             "elapsed_s": started.elapsed().as_secs_f64(), "all_reduced_bytes": report.all_reduced_bytes,
         });
         if (step % args.eval_every == 0 || step == args.steps) && rank == 0 {
-            last_eval = evaluate(&run.eval_model()?, data, args, eos, dev)?;
+            let evaluated = run
+                .eval_model()
+                .map_err(Error::from)
+                .and_then(|model| evaluate(&model, data, args, eos, dev));
+            last_eval = match evaluated {
+                Ok(eval) => eval,
+                Err(e) => return Err(run.trainer.fail_step(e)),
+            };
             let acc = last_eval
                 .1
                 .map_or(String::new(), |a| format!(", accuracy {:.1}%", 100.0 * a));
