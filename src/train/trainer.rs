@@ -494,7 +494,7 @@ impl<M: CausalLm> Trainer<M> {
                 .vars()
                 .map(|(n, v)| (n.to_string(), v.as_tensor().detach()))
                 .collect();
-            candle_core::safetensors::save(&tensors, dir.join(WEIGHTS))?;
+            crate::io::save_safetensors(&tensors, &dir.join(WEIGHTS))?;
             self.opt.save_state(dir.join(OPTIMIZER))?;
             let counters = serde_json::json!({
                 "skipped": self.skipped,

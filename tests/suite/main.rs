@@ -11,6 +11,7 @@ mod bundled;
 mod chat;
 mod checkpoint;
 mod data;
+mod diskfull;
 mod dropin;
 mod errors;
 mod freezing;
