@@ -170,6 +170,46 @@ struct Args {
     /// Fault injection: SIGKILL this process right after this step's update.
     #[arg(long, hide = true)]
     kill_at_step: Option<usize>,
+    /// Fault injection: make this step's loss NaN (one trainable weight is NaN during the
+    /// step), so that the trainer skips it.
+    #[arg(long, hide = true)]
+    poison_step: Option<usize>,
+}
+
+/// `--poison-step`: the first trainable weight (by name: an always-trainable one) is NaN
+/// during that step, so its loss is NaN and the trainer skips it, as it would a step that
+/// overflowed.
+struct Poison {
+    at: usize,
+    var: candle_core::Var,
+    saved: candle_core::Tensor,
+}
+
+impl Poison {
+    fn new(at: Option<usize>, run: &LlamaFineTune) -> Result<Option<Self>, Error> {
+        let Some(at) = at else { return Ok(None) };
+        let (_, var) = run
+            .trainer
+            .optimizer()
+            .trainable_vars()
+            .next()
+            .ok_or("nothing trains")?;
+        let saved = var.as_tensor().copy()?;
+        Ok(Some(Self {
+            at,
+            var: var.clone(),
+            saved,
+        }))
+    }
+
+    /// Before step `step + 1`: poisons the weight for step `at`, restores it after.
+    fn after(&self, step: usize) -> candle_core::Result<()> {
+        match step + 1 == self.at {
+            true => self.var.set(&(self.saved.ones_like()? * f64::NAN)?),
+            false if step == self.at => self.var.set(&self.saved),
+            false => Ok(()),
+        }
+    }
 }
 
 /// The data --data names, or the bundled --task; chat data is rendered with --chat-template
@@ -358,6 +398,10 @@ fn train(
         save_every: args.save_every.unwrap_or(args.eval_every),
         eos,
     };
+    let poison = Poison::new(args.poison_step, &run)?;
+    if let Some(p) = &poison {
+        p.after(start)?;
+    }
     let mut sinks: Vec<&mut dyn MetricsSink> = Vec::new();
     sinks.extend(sink.as_mut().map(|s| s as &mut dyn MetricsSink));
     sinks.extend(tensorboard.as_mut().map(|s| s as &mut dyn MetricsSink));
@@ -378,6 +422,9 @@ fn train(
                 } => {
                     if args.kill_at_step == Some(step) {
                         common::kill_self();
+                    }
+                    if let Some(p) = &poison {
+                        p.after(step)?;
                     }
                     let (loss, tps) = (report.loss, tokens_per_second);
                     pb.set_message(format!(
@@ -414,11 +461,19 @@ fn train(
     // LoRA's adapters alone, in PEFT's format (PeftModel.from_pretrained loads them).
     let base = model_dir.to_string_lossy();
     run.save_adapter(dir.join("adapter"), dtype, Some(&base))?;
+    // The training loss of the last ten steps, those before a resume included.
+    let mut losses: Vec<f32> = train::read_jsonl(&metrics)?
+        .iter()
+        .filter(|l| l["method"] == name.as_str())
+        .map(|l| l["loss"].as_f64().map_or(f32::NAN, |x| x as f32))
+        .collect();
+    losses.drain(..losses.len().saturating_sub(10));
+    let final_train_loss = losses.iter().sum::<f32>() / losses.len().max(1) as f32;
     let opt = run.trainer.optimizer();
     let device_peak = device_peak.peak()?;
     Ok(json!({
         "method": name, "steps": args.steps,
-        "final_train_loss": fit.final_train_loss, "eval_loss": fit.eval_loss, "accuracy": fit.accuracy,
+        "final_train_loss": final_train_loss, "eval_loss": fit.eval_loss, "accuracy": fit.accuracy,
         "wall_seconds": fit.wall_seconds, "tokens_per_second": fit.tokens as f64 / fit.wall_seconds,
         "peak_bytes": device_peak.unwrap_or(alloc::peak() - heap_base),
         "peak_source": if device_peak.is_some() { "high-water mark of the CUDA memory pool over the run, weights included" } else { "heap above the method's start, counted by the allocator" },

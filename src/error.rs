@@ -449,6 +449,22 @@ pub enum LisaError {
         differs: bool,
     },
 
+    /// Another rank of a data-parallel run failed, so this one stops too instead of waiting.
+    #[error(
+        "rank {rank} of {world_size} stops {during}: {failed} other rank(s) failed there (their \
+         own error says why); fix that, then resume every rank from the last checkpoint"
+    )]
+    RankFailed {
+        /// This process's rank.
+        rank: usize,
+        /// How many other ranks failed.
+        failed: usize,
+        /// How many ranks there are.
+        world_size: usize,
+        /// Where ("in step 12", "saving the checkpoint of step 12", "resuming").
+        during: String,
+    },
+
     /// The communication engine of a data-parallel run failed, or another rank did.
     #[error("data-parallel communication failed: {0}")]
     Communication(String),

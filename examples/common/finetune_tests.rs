@@ -109,12 +109,13 @@ fn out(d: &tempfile::TempDir) -> String {
 }
 
 /// Stopping after step 3 and resuming gives the same active blocks, sampler position,
-/// moments and weights at step 8 as the run that never stopped, for LISA and LoRA.
+/// moments and weights at step 8 as the run that never stopped, for LISA and LoRA, and the
+/// same training loss in the summary.
 #[test]
 fn resume_continues_exactly() {
     let (straight, stopped) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for method in ["lisa", "lora"] {
-        run(args(&["--method", method, "--out", &out(&straight)])).unwrap();
+        let whole = run(args(&["--method", method, "--out", &out(&straight)])).unwrap();
         let stop = [
             "--method",
             method,
@@ -125,7 +126,7 @@ fn resume_continues_exactly() {
         ];
         run(args(&stop)).unwrap();
         assert_eq!(newest(stopped.path(), method).0, 2);
-        run(args(&[
+        let resumed = run(args(&[
             "--method",
             method,
             "--out",
@@ -133,6 +134,9 @@ fn resume_continues_exactly() {
             "--resume",
         ]))
         .unwrap();
+        // The summary's training loss spans the resume (its last ten steps).
+        let loss = |s: &[serde_json::Value]| s[0]["final_train_loss"].as_f64().unwrap();
+        assert_eq!(loss(&whole), loss(&resumed), "{method}");
         let (a, b) = (
             newest(straight.path(), method),
             newest(stopped.path(), method),

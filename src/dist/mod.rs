@@ -118,32 +118,42 @@ pub(crate) struct Totals {
     pub loss: f64,
     /// Whether some rank's loss was not finite.
     pub non_finite: bool,
+    /// How many ranks failed (an error, not a non-finite loss).
+    pub failed: usize,
 }
 
-/// Sums each rank's labels, label-weighted loss and non-finite flag (one all-reduce of three
-/// f64s on `device`).
+/// Sums each rank's labels, label-weighted loss, non-finite flag and failure flag (one
+/// all-reduce of four f64s on `device`). Every point where the ranks agree on a failure is
+/// this same all-reduce, so a rank that failed between two of them
+/// ([`Trainer::fail_step`](crate::train::Trainer::fail_step)) meets the others at whichever
+/// one they are at, instead of leaving them waiting in a collective it never joins.
 pub(crate) fn totals(
     comm: &dyn Communicator,
     device: &Device,
     tokens: usize,
     loss: f64,
     non_finite: bool,
+    failed: bool,
 ) -> Result<Totals> {
-    let weighted = if non_finite {
+    let weighted = if non_finite || failed {
         0.0
     } else {
         loss * tokens as f64
     };
-    let flag = f64::from(u8::from(non_finite));
-    let buffer = Tensor::new(&[tokens as f64, weighted, flag], device)?;
+    let flag = |b: bool| f64::from(u8::from(b));
+    let buffer = Tensor::new(
+        &[tokens as f64, weighted, flag(non_finite), flag(failed)],
+        device,
+    )?;
     comm.all_reduce_sum(&buffer)?;
-    let [tokens, weighted, flag] = buffer.to_vec1::<f64>()?[..] else {
-        unreachable!("a buffer of three stays three")
+    let [tokens, weighted, non_finite, failed] = buffer.to_vec1::<f64>()?[..] else {
+        unreachable!("a buffer of four stays four")
     };
     Ok(Totals {
         tokens,
         loss: weighted / tokens.max(1.0),
-        non_finite: flag > 0.0,
+        non_finite: non_finite > 0.0,
+        failed: failed.round() as usize,
     })
 }
 
@@ -250,14 +260,13 @@ pub(crate) fn check_agreement(
     Ok(())
 }
 
-/// Tells every rank whether `failed` on some rank (one all-reduce), so that a failure of one
-/// rank (rank 0's checkpoint write) becomes an error on all of them rather than a hang.
+/// Tells every rank how many ranks `failed` (the all-reduce of [`totals`]), so that a
+/// failure of one rank (rank 0's checkpoint write, one rank's batch) becomes an error on all
+/// of them rather than a hang.
 pub(crate) fn agree_on_failure(
     comm: &dyn Communicator,
     device: &Device,
     failed: bool,
-) -> Result<bool> {
-    let flag = Tensor::new(&[f64::from(u8::from(failed))], device)?;
-    comm.all_reduce_sum(&flag)?;
-    Ok(flag.to_vec1::<f64>()?[0] > 0.0)
+) -> Result<usize> {
+    Ok(totals(comm, device, 0, 0.0, false, failed)?.failed)
 }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 
 use crate::error::{LisaError, Result};
-use crate::io::{atomic_write, io};
+use crate::io::io;
 use crate::models::llama::LlamaConfig;
 
 /// File name of a single-file checkpoint.
@@ -347,9 +347,10 @@ pub fn save_llama(
 /// (the config's `torch_dtype` and `dtype` both say so), plus the tokenizer files of
 /// [`SaveOptions::copy_files_from`].
 ///
-/// Each file is written atomically (a temporary file, then a rename), so a failed save never
-/// leaves a truncated file in place of a previous checkpoint; the weights are written before
-/// the index and the config, and a stale index or single file of an earlier save in `dir` is
+/// Every file is first written in full under a temporary name and flushed, and only then
+/// are they renamed into place (the weights before the index and the config), so a save that
+/// fails (a full disk, a read-only directory) leaves an earlier save in `dir` whole, never a
+/// truncated file or shards of two saves; a stale index or single file of an earlier save is
 /// removed last. Only one shard's tensors are converted to `dtype` at a time.
 ///
 /// # Errors
@@ -407,6 +408,8 @@ pub fn save_llama_with(
         1 => WEIGHTS_FILE.to_string(),
         _ => format!("model-{:05}-of-{n:05}.safetensors", i + 1),
     };
+    // Every file is written before any replaces its namesake of an earlier save.
+    let mut staged = crate::io::Staged::default();
     let mut weight_map = serde_json::Map::new();
     let mut total = 0usize;
     for (i, shard) in shards.iter().enumerate() {
@@ -417,8 +420,8 @@ pub fn save_llama_with(
             weight_map.insert(name.clone(), file_name(i).into());
             tensors.insert(name.clone(), t);
         }
-        atomic_write(&dir.join(file_name(i)), |tmp| {
-            Ok(candle_core::safetensors::save(&tensors, tmp)?)
+        staged.write(&dir.join(file_name(i)), |tmp| {
+            crate::io::save_safetensors(&tensors, tmp)
         })?;
     }
     let stale = match n {
@@ -433,7 +436,7 @@ pub fn save_llama_with(
                 path: path.clone(),
                 source,
             })?;
-            atomic_write(&path, |tmp| {
+            staged.write(&path, |tmp| {
                 std::fs::write(tmp, text + "\n").map_err(io("cannot write", tmp))
             })?;
             WEIGHTS_FILE
@@ -443,7 +446,7 @@ pub fn save_llama_with(
         for name in TOKENIZER_FILES {
             let src = from.join(name);
             if src.is_file() && from != dir {
-                atomic_write(&dir.join(name), |tmp| {
+                staged.write(&dir.join(name), |tmp| {
                     std::fs::copy(&src, tmp)
                         .map(|_| ())
                         .map_err(io("cannot copy", &src))
@@ -460,9 +463,10 @@ pub fn save_llama_with(
         path: dir.join(CONFIG_FILE),
         source,
     })?;
-    atomic_write(&dir.join(CONFIG_FILE), |tmp| {
+    staged.write(&dir.join(CONFIG_FILE), |tmp| {
         std::fs::write(tmp, json + "\n").map_err(io("cannot write", tmp))
     })?;
+    staged.commit()?;
     // The other layout of an earlier save would shadow this one (the loader prefers the
     // single file) or lie about it.
     let stale = dir.join(stale);

@@ -284,7 +284,7 @@ pub fn save_peft(
     });
     std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
     atomic_write(&dir.join(ADAPTER_WEIGHTS_FILE), |tmp| {
-        Ok(candle_core::safetensors::save(&tensors, tmp)?)
+        crate::io::save_safetensors(&tensors, tmp)
     })?;
     let text = serde_json::to_string_pretty(&peft_config).map_err(|source| LisaError::Json {
         path: dir.join(ADAPTER_CONFIG_FILE),

@@ -64,7 +64,7 @@ impl LisaAdamW {
         }
         let tensors_path = dir.join(STATE_TENSORS_FILE);
         atomic_write(&tensors_path, |tmp| {
-            Ok(candle_core::safetensors::save(&tensors, tmp)?)
+            crate::io::save_safetensors(&tensors, tmp)
         })?;
         let p = &self.adamw.params;
         let json = serde_json::json!({

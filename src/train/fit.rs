@@ -131,16 +131,22 @@ impl LlamaFineTune {
         let mut last_eval = (f32::NAN, None);
         let last = o.steps.min(stop_after.unwrap_or(usize::MAX));
         for step in start + 1..=last {
+            // A failure here or in the evaluation meets the other ranks' next collective, so
+            // that they stop too instead of waiting for this rank.
             let t = Some(o.seq_len);
-            let batches = sampler.micro_batches(
+            let (b, micro) = (o.batch_size, o.grad_accum);
+            let batches = match sampler.micro_batches(
                 &data.train,
                 step as u64,
-                o.batch_size,
-                o.grad_accum,
+                b,
+                micro,
                 o.eos,
                 t,
                 &device,
-            )?;
+            ) {
+                Ok(batches) => batches,
+                Err(e) => return Err(self.trainer.fail_step(e)),
+            };
             let report = self.trainer.step(&batches)?;
             all_reduced += report.all_reduced_bytes;
             tokens += batches.iter().map(|b| b.ids.elem_count()).sum::<usize>();
@@ -163,7 +169,10 @@ impl LlamaFineTune {
                 "elapsed_s": elapsed, "all_reduced_bytes": report.all_reduced_bytes,
             });
             if (step % o.eval_every == 0 || step == o.steps) && rank == 0 {
-                last_eval = self.evaluate(data, o)?;
+                last_eval = match self.evaluate(data, o) {
+                    Ok(eval) => eval,
+                    Err(e) => return Err(self.trainer.fail_step(e)),
+                };
                 let (loss, accuracy) = last_eval;
                 observe(FitEvent::Eval {
                     step,

@@ -238,22 +238,117 @@ impl<M: CausalLm> Trainer<M> {
 
     /// One optimizer step over `micro_batches` (at least one).
     ///
+    /// Data-parallel, an error on any rank (its loss, its backward pass, its update) ends the
+    /// step with an error on every rank: the failing rank returns its own, the others
+    /// [`LisaError::RankFailed`]; no rank waits in a collective for a rank that has given up.
+    ///
     /// # Errors
-    /// [`LisaError::InvalidArgument`] for no micro-batch, [`LisaError::TooManyNonFinite`], and
-    /// the optimizer's and the model's errors.
+    /// [`LisaError::InvalidArgument`] for no micro-batch, [`LisaError::TooManyNonFinite`],
+    /// [`LisaError::RankFailed`], and the optimizer's and the model's errors.
     pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepReport> {
         if micro_batches.is_empty() {
-            return Err(LisaError::InvalidArgument {
+            return Err(self.fail_step(LisaError::InvalidArgument {
                 what: "micro-batches",
                 reason: "Trainer::step needs at least one micro-batch".into(),
-            });
+            }));
         }
         let lr = self.schedule.lr(self.opt.step_count() as usize + 1);
-        self.opt.try_set_learning_rate(lr)?;
+        if let Err(e) = self.opt.try_set_learning_rate(lr) {
+            return Err(self.fail_step(e));
+        }
         let tokens: usize = micro_batches.iter().map(|b| b.tokens).sum();
+        let (mut acc, loss_sum, non_finite) = match self.local_gradients(micro_batches, tokens) {
+            Ok((_, _, Some(value))) if self.dist.is_none() => return self.skip(lr, tokens, value),
+            Ok((acc, loss_sum, value)) => (acc, loss_sum, value.is_some()),
+            Err(e) => return Err(self.fail_step(e)),
+        };
+        let (mut loss, mut tokens, mut all_reduced_bytes) = (loss_sum, tokens, 0);
+        let during = format!("in step {}", self.position + 1);
+        if let Some(comm) = self.dist.as_deref() {
+            let totals = dist::totals(comm, &self.device(), tokens, loss_sum, non_finite, false)?;
+            if totals.failed > 0 {
+                return Err(self.rank_failed(totals.failed, during));
+            }
+            if totals.non_finite {
+                return self.skip(lr, totals.tokens as usize, f32::NAN);
+            }
+            // Each rank's gradient is of its own mean loss; weighted by its share of the
+            // labels, their sum is the gradient of the mean over all of them.
+            let scale = tokens as f64 / totals.tokens.max(1.0);
+            let vars: Vec<Var> = self.opt.trainable_vars().map(|(_, v)| v.clone()).collect();
+            all_reduced_bytes =
+                dist::all_reduce_gradients(comm, &vars, &mut acc, scale, self.bucket_bytes)?;
+            (loss, tokens) = (totals.loss, totals.tokens as usize);
+        }
+        let before = self.opt.skipped_steps();
+        let updated = self.update(&acc);
+        drop(acc);
+        if let Some(comm) = self.dist.as_deref() {
+            // The update and the rebuild are local: the ranks learn of a failure in them
+            // before the next collective.
+            let failed = dist::agree_on_failure(comm, &self.device(), updated.is_err())?;
+            if failed > 0 && updated.is_ok() {
+                return Err(self.rank_failed(failed, during));
+            }
+        }
+        let resampled = updated?;
+        let grad_norm = self.opt.last_grad_norm().unwrap_or(f64::NAN);
+        if self.opt.skipped_steps() > before {
+            return self.skip(lr, tokens, loss as f32);
+        }
+        self.consecutive_skipped = 0;
+        self.position += 1;
+        if resampled {
+            if let Some(comm) = self.dist.as_deref() {
+                let summary = dist::draw_summary(&self.opt);
+                dist::check_agreement(comm, &self.device(), &summary)?;
+            }
+        }
+        Ok(StepReport {
+            step: self.opt.step_count(),
+            loss: loss as f32,
+            grad_norm,
+            lr,
+            tokens,
+            skipped: false,
+            resampled,
+            all_reduced_bytes,
+        })
+    }
+
+    /// Data-parallel: stands in for [`step`](Self::step) on a rank that cannot take it (its
+    /// batch failed to load, say), or that failed between steps: it joins the point where the
+    /// other ranks next agree (the first collective of their step, or of
+    /// [`save_checkpoint`](Self::save_checkpoint)) with a failure, so that they return
+    /// [`LisaError::RankFailed`] instead of waiting for this rank. Returns `error`. In a single
+    /// process it only returns `error`.
+    pub fn fail_step<E>(&mut self, error: E) -> E {
+        if let Some(comm) = self.dist.as_deref() {
+            // The original error is the one to report; a failing collective adds nothing.
+            let _ = dist::totals(comm, &self.device(), 0, 0.0, false, true);
+        }
+        error
+    }
+
+    fn rank_failed(&self, failed: usize, during: String) -> LisaError {
+        LisaError::RankFailed {
+            rank: self.rank(),
+            failed,
+            world_size: self.world_size(),
+            during,
+        }
+    }
+
+    /// The accumulated gradients of this rank's micro-batches and their label-weighted mean
+    /// loss, or, as the third value, the first loss that was not finite (the gradients then
+    /// incomplete).
+    fn local_gradients(
+        &mut self,
+        micro_batches: &[Batch],
+        tokens: usize,
+    ) -> Result<(GradStore, f64, Option<f32>)> {
         let mut acc = GradStore::default();
         let mut loss_sum = 0.0f64;
-        let mut non_finite = false;
         for batch in micro_batches {
             // Data-parallel, a share without counted labels adds nothing (its mean loss would
             // be 0/0); its gradients go out as zeros.
@@ -267,12 +362,8 @@ impl<M: CausalLm> Trainer<M> {
                 let loss = self.model.loss(batch)?;
                 let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
                 if !value.is_finite() {
-                    if self.dist.is_none() {
-                        return self.skip(lr, tokens, value);
-                    }
-                    // The other ranks learn of it before any gradient travels.
-                    non_finite = true;
-                    break;
+                    // Data-parallel, the other ranks learn of it before any gradient travels.
+                    return Ok((acc, loss_sum, Some(value)));
                 }
                 let weighted = match micro_batches.len() {
                     1 => loss,
@@ -291,50 +382,21 @@ impl<M: CausalLm> Trainer<M> {
             }
             loss_sum += value as f64 * weight;
         }
-        let (mut loss, mut tokens, mut all_reduced_bytes) = (loss_sum, tokens, 0);
-        if let Some(comm) = self.dist.as_deref() {
-            let totals = dist::totals(comm, &self.device(), tokens, loss_sum, non_finite)?;
-            if totals.non_finite {
-                return self.skip(lr, totals.tokens as usize, f32::NAN);
-            }
-            // Each rank's gradient is of its own mean loss; weighted by its share of the
-            // labels, their sum is the gradient of the mean over all of them.
-            let scale = tokens as f64 / totals.tokens.max(1.0);
-            let vars: Vec<Var> = self.opt.trainable_vars().map(|(_, v)| v.clone()).collect();
-            all_reduced_bytes =
-                dist::all_reduce_gradients(comm, &vars, &mut acc, scale, self.bucket_bytes)?;
-            (loss, tokens) = (totals.loss, totals.tokens as usize);
-        }
-        let before = self.opt.skipped_steps();
+        Ok((acc, loss_sum, None))
+    }
+
+    /// The optimizer's update from `grads` (it may skip a non-finite step), and the model's
+    /// rebuild when LISA drew new blocks; returns whether it did.
+    fn update(&mut self, grads: &GradStore) -> Result<bool> {
         match self.config.max_grad_norm {
-            Some(max) => self.opt.try_step_clipped(&acc, max)?,
-            None => self.opt.try_step(&acc)?,
+            Some(max) => self.opt.try_step_clipped(grads, max)?,
+            None => self.opt.try_step(grads)?,
         }
-        let grad_norm = self.opt.last_grad_norm().unwrap_or(f64::NAN);
-        drop(acc);
-        if self.opt.skipped_steps() > before {
-            return self.skip(lr, tokens, loss as f32);
-        }
-        self.consecutive_skipped = 0;
-        self.position += 1;
         let resampled = self.opt.resampled();
         if resampled {
             self.model = (self.build)(&self.opt.plan())?;
-            if let Some(comm) = self.dist.as_deref() {
-                let summary = dist::draw_summary(&self.opt);
-                dist::check_agreement(comm, &self.device(), &summary)?;
-            }
         }
-        Ok(StepReport {
-            step: self.opt.step_count(),
-            loss: loss as f32,
-            grad_norm,
-            lr,
-            tokens,
-            skipped: false,
-            resampled,
-            all_reduced_bytes,
-        })
+        Ok(resampled)
     }
 
     fn skip(&mut self, lr: f64, tokens: usize, loss: f32) -> Result<StepReport> {
@@ -399,7 +461,9 @@ impl<M: CausalLm> Trainer<M> {
     /// # Errors
     /// Those of [`Checkpointer::save`] ([`LisaError::CheckpointBusy`],
     /// [`LisaError::LaterCheckpoint`], [`LisaError::Io`]) and of `extra`; the previous
-    /// checkpoints are untouched. Data-parallel, a failure on rank 0 is [`LisaError::Communication`] on the others.
+    /// checkpoints are untouched. Data-parallel, a failure on rank 0, or another rank's
+    /// [`fail_step`](Self::fail_step) meeting this save, is [`LisaError::RankFailed`] on the
+    /// ranks that did not fail (rank 0's checkpoint is complete then).
     pub fn save_checkpoint(
         &self,
         checkpointer: &Checkpointer,
@@ -410,13 +474,14 @@ impl<M: CausalLm> Trainer<M> {
         };
         let step = self.position;
         let written = (comm.rank() == 0).then(|| self.write_checkpoint(checkpointer, extra));
-        let failed = matches!(written, Some(Err(_)));
-        let failed = dist::agree_on_failure(comm, &self.device(), failed)?;
+        let here = matches!(written, Some(Err(_)));
+        let failed = dist::agree_on_failure(comm, &self.device(), here)?;
         match written {
+            Some(Err(e)) => Err(e),
+            _ if failed > 0 => {
+                Err(self.rank_failed(failed, format!("saving the checkpoint of step {step}")))
+            }
             Some(result) => result,
-            None if failed => Err(LisaError::Communication(format!(
-                "rank 0 could not write the checkpoint of step {step}"
-            ))),
             None => Ok(checkpointer.root().join(Checkpointer::dir_name(step))),
         }
     }
@@ -432,7 +497,7 @@ impl<M: CausalLm> Trainer<M> {
                 .vars()
                 .map(|(n, v)| (n.to_string(), v.as_tensor().detach()))
                 .collect();
-            candle_core::safetensors::save(&tensors, dir.join(WEIGHTS))?;
+            crate::io::save_safetensors(&tensors, &dir.join(WEIGHTS))?;
             self.opt.save_state(dir.join(OPTIMIZER))?;
             let counters = serde_json::json!({
                 "skipped": self.skipped,
@@ -457,7 +522,7 @@ impl<M: CausalLm> Trainer<M> {
     /// # Errors
     /// [`LisaError::CheckpointMismatch`] for a checkpoint of another run or one that does not
     /// fit this optimizer; nothing is changed then. Data-parallel, a failure on one rank is
-    /// [`LisaError::Communication`] on the others, and ranks that resumed to different points
+    /// [`LisaError::RankFailed`] on the others, and ranks that resumed to different points
     /// are [`LisaError::RankDisagreement`].
     pub fn resume(&mut self, checkpointer: &Checkpointer) -> Result<Option<u64>> {
         let result = self.resume_here(checkpointer);
@@ -465,10 +530,9 @@ impl<M: CausalLm> Trainer<M> {
             return result;
         };
         let device = self.device();
-        if dist::agree_on_failure(comm, &device, result.is_err())? {
-            return result.and(Err(LisaError::Communication(
-                "another rank could not resume".into(),
-            )));
+        let failed = dist::agree_on_failure(comm, &device, result.is_err())?;
+        if failed > 0 {
+            return result.and(Err(self.rank_failed(failed, "resuming".into())));
         }
         dist::check_agreement(comm, &device, &dist::draw_summary(&self.opt))?;
         result

@@ -4,13 +4,15 @@
 
 use std::process::{Command, Stdio};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use candle_lisa::data::{Example, StepSampler};
 use candle_lisa::dist::{Communicator, Mpi};
 use candle_lisa::optim::SamplerChoice;
-use candle_lisa::train::{Checkpointer, Constant, Trainer, TrainerConfig};
+use candle_lisa::train::{CausalLm, Checkpointer, Constant, Trainer, TrainerConfig};
 use candle_lisa::{LisaAdamW, LisaConfig, LisaError, Llama, LlamaConfig, TrainingPlan};
 use candle_nn::ParamsAdamW;
 use sha2::{Digest, Sha256};
@@ -73,6 +75,8 @@ fn rank_main() -> Result<(), Error> {
     println!("rank {rank}: two ranks give one rank's weights");
     another_seed_is_caught(&mpi)?;
     println!("rank {rank}: another seed is caught");
+    a_failing_rank_stops_every_rank(&mpi, &shared)?;
+    println!("rank {rank}: a failing rank stops every rank");
     println!("rank {rank} of {world}: all checks passed");
     Ok(())
 }
@@ -267,5 +271,123 @@ fn another_seed_is_caught(mpi: &Rc<Mpi>) -> Result<(), Error> {
     }
     let result = t.step(&mine.micro_batches(&ex, 3, 4, 1, 0, None, &dev)?);
     expect_disagreement(result.map(|_| ()));
+    Ok(())
+}
+
+/// A Llama whose loss fails while `fail` is set, built by a closure that fails while
+/// `fail_build` is set: faults injected on one rank.
+struct Faulty {
+    model: Llama,
+    fail: Arc<AtomicBool>,
+}
+
+impl CausalLm for Faulty {
+    fn loss(&self, batch: &candle_lisa::data::Batch) -> candle_lisa::Result<Tensor> {
+        if self.fail.load(SeqCst) {
+            return Err(injected("its loss"));
+        }
+        self.model.loss(&batch.ids, &batch.labels)
+    }
+}
+
+fn injected(what: &str) -> LisaError {
+    LisaError::InvalidArgument {
+        what: "injected fault",
+        reason: what.into(),
+    }
+}
+
+/// An error on rank 1 at four points (its loss; its batch, before the step; between steps,
+/// while rank 0 saves a checkpoint; the model's rebuild after a redraw, after the update):
+/// each time both ranks return an error within 30 s, rank 1 its own and rank 0
+/// `RankFailed`, and afterwards they go on stepping together. A watchdog ends the process
+/// if a rank hangs in a collective instead.
+fn a_failing_rank_stops_every_rank(mpi: &Rc<Mpi>, shared: &std::path::Path) -> Result<(), Error> {
+    let rank = mpi.rank();
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = done.clone();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        while !watchdog.load(SeqCst) {
+            if started.elapsed() > Duration::from_secs(60) {
+                eprintln!("rank {rank}: hung in a collective after a fault on rank 1");
+                std::process::exit(3);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let (fail, fail_build) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let varmap = crate::common::seeded_llama(&config(), 9)?;
+    let lisa = LisaConfig {
+        gamma: 2,
+        period: 3,
+        seed: 4,
+        ..Default::default()
+    };
+    let opt = LisaAdamW::new(&varmap, ParamsAdamW::default(), lisa)?;
+    let (c, f, fb) = (config(), fail.clone(), fail_build.clone());
+    let build = move |plan: &TrainingPlan| {
+        if fb.load(SeqCst) {
+            return Err(injected("its rebuild"));
+        }
+        Ok(Faulty {
+            model: Llama::from_plan(&c, plan)?,
+            fail: f.clone(),
+        })
+    };
+    let schedule = Constant {
+        lr: 1e-3,
+        warmup: 0,
+    };
+    let mut t = Trainer::new(opt, schedule, TrainerConfig::default(), build)?;
+    t.set_communicator(Box::new(mpi.clone()))?;
+    let (dev, ex) = (Device::Cpu, examples());
+    let mine = StepSampler::new(11).for_rank(rank, 2)?;
+    let batches = |step| mine.micro_batches(&ex, step, 4, 1, 0, None, &dev);
+    let check = |result: candle_lisa::Result<()>, started: Instant, point: &str| {
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_secs(30), "{point}: {elapsed:?}");
+        match (rank, result) {
+            (1, Err(LisaError::InvalidArgument { reason, .. })) => assert_eq!(reason, point),
+            (0, Err(LisaError::RankFailed { failed, .. })) => assert_eq!(failed, 1, "{point}"),
+            (_, other) => panic!("rank {rank}, {point}: expected an error, got {other:?}"),
+        }
+        println!("rank {rank}: fault in {point}: both ranks stopped in {elapsed:?}");
+    };
+    t.step(&batches(1)?)?;
+
+    fail.store(rank == 1, SeqCst);
+    let started = Instant::now();
+    let result = t.step(&batches(2)?).map(|_| ());
+    fail.store(false, SeqCst);
+    check(result, started, "its loss");
+
+    let started = Instant::now();
+    let result = match rank {
+        1 => Err(t.fail_step(injected("its batch"))),
+        _ => t.step(&batches(2)?).map(|_| ()),
+    };
+    check(result, started, "its batch");
+
+    let ck = Checkpointer::new(shared.join("faults"), 2, &serde_json::json!({"t": 2}))?;
+    let started = Instant::now();
+    let result = match rank {
+        1 => Err(t.fail_step(injected("between steps"))),
+        _ => t.save_checkpoint(&ck, |_| Ok(())).map(|_| ()),
+    };
+    check(result, started, "between steps");
+
+    // Nothing moved: the ranks step on together, to the redraw at the third update.
+    assert_eq!(t.optimizer().step_count(), 1);
+    t.step(&batches(2)?)?;
+    fail_build.store(rank == 1, SeqCst);
+    let started = Instant::now();
+    let result = t.step(&batches(3)?).map(|_| ());
+    fail_build.store(false, SeqCst);
+    check(result, started, "its rebuild");
+    done.store(true, SeqCst);
     Ok(())
 }

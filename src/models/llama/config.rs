@@ -19,6 +19,9 @@ pub(crate) fn default_max_position_embeddings() -> usize {
     2048
 }
 
+/// The most layers a config may have (the largest models have a few hundred).
+const MAX_LAYERS: usize = 1 << 16;
+
 /// The hyper-parameters of a Llama-family model, as in a Hugging Face `config.json`.
 ///
 /// Fields this crate does not read are kept in `extra` and written back on save.
@@ -210,6 +213,7 @@ impl LlamaConfig {
                 hint: "only causal attention is supported",
             });
         }
+        self.check_sizes()?;
         self.layer_ropes()?;
         if let Some(types) = &self.layer_types {
             if types.len() != self.num_hidden_layers {
@@ -289,17 +293,6 @@ impl LlamaConfig {
             }
         }
         let invalid = |msg: String| Err(LisaError::InvalidConfig(msg));
-        let sizes = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.kv_heads()),
-        ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return invalid(format!("{name} must be at least 1"));
-        }
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return invalid(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}; give head_dim",
@@ -321,6 +314,50 @@ impl LlamaConfig {
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return invalid("rms_norm_eps must be finite and positive".into());
+        }
+        Ok(())
+    }
+
+    /// Every size is at least 1, and the model they describe can be counted: no product
+    /// overflows and its weights fit in memory at 8 bytes each. Checked before anything of
+    /// a size from the file is allocated (one RoPE per layer, the tensor list).
+    fn check_sizes(&self) -> Result<()> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(LisaError::InvalidConfig(format!(
+                "{name} must be at least 1"
+            )));
+        }
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let head = self.head_size();
+        let count = || -> Option<usize> {
+            let q = self.num_attention_heads.checked_mul(head)?;
+            let kv = self.kv_heads().checked_mul(head)?;
+            let attention = q.checked_add(kv.checked_mul(2)?)?.checked_mul(h)?;
+            let layer = attention
+                .checked_add(q.checked_mul(h)?)?
+                .checked_add(i.checked_mul(h)?.checked_mul(3)?)?
+                .checked_add(h.checked_mul(8)?)?;
+            let total = layer
+                .checked_mul(self.num_hidden_layers)?
+                .checked_add(v.checked_mul(h)?.checked_mul(2)?)?;
+            total.checked_mul(8).filter(|&b| b <= isize::MAX as usize)
+        };
+        if count().is_none() || self.num_hidden_layers > MAX_LAYERS {
+            return Err(LisaError::InvalidConfig(format!(
+                "the sizes (vocab_size {v}, hidden_size {h}, intermediate_size {i}, \
+                 num_hidden_layers {}, num_attention_heads {}, head_dim {head}) describe a \
+                 model too large to exist (at most {MAX_LAYERS} layers); the file is \
+                 corrupt or not a model config",
+                self.num_hidden_layers, self.num_attention_heads
+            )));
         }
         Ok(())
     }
