@@ -47,22 +47,22 @@ real!(f64);
 /// The constants of one update in the kernel's type.
 #[derive(Clone, Copy)]
 pub(super) struct Consts<T> {
-    b1: T,
-    omb1: T,
-    b2: T,
-    omb2: T,
-    sm: T,
-    sv: T,
-    eps: T,
-    decay: T,
-    lr: T,
-    inv_scale: T,
-    zero: T,
-    one: T,
+    pub(super) b1: T,
+    pub(super) omb1: T,
+    pub(super) b2: T,
+    pub(super) omb2: T,
+    pub(super) sm: T,
+    pub(super) sv: T,
+    pub(super) eps: T,
+    pub(super) decay: T,
+    pub(super) lr: T,
+    pub(super) inv_scale: T,
+    pub(super) zero: T,
+    pub(super) one: T,
 }
 
 impl<T: Real> Consts<T> {
-    fn new(c: &Coefficients, inv_scale: f64) -> Self {
+    pub(super) fn new(c: &Coefficients, inv_scale: f64) -> Self {
         let f = T::from_f64;
         Self {
             b1: f(c.beta1),
