@@ -292,7 +292,7 @@ impl CausalLm for Faulty {
 
 fn injected(what: &str) -> LisaError {
     LisaError::InvalidArgument {
-        what: "injected fault".into(),
+        what: "injected fault",
         reason: what.into(),
     }
 }
