@@ -132,7 +132,7 @@ def crashed_run(name, seed, work, wall, ref_fp, max_attempts):
     """One crash-loop run; returns its counts and the differences from the reference."""
     rng = random.Random(f"{name}:{seed}")
     out = os.path.join(work, name, f"seed-{seed}")
-    kills = resumes = failed = attempts = 0
+    kills = in_save = resumes = failed = attempts = 0
     failure = None
     while attempts < max_attempts:
         cmd = command(name, out)
@@ -144,14 +144,18 @@ def crashed_run(name, seed, work, wall, ref_fp, max_attempts):
         if rng.random() < 1 / 3:
             cmd += ["--kill-after-writes", str(rng.randint(1, 40))]
         p = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        timed_out = False
         try:
             _, err = p.communicate(timeout=delay)
         except subprocess.TimeoutExpired:
             p.send_signal(signal.SIGKILL)
             _, err = p.communicate()
+            timed_out = True
         code = p.returncode
         if code == -signal.SIGKILL:
-            kills += 1  # by us or by --kill-after-writes
+            kills += 1
+            # Not by the timer: by --kill-after-writes, in the middle of a checkpoint save.
+            in_save += not timed_out
             continue
         if code != 0:
             failed += 1
@@ -171,7 +175,7 @@ def crashed_run(name, seed, work, wall, ref_fp, max_attempts):
                 if k in ("summary", "checkpoint")) or None
         else:
             shutil.rmtree(out, ignore_errors=True)
-    return {"config": name, "seed": seed, "kills": kills, "resumes": resumes,
+    return {"config": name, "seed": seed, "kills": kills, "in_save": in_save, "resumes": resumes,
             "failed_resumes": failed, "failure": failure, "differs": diff}
 
 
@@ -210,14 +214,16 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    print(f"{'config':14} {'runs':>4} {'kills':>6} {'resumes':>7} {'failed':>6} {'differ':>6}"
-          f" {'identical':>9}  (reference s)")
-    total = {"runs": 0, "kills": 0, "resumes": 0, "failed": 0, "differ": 0, "same": 0}
+    print(f"{'config':14} {'runs':>4} {'kills':>6} {'in save':>7} {'resumes':>7} {'failed':>6}"
+          f" {'differ':>6} {'identical':>9}  (reference s)")
+    total = {"runs": 0, "kills": 0, "in_save": 0, "resumes": 0, "failed": 0, "differ": 0,
+             "same": 0}
     for n in names:
         rs = [r for r in results if r["config"] == n]
         row = {
             "runs": len(rs),
             "kills": sum(r["kills"] for r in rs),
+            "in_save": sum(r["in_save"] for r in rs),
             "resumes": sum(r["resumes"] for r in rs),
             "failed": sum(r["failed_resumes"] for r in rs),
             "differ": sum(1 for r in rs if r["differs"]),
@@ -225,10 +231,11 @@ def main():
         }
         for k in total:
             total[k] += row[k]
-        print(f"{n:14} {row['runs']:>4} {row['kills']:>6} {row['resumes']:>7} {row['failed']:>6}"
-              f" {row['differ']:>6} {row['same']:>9}  ({refs[n][1]:.1f})")
-    print(f"{'total':14} {total['runs']:>4} {total['kills']:>6} {total['resumes']:>7}"
-          f" {total['failed']:>6} {total['differ']:>6} {total['same']:>9}")
+        print(f"{n:14} {row['runs']:>4} {row['kills']:>6} {row['in_save']:>7}"
+              f" {row['resumes']:>7} {row['failed']:>6} {row['differ']:>6} {row['same']:>9}"
+              f"  ({refs[n][1]:.1f})")
+    print(f"{'total':14} {total['runs']:>4} {total['kills']:>6} {total['in_save']:>7}"
+          f" {total['resumes']:>7} {total['failed']:>6} {total['differ']:>6} {total['same']:>9}")
     print(f"{time.monotonic() - started:.0f} s")
     bad = [r for r in results if r["failure"] or r["differs"]]
     for r in bad:
