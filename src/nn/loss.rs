@@ -160,6 +160,24 @@ impl Targets {
                 ),
             });
         }
+        // A label outside the vocabulary would otherwise be clamped to the last token and
+        // train on it silently.
+        let host = labels
+            .flatten_all()?
+            .to_dtype(DType::I64)?
+            .to_vec1::<i64>()?;
+        if let Some(bad) = host
+            .iter()
+            .find(|&&l| l >= v as i64 || (l < 0 && l != IGNORE_INDEX))
+        {
+            return Err(LisaError::InvalidArgument {
+                what: "labels",
+                reason: format!(
+                    "label {bad} is neither a token id below the vocabulary size {v} nor \
+                     {IGNORE_INDEX} (ignored): check the tokenizer against the model's vocab_size"
+                ),
+            });
+        }
         let dtype = compute_dtype(dtype);
         let ignored = Tensor::full(IGNORE_INDEX, (b, 1), labels.device())?;
         let labels = Tensor::cat(&[&labels.narrow(1, 1, t - 1)?, &ignored], 1)?

@@ -208,6 +208,36 @@ fn loss_ignores_masked_labels_and_matches_cross_entropy() -> candle_core::Result
     Ok(())
 }
 
+/// A label outside the vocabulary, or negative but not IGNORE_INDEX, is an error (it was
+/// clamped to the last token and trained on).
+#[test]
+fn labels_outside_the_vocabulary_are_refused() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let logits = Tensor::randn(0f32, 1., (1, 4, 7), &dev)?;
+    let hidden = Tensor::randn(0f32, 1., (1, 4, 5), &dev)?;
+    let head = Tensor::randn(0f32, 1., (7, 5), &dev)?;
+    for bad in [7i64, 100, -1, -5] {
+        let labels = Tensor::new(&[[0i64, 3, bad, 6]], &dev)?;
+        for result in [
+            causal_lm_loss(&logits, &labels),
+            candle_lisa::nn::loss::head_loss(&hidden, &head, &labels),
+        ] {
+            match result {
+                Err(candle_lisa::LisaError::InvalidArgument {
+                    what: "labels",
+                    reason,
+                }) => {
+                    assert!(reason.contains(&format!("label {bad} ")), "{reason}")
+                }
+                other => panic!("label {bad}: expected InvalidArgument, got {other:?}"),
+            }
+        }
+    }
+    let labels = Tensor::new(&[[0i64, 3, IGNORE_INDEX, 6]], &dev)?;
+    assert!(causal_lm_loss(&logits, &labels).is_ok());
+    Ok(())
+}
+
 /// With LISA's builder, frozen blocks store no weight gradient, and only trainable parameters
 /// have gradients.
 #[test]
