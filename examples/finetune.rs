@@ -182,7 +182,8 @@ struct Args {
 struct Poison {
     at: usize,
     var: candle_core::Var,
-    saved: candle_core::Tensor,
+    /// The weight's value before step `at`, while it is poisoned.
+    saved: std::cell::RefCell<Option<candle_core::Tensor>>,
 }
 
 impl Poison {
@@ -194,7 +195,7 @@ impl Poison {
             .trainable_vars()
             .next()
             .ok_or("nothing trains")?;
-        let saved = var.as_tensor().copy()?;
+        let saved = std::cell::RefCell::new(None);
         Ok(Some(Self {
             at,
             var: var.clone(),
@@ -202,12 +203,21 @@ impl Poison {
         }))
     }
 
-    /// Before step `step + 1`: poisons the weight for step `at`, restores it after.
+    /// Before step `at`: the weight is kept aside and becomes NaN.
+    fn before(&self, step: usize) -> candle_core::Result<()> {
+        if step == self.at {
+            let saved = self.var.as_tensor().copy()?;
+            self.var.set(&(saved.ones_like()? * f64::NAN)?)?;
+            *self.saved.borrow_mut() = Some(saved);
+        }
+        Ok(())
+    }
+
+    /// After step `at` (before its checkpoint): the weight is restored.
     fn after(&self, step: usize) -> candle_core::Result<()> {
-        match step + 1 == self.at {
-            true => self.var.set(&(self.saved.ones_like()? * f64::NAN)?),
-            false if step == self.at => self.var.set(&self.saved),
-            false => Ok(()),
+        match (step == self.at, self.saved.borrow_mut().take()) {
+            (true, Some(saved)) => self.var.set(&saved),
+            _ => Ok(()),
         }
     }
 }
@@ -399,9 +409,6 @@ fn train(
         eos,
     };
     let poison = Poison::new(args.poison_step, &run)?;
-    if let Some(p) = &poison {
-        p.after(start)?;
-    }
     let mut sinks: Vec<&mut dyn MetricsSink> = Vec::new();
     sinks.extend(sink.as_mut().map(|s| s as &mut dyn MetricsSink));
     sinks.extend(tensorboard.as_mut().map(|s| s as &mut dyn MetricsSink));
@@ -414,6 +421,11 @@ fn train(
         &mut sinks,
         |event| {
             match event {
+                FitEvent::BeforeStep { step } => {
+                    if let Some(p) = &poison {
+                        p.before(step)?;
+                    }
+                }
                 FitEvent::Step {
                     step,
                     report,

@@ -41,6 +41,11 @@ pub struct FitOptions {
 /// What [`LlamaFineTune::fit`] tells its observer while it runs.
 #[derive(Debug)]
 pub enum FitEvent<'a> {
+    /// A step is about to be taken (before its batch is drawn).
+    BeforeStep {
+        /// The step (1-based; the data position).
+        step: usize,
+    },
     /// A step was taken.
     Step {
         /// The step (1-based; the data position).
@@ -131,6 +136,7 @@ impl LlamaFineTune {
         let mut last_eval = (f32::NAN, None);
         let last = o.steps.min(stop_after.unwrap_or(usize::MAX));
         for step in start + 1..=last {
+            observe(FitEvent::BeforeStep { step })?;
             // A failure here or in the evaluation meets the other ranks' next collective, so
             // that they stop too instead of waiting for this rank.
             let t = Some(o.seq_len);
