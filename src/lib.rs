@@ -93,6 +93,8 @@
 #![warn(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod data;
 pub mod dist;
 pub mod error;

@@ -1,9 +1,22 @@
-//! Tests of the finetune example: argument errors, exact resume, and resume after SIGKILL at
-//! several points, including in the middle of a checkpoint save.
+//! Tests of the finetune command (the example is `candle-lisa finetune`): argument errors, run
+//! files against flags, exact resume, and resume after SIGKILL at several points, including in
+//! the middle of a checkpoint save.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use candle_lisa::train::recipe::{FinetuneConfig, MethodSummary};
+use candle_lisa::train::Checkpointer;
+use serde_json::json;
 
 use super::*;
 
-fn args(extra: &[&str]) -> Args {
+/// Parses and runs a `finetune` command line.
+fn run(args: &[&str]) -> Result<Vec<MethodSummary>, Box<dyn std::error::Error>> {
+    FinetuneCommand::try_parse_from(args)?.run()
+}
+
+fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let base = [
         "finetune",
         "--steps",
@@ -21,25 +34,26 @@ fn args(extra: &[&str]) -> Args {
         "--grad-accum",
         "2",
     ];
-    Args::try_parse_from(base.iter().chain(extra)).expect("valid arguments")
+    base.iter().chain(extra).copied().collect()
 }
 
 fn err(extra: &[&str]) -> String {
-    let result = run(args(extra));
-    assert_eq!(exit_code(&result), 2);
-    result.err().map(|e| e.to_string()).unwrap_or_default()
+    run(&args(extra))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
 }
 
 #[test]
 fn argument_errors_are_clear() {
-    let e = Args::try_parse_from(["finetune", "--method", "sgd"]).unwrap_err();
+    let e = FinetuneCommand::try_parse_from(["finetune", "--method", "sgd"]).unwrap_err();
     assert!(
         e.to_string().contains("invalid value 'sgd' for '--method"),
         "{e}"
     );
     let e = err(&["--gamma", "9"]);
     assert!(
-        e.contains("--gamma 9 is out of range: the model has 8 blocks"),
+        e.contains("invalid gamma: 9 is out of range: the model has 8 blocks"),
         "{e}"
     );
     let zero = [
@@ -51,15 +65,16 @@ fn argument_errors_are_clear() {
         "--save-every",
         "0",
     ];
-    let result = run(Args::try_parse_from(zero).expect("valid arguments"));
-    assert_eq!(exit_code(&result), 2);
-    let e = result.err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(e.contains("--save-every must be at least 1"), "{e}");
+    let e = run(&zero).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        e.contains("invalid save_every: it must be at least 1"),
+        "{e}"
+    );
     let e = err(&["--model", "/nonexistent/model"]);
     assert!(e.contains("no config.json there"), "{e}");
     let e = err(&["--data", "/nonexistent/data.jsonl"]);
     assert!(
-        e.contains("cannot read --data /nonexistent/data.jsonl"),
+        e.contains("invalid data: cannot read /nonexistent/data.jsonl"),
         "{e}"
     );
     if !cfg!(feature = "cuda") {
@@ -115,7 +130,7 @@ fn out(d: &tempfile::TempDir) -> String {
 fn resume_continues_exactly() {
     let (straight, stopped) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for method in ["lisa", "lora"] {
-        let whole = run(args(&["--method", method, "--out", &out(&straight)])).unwrap();
+        let whole = run(&args(&["--method", method, "--out", &out(&straight)])).unwrap();
         let stop = [
             "--method",
             method,
@@ -124,9 +139,9 @@ fn resume_continues_exactly() {
             "--stop-after",
             "3",
         ];
-        run(args(&stop)).unwrap();
+        run(&args(&stop)).unwrap();
         assert_eq!(newest(stopped.path(), method).0, 2);
-        let resumed = run(args(&[
+        let resumed = run(&args(&[
             "--method",
             method,
             "--out",
@@ -135,7 +150,7 @@ fn resume_continues_exactly() {
         ]))
         .unwrap();
         // The summary's training loss spans the resume (its last ten steps).
-        let loss = |s: &[serde_json::Value]| s[0]["final_train_loss"].as_f64().unwrap();
+        let loss = |s: &[MethodSummary]| s[0].final_train_loss;
         assert_eq!(loss(&whole), loss(&resumed), "{method}");
         let (a, b) = (
             newest(straight.path(), method),
@@ -155,12 +170,12 @@ fn resume_continues_exactly() {
 fn resume_after_a_torn_metrics_line() {
     let dir = tempfile::tempdir().unwrap();
     let base = ["--method", "lisa", "--out", &out(&dir)];
-    run(args(&[&base[..], &["--stop-after", "3"]].concat())).unwrap();
+    run(&args(&[&base[..], &["--stop-after", "3"]].concat())).unwrap();
     let metrics = dir.path().join("metrics.jsonl");
     let mut text = std::fs::read_to_string(&metrics).unwrap();
     text.push_str("{\"method\":\"lisa\",\"step\":4,\"loss\":1.2");
     std::fs::write(&metrics, text).unwrap();
-    run(args(&[&base[..], &["--resume"]].concat())).unwrap();
+    run(&args(&[&base[..], &["--resume"]].concat())).unwrap();
     let text = std::fs::read_to_string(&metrics).unwrap();
     let steps: Vec<u64> = text
         .lines()
@@ -196,7 +211,7 @@ fn spawn(args: &[&str]) -> std::process::ExitStatus {
 fn child() {
     if let Ok(a) = std::env::var("FINETUNE_CHILD_ARGS") {
         let rest: Vec<&str> = a.split('\u{1f}').collect();
-        run(args(&rest)).unwrap();
+        run(&args(&rest)).unwrap();
     }
 }
 
@@ -207,7 +222,7 @@ fn child() {
 #[test]
 fn crash_and_resume_match_the_uninterrupted_run() {
     let (straight, crashed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    run(args(&["--method", "lisa", "--out", &out(&straight)])).unwrap();
+    run(&args(&["--method", "lisa", "--out", &out(&straight)])).unwrap();
     let base = ["--method", "lisa", "--out", &out(&crashed)];
     // A save writes four files (weights, optimizer JSON and tensors, trainer counters).
     let crashes: [(&[&str], u64); 3] = [
@@ -249,7 +264,7 @@ fn chat_data_trains_on_the_replies() {
         template.to_str().unwrap(),
         out.path().to_str().unwrap(),
     );
-    let summaries = run(Args::try_parse_from([
+    let summaries = run(&[
         "finetune",
         "--method",
         "lisa",
@@ -268,16 +283,104 @@ fn chat_data_trains_on_the_replies() {
         "--out",
         out_s,
     ])
-    .expect("valid arguments"))
     .expect("chat fine-tune");
-    let eval = summaries[0]["eval_loss"].as_f64().unwrap();
+    let eval = summaries[0].eval_loss;
     // A reply is a few digits and a newline: before training the bundled model (pretrained on
     // prose) puts several nats on each; after 40 steps it is well below that.
     assert!(eval < 2.0, "held-out loss {eval}");
     // Without a template the error says what to pass.
     let e = err(&["--data", data.to_str().unwrap()]);
     assert!(
-        e.contains("has no chat template; pass --chat-template FILE"),
+        e.contains("has no chat template; give one with chat_template (--chat-template FILE)"),
+        "{e}"
+    );
+}
+
+/// The flags' defaults are the run file's: a command line without flags is
+/// `FinetuneConfig::default()`.
+#[test]
+fn flag_defaults_are_the_config_defaults() {
+    let cmd = FinetuneCommand::try_parse_from(["finetune"]).unwrap();
+    assert_eq!(cmd.resolve().unwrap(), FinetuneConfig::default());
+}
+
+/// A run described by a TOML file is the run given as flags, bit for bit; flags given beside
+/// the file override its keys; the run's `run.json` runs it again; an unknown key is refused.
+#[test]
+fn a_run_file_is_the_run_its_flags_give() {
+    let (flags, file, again) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let settings = [
+        "--method",
+        "lisa",
+        "--steps",
+        "6",
+        "--eval-every",
+        "100",
+        "--eval-size",
+        "4",
+        "--save-every",
+        "3",
+        "--batch-size",
+        "4",
+        "--period",
+        "2",
+        "--gamma",
+        "1",
+        "--lr",
+        "0.002",
+        "--sampler",
+        "descending",
+        "--seed",
+        "3",
+    ];
+    let out_flags = ["--out", flags.path().to_str().unwrap()];
+    run(&[&["finetune"][..], &settings, &out_flags].concat()).unwrap();
+    let toml = file.path().join("run.toml");
+    std::fs::write(
+        &toml,
+        "method = \"lisa\"\nsteps = 4\neval_every = 100\neval_size = 4\nsave_every = 3\n\
+         batch_size = 4\nperiod = 2\ngamma = 1\nlr = 0.002\nsampler = \"descending\"\nseed = 3\n",
+    )
+    .unwrap();
+    let cmd = FinetuneCommand::try_parse_from([
+        "finetune",
+        "--config",
+        toml.to_str().unwrap(),
+        "--steps",
+        "6",
+        "--out",
+        file.path().to_str().unwrap(),
+    ])
+    .unwrap();
+    let resolved = cmd.resolve().unwrap();
+    assert_eq!((resolved.steps, resolved.gamma, resolved.seed), (6, 1, 3));
+    cmd.run().unwrap();
+    let ran = file.path().join("run.json");
+    let again_out = ["--out", again.path().to_str().unwrap()];
+    run(&[
+        &["finetune", "--config", ran.to_str().unwrap()][..],
+        &again_out,
+    ]
+    .concat())
+    .unwrap();
+    let reference = newest(flags.path(), "lisa");
+    assert_eq!(reference.0, 6);
+    assert!(
+        newest(file.path(), "lisa") == reference,
+        "the run file's run differs"
+    );
+    assert!(
+        newest(again.path(), "lisa") == reference,
+        "run.json's run differs"
+    );
+    std::fs::write(&toml, "steps = 4\nlearning_rate = 0.1\n").unwrap();
+    let e = run(&["finetune", "--config", toml.to_str().unwrap()]).unwrap_err();
+    assert!(
+        e.to_string().contains("unknown field `learning_rate`"),
         "{e}"
     );
 }

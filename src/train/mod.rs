@@ -1,6 +1,7 @@
 //! Training around the optimizer: a [`Trainer`] for full fine-tuning, LoRA or LISA with
 //! gradient accumulation, clipping and a non-finite guard; learning-rate [`schedule`]s;
-//! evaluation ([`eval_loss`], [`exact_match`]); crash-safe [`checkpoint`]s; metrics sinks.
+//! evaluation ([`eval_loss`], [`exact_match`]); crash-safe [`checkpoint`]s; metrics sinks; and
+//! whole runs described by a config ([`recipe`]), as the `candle-lisa` command runs them.
 //!
 //! Everything here is optional: [`LisaAdamW`](crate::LisaAdamW) in a loop of your own loses
 //! nothing.
@@ -10,6 +11,7 @@ mod eval;
 mod finetune;
 mod fit;
 pub mod metrics;
+pub mod recipe;
 pub mod schedule;
 mod trainer;
 

@@ -1,5 +1,4 @@
-//! The finetune example's output: the loss plot from its `metrics.jsonl`, and the summary
-//! table.
+//! `finetune`'s output: the loss plot from its `metrics.jsonl`, and the summary table.
 
 use std::path::Path;
 
@@ -11,7 +10,7 @@ pub type Curve = Vec<(usize, f32)>;
 /// The train-loss and eval-loss curves of `method` in `metrics.jsonl`.
 pub fn curves_from_metrics(path: &Path, method: &str) -> Result<(Curve, Curve), Error> {
     let (mut train, mut eval) = (Vec::new(), Vec::new());
-    for v in candle_lisa::train::read_jsonl(path)? {
+    for v in crate::train::read_jsonl(path)? {
         let Some(step) = v["step"].as_u64().filter(|_| v["method"] == method) else {
             continue;
         };

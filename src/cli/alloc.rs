@@ -1,4 +1,4 @@
-//! A global allocator that counts live heap bytes and their peak, for memory reports.
+//! A global allocator that counts live heap bytes and their peak, for memory figures.
 //!
 //! Install it in a binary with
 //! `#[global_allocator] static GLOBAL: alloc::Counting = alloc::Counting;`.
