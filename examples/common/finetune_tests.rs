@@ -297,11 +297,23 @@ fn chat_data_trains_on_the_replies() {
 }
 
 /// The flags' defaults are the run file's: a command line without flags is
-/// `FinetuneConfig::default()`.
+/// `FinetuneConfig::default()`; the sample run file README shows is valid and says what it
+/// says.
 #[test]
 fn flag_defaults_are_the_config_defaults() {
     let cmd = FinetuneCommand::try_parse_from(["finetune"]).unwrap();
     assert_eq!(cmd.resolve().unwrap(), FinetuneConfig::default());
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sort.toml");
+    let cmd = FinetuneCommand::try_parse_from(["finetune", "--config", sample.to_str().unwrap()]);
+    let config = cmd.unwrap().resolve().unwrap();
+    assert_eq!(
+        config,
+        FinetuneConfig {
+            method: candle_lisa::train::recipe::MethodChoice::Lisa,
+            out: "runs/sort-lisa".into(),
+            ..Default::default()
+        }
+    );
 }
 
 /// A run described by a TOML file is the run given as flags, bit for bit; flags given beside

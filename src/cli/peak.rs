@@ -68,7 +68,7 @@ impl CudaPool {
 }
 
 /// Peak device memory over a stretch of a run: the CUDA pool's high-water mark from
-/// [`DevicePeak::new`] on (see [`CudaPool`]); nothing on other devices.
+/// [`DevicePeak::new`] on (see `CudaPool`, in CUDA builds); nothing on other devices.
 pub struct DevicePeak {
     #[cfg(feature = "cuda")]
     pool: Option<CudaPool>,
