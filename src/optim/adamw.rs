@@ -15,24 +15,34 @@ use super::update::{sum_squares, Moments};
 use crate::error::{LisaError, Result};
 use crate::nn::{LisaBackend, TrainingPlan};
 
-/// How a step scales the gradients inside the update.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum GradScale {
-    /// By this factor.
-    Fixed(f64),
-    /// To a global norm of at most this.
-    ClipTo(f64),
+/// How [`AdamW::try_step_with`] (and [`LisaAdamW::try_step_with`](super::LisaAdamW::try_step_with))
+/// scales the gradients: inside the fused update, without a copy of any gradient.
+///
+/// ```
+/// use candle_lisa::optim::GradScaling;
+/// // Averaging four accumulated micro-batches, and clipping as PyTorch's clip_grad_norm_(1.0).
+/// let (mean, clip) = (GradScaling::By(0.25), GradScaling::ClipNorm(1.0));
+/// assert_ne!(mean, clip);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GradScaling {
+    /// Every gradient multiplied by this factor (finite and above 0), for example to average
+    /// accumulated micro-batches.
+    By(f64),
+    /// The gradients clipped to a global L2 norm of at most this (finite and above 0): they
+    /// are multiplied by `max_norm / (norm + 1e-6)` when the norm exceeds it. The norm comes
+    /// from the pass that checks every gradient for NaN and infinity, so clipping costs no
+    /// extra read; it is reported by [`AdamW::last_grad_norm`].
+    ClipNorm(f64),
 }
 
-impl GradScale {
-    /// `Fixed(grad_scale)`, refusing a factor that is not finite and positive.
-    pub(crate) fn fixed(grad_scale: f64) -> Result<Self> {
-        positive("grad_scale", grad_scale).map(Self::Fixed)
-    }
-
-    /// `ClipTo(max_norm)`, refusing a norm that is not finite and positive.
-    pub(crate) fn clip_to(max_norm: f64) -> Result<Self> {
-        positive("max_norm", max_norm).map(Self::ClipTo)
+impl GradScaling {
+    /// Itself, refusing a factor or norm that is not finite and positive.
+    pub(crate) fn checked(self) -> Result<Self> {
+        match self {
+            Self::By(s) => positive("grad_scale", s).map(Self::By),
+            Self::ClipNorm(max) => positive("max_norm", max).map(Self::ClipNorm),
+        }
     }
 }
 
@@ -347,12 +357,12 @@ impl AdamW {
         &mut self,
         grads: &GradStore,
         checked: &Checked,
-        scale: GradScale,
+        scale: GradScaling,
     ) -> Result<()> {
         let grad_scale = match scale {
-            GradScale::Fixed(s) => s,
-            GradScale::ClipTo(max) if checked.norm > max => max / (checked.norm + 1e-6),
-            GradScale::ClipTo(_) => 1.0,
+            GradScaling::By(s) => s,
+            GradScaling::ClipNorm(max) if checked.norm > max => max / (checked.norm + 1e-6),
+            GradScaling::ClipNorm(_) => 1.0,
         };
         let inv_scale = grad_scale / checked.loss_scale;
         let no_decay = ParamsAdamW {
@@ -376,7 +386,8 @@ impl AdamW {
         Ok(())
     }
 
-    fn step_with(&mut self, grads: &GradStore, scale: GradScale) -> Result<()> {
+    fn step_with(&mut self, grads: &GradStore, scale: GradScaling) -> Result<()> {
+        let scale = scale.checked()?;
         match self.check(grads)? {
             Some(checked) => self.apply(grads, &checked, scale),
             None => Ok(()),
@@ -397,30 +408,17 @@ impl AdamW {
     /// [`LisaError::NonFiniteGradient`] are detected before anything is written. A candle
     /// error during the update itself (out of memory) can leave it half applied.
     pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
-        self.step_with(grads, GradScale::Fixed(1.0))
+        self.step_with(grads, GradScaling::By(1.0))
     }
 
-    /// [`try_step`](Self::try_step) with every gradient multiplied by `grad_scale` inside the
-    /// update, without a copy (for example to average accumulated micro-batches).
+    /// [`try_step`](Self::try_step) with the gradients scaled or clipped inside the update
+    /// ([`GradScaling`]).
     ///
     /// # Errors
     /// Those of [`try_step`](Self::try_step), and [`LisaError::InvalidHyperparameter`] for a
-    /// `grad_scale` that is not finite and positive.
-    pub fn try_step_scaled(&mut self, grads: &GradStore, grad_scale: f64) -> Result<()> {
-        self.step_with(grads, GradScale::fixed(grad_scale)?)
-    }
-
-    /// [`try_step`](Self::try_step) with the gradients clipped to a global L2 norm of at most
-    /// `max_norm`: they are multiplied by `max_norm / (norm + 1e-6)` when the norm exceeds
-    /// it, inside the update, without a copy. The norm comes from the pass that checks every
-    /// gradient for NaN and infinity, so clipping costs no extra read; it is reported by
-    /// [`last_grad_norm`](Self::last_grad_norm).
-    ///
-    /// # Errors
-    /// Those of [`try_step`](Self::try_step), and [`LisaError::InvalidHyperparameter`] for a
-    /// `max_norm` that is not finite and positive.
-    pub fn try_step_clipped(&mut self, grads: &GradStore, max_norm: f64) -> Result<()> {
-        self.step_with(grads, GradScale::clip_to(max_norm)?)
+    /// factor or norm that is not finite and positive.
+    pub fn try_step_with(&mut self, grads: &GradStore, scaling: GradScaling) -> Result<()> {
+        self.step_with(grads, scaling)
     }
 
     /// `(i, Σ g²)` for every trainable parameter `i` with a gradient in `grads`, in f64: NaN

@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
-use super::adamw::{check_params, AdamW, GradScale, ParamState};
+use super::adamw::{check_params, AdamW, GradScaling, ParamState};
 use super::block_map::{BlockMap, ParamRole};
 use super::config::LisaConfig;
 use super::precision::{CompactState, LossScaler, NonFinite};
@@ -321,30 +321,21 @@ impl LisaAdamW {
     /// moments, the step counter and the sampler are then as they were. A candle error during
     /// the update itself (out of memory) can leave it half applied.
     pub fn try_step(&mut self, grads: &GradStore) -> Result<()> {
-        self.step_with(grads, GradScale::Fixed(1.0))
+        self.step_with(grads, GradScaling::By(1.0))
     }
 
-    /// [`try_step`](Self::try_step) with the gradients scaled inside the update
-    /// ([`AdamW::try_step_scaled`]).
+    /// [`try_step`](Self::try_step) with the gradients scaled or clipped inside the update
+    /// ([`GradScaling`], as [`AdamW::try_step_with`]).
     ///
     /// # Errors
     /// Those of [`try_step`](Self::try_step), and [`LisaError::InvalidHyperparameter`] for a
-    /// `grad_scale` that is not finite and positive.
-    pub fn try_step_scaled(&mut self, grads: &GradStore, grad_scale: f64) -> Result<()> {
-        self.step_with(grads, GradScale::fixed(grad_scale)?)
+    /// factor or norm that is not finite and positive.
+    pub fn try_step_with(&mut self, grads: &GradStore, scaling: GradScaling) -> Result<()> {
+        self.step_with(grads, scaling)
     }
 
-    /// [`try_step`](Self::try_step) with the gradients clipped to a global L2 norm of at most
-    /// `max_norm` ([`AdamW::try_step_clipped`]).
-    ///
-    /// # Errors
-    /// Those of [`try_step`](Self::try_step), and [`LisaError::InvalidHyperparameter`] for a
-    /// `max_norm` that is not finite and positive.
-    pub fn try_step_clipped(&mut self, grads: &GradStore, max_norm: f64) -> Result<()> {
-        self.step_with(grads, GradScale::clip_to(max_norm)?)
-    }
-
-    fn step_with(&mut self, grads: &GradStore, scale: GradScale) -> Result<()> {
+    fn step_with(&mut self, grads: &GradStore, scale: GradScaling) -> Result<()> {
+        let scale = scale.checked()?;
         check_params(&self.adamw.params)?;
         self.check_blocks(grads)?;
         let Some(checked) = self.adamw.check(grads)? else {

@@ -12,7 +12,7 @@ pub mod sampler;
 mod state;
 mod update;
 
-pub use adamw::{AdamW, ParamState};
+pub use adamw::{AdamW, GradScaling, ParamState};
 pub use block_map::{BlockMap, BlockPattern, ParamRole};
 pub use config::{
     LisaConfig, SamplerChoice, EMBEDDING_PREFIXES, GPT2_BLOCK_PATTERN, HEAD_PREFIXES,

@@ -14,7 +14,7 @@ use crate::error::{LisaError, Result};
 use crate::io::io;
 use crate::models::Llama;
 use crate::nn::TrainingPlan;
-use crate::optim::{no_decay_default, LisaAdamW, NonFinite};
+use crate::optim::{no_decay_default, GradScaling, LisaAdamW, NonFinite};
 
 /// A model the trainer can train: the mean loss over a batch's counted labels.
 pub trait CausalLm {
@@ -389,7 +389,7 @@ impl<M: CausalLm> Trainer<M> {
     /// rebuild when LISA drew new blocks; returns whether it did.
     fn update(&mut self, grads: &GradStore) -> Result<bool> {
         match self.config.max_grad_norm {
-            Some(max) => self.opt.try_step_clipped(grads, max)?,
+            Some(max) => self.opt.try_step_with(grads, GradScaling::ClipNorm(max))?,
             None => self.opt.try_step(grads)?,
         }
         let resampled = self.opt.resampled();

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_lisa::data::{pack_examples, pad_batch, Batch, Example};
+use candle_lisa::optim::GradScaling;
 use candle_lisa::train::{Checkpointer, Constant, StepReport, Trainer, TrainerConfig};
 use candle_lisa::{LisaAdamW, LisaError, Llama, LlamaConfig, TrainingPlan};
 use candle_nn::{ParamsAdamW, VarMap};
@@ -236,7 +237,7 @@ fn clipping_scales_by_max_over_norm() -> Result<(), Box<dyn std::error::Error>> 
     assert!((norm - by_hand).abs() < 1e-4 * by_hand);
     assert!(norm > 0.05);
     assert_eq!(report.grad_norm, norm);
-    opt.try_step_scaled(&grads, 0.05 / (norm + 1e-6))?;
+    opt.try_step_with(&grads, GradScaling::By(0.05 / (norm + 1e-6)))?;
     assert_eq!(values(&clipped), values(&manual));
     Ok(())
 }
