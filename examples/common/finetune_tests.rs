@@ -71,6 +71,12 @@ fn argument_errors_are_clear() {
         "{e}"
     );
     let e = err(&["--model", "/nonexistent/model"]);
+    assert!(
+        e.contains("/nonexistent/model is not a directory, nor a Hub id"),
+        "{e}"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let e = err(&["--model", empty.path().to_str().unwrap()]);
     assert!(e.contains("no config.json there"), "{e}");
     let e = err(&["--data", "/nonexistent/data.jsonl"]);
     assert!(

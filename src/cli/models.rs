@@ -9,6 +9,7 @@ use clap::Args;
 use super::Error;
 use crate::data::chat::SpecialTokens;
 use crate::data::tokenizer_for;
+use crate::models::hub::resolve_model;
 use crate::models::{load_llama, save_llama_with, Llama, Sampling, SaveOptions};
 use crate::nn::{frozen_var_builder, load_peft, merged_copy};
 
@@ -26,7 +27,8 @@ fn dtype(name: &str) -> Result<DType, Error> {
 /// prints the continuation.
 #[derive(Args, Debug, Clone)]
 pub struct GenerateCommand {
-    /// A Hugging Face Llama-family directory (a fine-tune's `<out>/<method>/model`, say).
+    /// A Hugging Face Llama-family directory (a fine-tune's `<out>/<method>/model`, say), or a
+    /// Hub id in the local Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
     /// The text to continue, as it is (no chat template is applied).
@@ -54,9 +56,10 @@ impl GenerateCommand {
     /// Those of loading the model and tokenizer, and of [`Llama::generate`].
     pub fn run(&self) -> Result<(), Error> {
         let dev = Device::Cpu;
-        let tok = tokenizer_for(&self.model)?;
-        let special = SpecialTokens::from_dir(&self.model, tok.as_ref())?;
-        let (config, weights) = load_llama(&self.model, dtype(&self.dtype)?, &dev)?;
+        let dir = resolve_model(&self.model)?;
+        let tok = tokenizer_for(&dir)?;
+        let special = SpecialTokens::from_dir(&dir, tok.as_ref())?;
+        let (config, weights) = load_llama(&dir, dtype(&self.dtype)?, &dev)?;
         let model = Llama::new(&config, frozen_var_builder(&weights)?)?;
         let sampling = Sampling {
             max_new_tokens: self.max_new_tokens,
@@ -79,7 +82,7 @@ impl GenerateCommand {
 /// tokenizer files.
 #[derive(Args, Debug, Clone)]
 pub struct MergeCommand {
-    /// The base model's directory.
+    /// The base model's directory, or its Hub id in the local Hugging Face cache.
     #[arg(long)]
     pub base: PathBuf,
     /// The adapter's directory (`adapter_config.json`, `adapter_model.safetensors`).
@@ -100,11 +103,12 @@ impl MergeCommand {
     /// Those of [`load_llama`], [`load_peft`], [`merged_copy`] and [`save_llama_with`].
     pub fn run(&self) -> Result<(), Error> {
         let (dev, dtype) = (Device::Cpu, dtype(&self.dtype)?);
-        let (config, base) = load_llama(&self.base, dtype, &dev)?;
+        let base_dir = resolve_model(&self.base)?;
+        let (config, base) = load_llama(&base_dir, dtype, &dev)?;
         let adapter = load_peft(&self.adapter, dtype, &dev)?;
         let merged = merged_copy(&base, &adapter.adapters, &adapter.config)?;
         let options = SaveOptions {
-            copy_files_from: Some(self.base.clone()),
+            copy_files_from: Some(base_dir),
             ..Default::default()
         };
         save_llama_with(&self.out, &config, &merged, dtype, &options)?;

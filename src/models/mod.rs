@@ -2,6 +2,7 @@
 //! [`TrainingPlan`](crate::nn::TrainingPlan), and tokenizers.
 
 pub mod checkpoint;
+pub mod hub;
 pub mod llama;
 pub mod rope;
 

@@ -84,7 +84,9 @@ pub struct FinetuneConfig {
     #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "all"))]
     pub method: MethodChoice,
     /// A Hugging Face Llama-family directory (config.json, model.safetensors, optionally
-    /// tokenizer.json). Default: the bundled tiny checkpoint.
+    /// tokenizer.json), or a Hub id (`org/name`, `org/name@revision`) found in the local
+    /// Hugging Face cache ([`models::hub`](crate::models::hub); nothing is downloaded).
+    /// Default: the bundled tiny checkpoint.
     #[cfg_attr(feature = "cli", arg(long))]
     pub model: Option<PathBuf>,
     /// Training data: plain text (`.txt`), JSONL with "prompt" and "response" fields, or chat
@@ -231,11 +233,16 @@ impl Default for FinetuneConfig {
 }
 
 impl FinetuneConfig {
-    /// The model directory: `model`, or the bundled tiny checkpoint.
-    pub fn model_dir(&self) -> PathBuf {
-        self.model
-            .clone()
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-llama"))
+    /// The model directory: `model` (a directory, or a Hub id in the local cache), or the
+    /// bundled tiny checkpoint.
+    ///
+    /// # Errors
+    /// Those of [`resolve_model`](crate::models::hub::resolve_model).
+    pub fn model_dir(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(name) => crate::models::hub::resolve_model(name),
+            None => Ok(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-llama")),
+        }
     }
 
     /// What a resumed run of `method` must share with the one it continues: every setting
@@ -395,7 +402,7 @@ pub fn finetune(
     observer: &mut dyn FinetuneObserver,
 ) -> Result<Vec<MethodSummary>> {
     let settings = config.settings()?;
-    let model_dir = config.model_dir();
+    let model_dir = config.model_dir()?;
     let (model_config, tok, eos) = model_files(&model_dir)?;
     let blocks = model_config.num_hidden_layers;
     if config.gamma == 0 || config.gamma > blocks {
@@ -469,7 +476,7 @@ pub struct EvalReport {
 /// As [`finetune`]'s, before training.
 pub fn evaluate(config: &FinetuneConfig) -> Result<EvalReport> {
     let settings = config.settings()?;
-    let model_dir = config.model_dir();
+    let model_dir = config.model_dir()?;
     let (_, device) = connect(&FinetuneConfig {
         dist: "none".into(),
         ..config.clone()
@@ -792,8 +799,13 @@ impl Job<'_> {
                 ..Default::default()
             };
             run.save_model_with(dir.join("model"), dtype, &save)?;
-            // LoRA's adapters alone, in PEFT's format (PeftModel.from_pretrained loads them).
-            let base = self.model_dir.to_string_lossy();
+            // LoRA's adapters alone, in PEFT's format (PeftModel.from_pretrained loads them);
+            // the base is named as the run named it (a Hub id stays one).
+            let base = c
+                .model
+                .as_deref()
+                .unwrap_or(self.model_dir)
+                .to_string_lossy();
             run.save_adapter(dir.join("adapter"), dtype, Some(&base))?;
         }
         Ok(summary)

@@ -18,6 +18,7 @@ mod errors;
 mod freezing;
 mod frozen_linear;
 mod gpt2;
+mod hub;
 use candle_lisa_testkit::gpt2 as gpt2_model;
 mod llama;
 mod lora;
