@@ -3,7 +3,9 @@
 Run by hand from the repository root (needs torch and transformers; the versions used are
 written into every expected.json):
 
-    python scripts/parity_fixtures.py
+    python scripts/parity_fixtures.py [CASE ...]
+
+With case names, only those are written (the others keep the files they have).
 
 For each case it builds a small random checkpoint with transformers, saves it with
 `save_pretrained` (transformers 5's config.json: `rope_parameters`, `dtype`) into
@@ -109,6 +111,22 @@ CASES = {
             "bos_token_id": 2,
         },
     ),
+    # Multipliers far from 1, so that each one moves the outputs.
+    "granite": (
+        "granite",
+        {
+            "embedding_multiplier": 3.0,
+            "residual_multiplier": 0.5,
+            "attention_multiplier": 0.2,
+            "logits_scaling": 2.5,
+        },
+    ),
+    "olmo2": ("olmo2", {}),
+    # NoPE on every second layer: layer 1 has no RoPE.
+    "smollm3": (
+        "smollm3",
+        {"no_rope_layer_interval": 2, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2},
+    ),
 }
 # GPT-2 (for examples/gpt2.rs): Conv1D weights stored (in, out), learned positions, tied head.
 GPT2 = dict(
@@ -171,10 +189,16 @@ def v4_config(config_json):
     return c
 
 
-def main():
+# GPT-2's seed index: the case count before the Granite, OLMo 2 and SmolLM3 cases were added.
+GPT2_INDEX = 12
+
+
+def main(only):
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     os.makedirs(OUT, exist_ok=True)
     for i, (name, (model_type, overrides)) in enumerate(CASES.items()):
+        if only and name not in only:
+            continue
         torch.manual_seed(i)
         config = AutoConfig.for_model(model_type, **{**BASE, **overrides})
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
@@ -198,7 +222,8 @@ def main():
             with open(os.path.join(v4, "config.json"), "w") as f:
                 json.dump(v4_config(config_json), f, indent=2)
             print(f"{name}-v4: same weights, transformers 4 config")
-    gpt2(len(CASES))
+    if not only or "gpt2" in only:
+        gpt2(GPT2_INDEX)
 
 
 def gpt2(index):
@@ -219,4 +244,6 @@ def gpt2(index):
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(set(sys.argv[1:]))

@@ -1,10 +1,11 @@
 //! The trainable Llama: every parameter gets a gradient, gradients match finite differences,
 //! the differentiable ops match candle's fused ones, frozen blocks store no gradient.
 use candle_core::{DType, Device, Tensor, Var, D};
+use candle_lisa::models::llama::{Family, NormPlacement, QkNorm};
 use candle_lisa::models::Sampling;
 use candle_lisa::nn::loss::causal_lm_loss;
 use candle_lisa::nn::ops;
-use candle_lisa::{LisaAdamW, LisaConfig, Llama, LlamaConfig, IGNORE_INDEX};
+use candle_lisa::{LisaAdamW, LisaConfig, LisaError, Llama, LlamaConfig, IGNORE_INDEX};
 use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use serde_json::json;
 
@@ -391,8 +392,9 @@ fn architecture_resolves_the_config_once() -> Result<(), Box<dyn std::error::Err
     ));
     let gemma = with(json!({"model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh"}));
     let arch = gemma.architecture()?;
-    assert_eq!(arch.family, candle_lisa::models::llama::Family::Gemma2);
-    assert!(arch.norm_offset && arch.sandwich_norms);
+    assert_eq!(arch.family, Family::Gemma2);
+    assert!(arch.norm_offset);
+    assert_eq!(arch.norms, NormPlacement::Sandwich);
     assert_eq!(
         arch.embedding_scale,
         Some((gemma.hidden_size as f64).sqrt())
@@ -401,6 +403,53 @@ fn architecture_resolves_the_config_once() -> Result<(), Box<dyn std::error::Err
         (arch.attention_softcap, arch.final_softcap),
         (Some(50.0), Some(30.0))
     );
+    let granite = with(
+        json!({"model_type": "granite", "embedding_multiplier": 12.0,
+        "residual_multiplier": 0.22, "attention_multiplier": 0.0078125, "logits_scaling": 8.0}),
+    )
+    .architecture()?;
+    assert_eq!(granite.family, Family::Granite);
+    assert_eq!(
+        (
+            granite.embedding_scale,
+            granite.residual_scale,
+            granite.logits_divisor
+        ),
+        (Some(12.0), Some(0.22), Some(8.0))
+    );
+    assert_eq!(granite.attention_scale, 0.0078125);
+    // transformers' GraniteConfig defaults every multiplier to 1, the attention's too.
+    let plain = with(json!({"model_type": "granite"})).architecture()?;
+    assert_eq!(plain.attention_scale, 1.0);
+    let olmo2 = with(json!({"model_type": "olmo2"})).architecture()?;
+    assert_eq!(
+        (olmo2.norms, olmo2.qk_norm),
+        (NormPlacement::Post, Some(QkNorm::Full))
+    );
+    // SmolLM3 without a list: every fourth layer has no RoPE.
+    let smol = with(json!({"model_type": "smollm3", "num_hidden_layers": 8}));
+    let every_fourth = [true, true, true, false, true, true, true, false];
+    assert_eq!(smol.layer_uses_rope()?, every_fourth);
+    let listed = with(json!({"model_type": "smollm3", "no_rope_layers": [0, 1, 1]}));
+    assert_eq!(listed.layer_uses_rope()?, [false, true, true]);
+    // Other families rotate in every layer whatever the fields say.
+    let llama = with(json!({"no_rope_layers": [0, 0, 0]}));
+    assert_eq!(llama.layer_uses_rope()?, [true; 3]);
+    for bad in [
+        json!({"model_type": "smollm3", "no_rope_layers": [1, 1]}),
+        json!({"model_type": "smollm3", "no_rope_layers": [1, 2, 1]}),
+        json!({"model_type": "smollm3", "no_rope_layer_interval": 0}),
+        json!({"model_type": "granite", "logits_scaling": 0.0}),
+        json!({"model_type": "granite", "residual_multiplier": "x"}),
+    ] {
+        assert!(
+            matches!(
+                with(bad.clone()).validate(),
+                Err(LisaError::InvalidConfig(_))
+            ),
+            "{bad}"
+        );
+    }
     Ok(())
 }
 
@@ -418,11 +467,16 @@ fn missing_tie_word_embeddings_takes_the_family_default() -> Result<(), Box<dyn 
         ("llama", None, false),
         ("qwen3", None, false),
         ("llama", Some(true), true),
+        ("smollm3", None, true),
+        ("olmo2", None, false),
+        ("granite", None, false),
+        ("phi3", None, false),
     ];
     for (family, tie, want) in cases {
         let mut v = serde_json::to_value(config(false, 4, 2))?;
         let obj = v.as_object_mut().unwrap();
         obj.remove("tie_word_embeddings");
+        obj.remove("rms_norm_eps");
         obj.insert("model_type".into(), json!(family));
         if family == "gemma2" {
             obj.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
@@ -434,6 +488,13 @@ fn missing_tie_word_embeddings_takes_the_family_default() -> Result<(), Box<dyn 
         std::fs::write(&path, serde_json::to_string(&v)?)?;
         let c = LlamaConfig::from_file(&path)?;
         assert_eq!(c.tie_word_embeddings, want, "{family} with {tie:?}");
+        // OLMo 2's and Phi-3's config classes default the norms' ε to 1e-5, the others 1e-6.
+        let eps = if matches!(family, "olmo2" | "phi3") {
+            1e-5
+        } else {
+            1e-6
+        };
+        assert_eq!(c.rms_norm_eps, eps, "{family}");
     }
     Ok(())
 }

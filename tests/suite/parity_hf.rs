@@ -1,5 +1,6 @@
 //! The Llama-family model against transformers itself: small random checkpoints saved by
-//! `scripts/parity_fixtures.py` (transformers 5.24.0, torch 2.15.0; the versions are in each
+//! `scripts/parity_fixtures.py` (transformers 5.24.0 and, for Granite, OLMo 2 and SmolLM3,
+//! 5.25.0; torch 2.15.0; the versions are in each
 //! `expected.json`), with the per-token log-probabilities, the loss and every parameter's
 //! gradient norm that transformers computed for them.
 
@@ -57,4 +58,58 @@ parity! {
     gemma2 => "gemma2",
     gemma3 => "gemma3",
     gemma3_transformers_4_config => "gemma3-v4",
+    granite => "granite",
+    olmo2 => "olmo2",
+    smollm3 => "smollm3",
+}
+
+/// The families added last train under LISA and save to a checkpoint that reloads to the same
+/// model: the family's fields (multipliers, NoPE layers, post-norms) survive the round trip.
+#[test]
+fn new_families_train_and_round_trip() -> Result<(), Error> {
+    use candle_lisa::{save_llama, LisaAdamW, LisaConfig};
+    use candle_nn::{Optimizer, ParamsAdamW};
+    let dev = Device::Cpu;
+    for case in ["granite", "olmo2", "smollm3"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/parity")
+            .join(case);
+        let (config, vars) = load_llama(&dir, DType::F32, &dev)?;
+        let model = Llama::new(&config, VarBuilder::from_varmap(&vars, DType::F32, &dev))?;
+        let ids = Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], &dev)?;
+        let labels = ids.to_dtype(DType::I64)?;
+        let lisa = LisaConfig {
+            gamma: 1,
+            ..LisaConfig::default()
+        };
+        let params = ParamsAdamW {
+            lr: 1e-2,
+            ..ParamsAdamW::default()
+        };
+        let mut opt = LisaAdamW::new(&vars, params, lisa)?;
+        let before = model.loss(&ids, &labels)?.to_scalar::<f32>()?;
+        for _ in 0..3 {
+            opt.backward_step(&model.loss(&ids, &labels)?)?;
+        }
+        let after = model.loss(&ids, &labels)?.to_scalar::<f32>()?;
+        assert!(after < before, "{case}: loss {before} -> {after}");
+
+        let out = tempfile::tempdir()?;
+        save_llama(out.path(), &config, &vars, DType::F32)?;
+        let (reloaded, vars2) = load_llama(out.path(), DType::F32, &dev)?;
+        // Only the dtype keys are rewritten (torch_dtype too, for transformers 4).
+        assert_eq!(
+            reloaded.extra, config.extra,
+            "{case}: config.json round trip"
+        );
+        assert_eq!(reloaded.architecture()?, config.architecture()?, "{case}");
+        assert_eq!(reloaded.layer_uses_rope()?, config.layer_uses_rope()?);
+        let model2 = Llama::new(&reloaded, VarBuilder::from_varmap(&vars2, DType::F32, &dev))?;
+        let diff = (model.forward(&ids)? - model2.forward(&ids)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "{case}: reloaded logits differ by {diff}");
+    }
+    Ok(())
 }

@@ -23,7 +23,19 @@ pub enum Family {
     Gemma2,
     /// `gemma3_text`: Gemma 2's layout with per-head q/k norms and a RoPE per layer kind.
     Gemma3,
+    /// `granite` (Granite 3.x): Llama with multipliers on the embeddings, the residual
+    /// branches and the attention scores, and the logits divided by `logits_scaling`.
+    Granite,
+    /// `olmo2`: norms after the attention and the MLP (none before), and RMSNorm on the whole
+    /// query and key projections.
+    Olmo2,
+    /// `smollm3`: Llama with no RoPE on the layers `no_rope_layers` marks 0.
+    SmolLm3,
 }
+
+/// The `model_type`s the decoder implements, for error messages.
+pub(super) const SUPPORTED: &str =
+    "supported: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, granite, olmo2, smollm3";
 
 impl Family {
     /// The family a `model_type` names; a missing one is Llama.
@@ -39,11 +51,14 @@ impl Family {
             Some("phi3") => Self::Phi3,
             Some("gemma2") => Self::Gemma2,
             Some("gemma3_text") => Self::Gemma3,
+            Some("granite") => Self::Granite,
+            Some("olmo2") => Self::Olmo2,
+            Some("smollm3") => Self::SmolLm3,
             Some(other) => {
                 return Err(LisaError::UnsupportedConfig {
                     field: "model_type",
                     value: other.to_string(),
-                    hint: "supported: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text",
+                    hint: SUPPORTED,
                 })
             }
         })
@@ -62,6 +77,31 @@ pub enum Activation {
     Silu,
     /// `gelu_pytorch_tanh`: GeGLU with the tanh approximation.
     GeluTanh,
+}
+
+/// Where a block's RMSNorms sit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormPlacement {
+    /// Llama: `x + attn(norm(x))`, then `x + mlp(norm(x))` (`input_layernorm`,
+    /// `post_attention_layernorm`).
+    Pre,
+    /// Gemma 2 and 3: before and after each: `x + norm(attn(norm(x)))`, then
+    /// `x + norm(mlp(norm(x)))` (`input_layernorm`, `post_attention_layernorm`,
+    /// `pre_feedforward_layernorm`, `post_feedforward_layernorm`).
+    Sandwich,
+    /// OLMo 2: after each only: `x + norm(attn(x))`, then `x + norm(mlp(x))`
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    Post,
+}
+
+/// How queries and keys are normed before RoPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    /// One RMSNorm of `head_dim` per head (Qwen3, Gemma 3).
+    PerHead,
+    /// One RMSNorm over all heads' projection (`heads · head_dim` for queries,
+    /// `kv_heads · head_dim` for keys; OLMo 2).
+    Full,
 }
 
 /// What a [`LlamaConfig`] means for the computation: every family predicate, default and
@@ -85,10 +125,16 @@ pub struct Architecture {
     pub rms_norm_eps: f64,
     /// Norms scale by `1 + w` (Gemma), so their weights start at 0.
     pub norm_offset: bool,
-    /// Norms after the attention and the MLP too (Gemma).
-    pub sandwich_norms: bool,
-    /// Embeddings are multiplied by this (Gemma: √hidden, rounded to the weights' dtype).
+    /// Where the block's norms sit.
+    pub norms: NormPlacement,
+    /// Embeddings are multiplied by this (Gemma: √hidden, rounded to the weights' dtype;
+    /// Granite: `embedding_multiplier`).
     pub embedding_scale: Option<f64>,
+    /// Granite's `residual_multiplier`: the attention's and the MLP's outputs are multiplied
+    /// by it before they join the residual stream.
+    pub residual_scale: Option<f64>,
+    /// Granite's `logits_scaling`: the logits are divided by it.
+    pub logits_divisor: Option<f64>,
     /// The MLP's activation.
     pub activation: Activation,
     /// The factor on q·kᵀ.
@@ -99,8 +145,9 @@ pub struct Architecture {
     pub final_softcap: Option<f64>,
     /// Phi-3's fused `qkv_proj` and `gate_up_proj`.
     pub fused_projections: bool,
-    /// Per-head RMSNorm on queries and keys (Qwen3, Gemma 3).
-    pub qk_norm: bool,
+    /// RMSNorm on queries and keys: per head (Qwen3, Gemma 3) or over the whole projection
+    /// (OLMo 2).
+    pub qk_norm: Option<QkNorm>,
     /// Biases on q, k and v.
     pub qkv_bias: bool,
     /// A bias on the attention's output projection.
@@ -113,6 +160,8 @@ pub struct Architecture {
     pub pad_token_id: Option<u32>,
     /// Each layer's RoPE.
     pub layer_ropes: Vec<Rope>,
+    /// Whether each layer rotates its queries and keys (SmolLM3's NoPE layers do not).
+    pub layer_uses_rope: Vec<bool>,
     /// The LM head is the embedding matrix.
     pub tied: bool,
 }
@@ -151,8 +200,24 @@ impl LlamaConfig {
             head_dim: self.head_size(),
             rms_norm_eps: self.rms_norm_eps,
             norm_offset: gemma,
-            sandwich_norms: gemma,
-            embedding_scale: gemma.then(|| (self.hidden_size as f64).sqrt()),
+            norms: match family {
+                _ if gemma => NormPlacement::Sandwich,
+                Family::Olmo2 => NormPlacement::Post,
+                _ => NormPlacement::Pre,
+            },
+            embedding_scale: match family {
+                _ if gemma => Some((self.hidden_size as f64).sqrt()),
+                Family::Granite => Some(self.granite_multiplier("embedding_multiplier")?),
+                _ => None,
+            },
+            residual_scale: match family {
+                Family::Granite => Some(self.granite_multiplier("residual_multiplier")?),
+                _ => None,
+            },
+            logits_divisor: match family {
+                Family::Granite => Some(self.granite_multiplier("logits_scaling")?),
+                _ => None,
+            },
             activation: match gemma {
                 true => Activation::GeluTanh,
                 false => Activation::Silu,
@@ -161,13 +226,18 @@ impl LlamaConfig {
             attention_softcap: self.attention_softcap(),
             final_softcap: self.final_softcap(),
             fused_projections: self.fused_projections(),
-            qk_norm: self.qk_norm(),
+            qk_norm: match family {
+                Family::Olmo2 => Some(QkNorm::Full),
+                _ if self.qk_norm() => Some(QkNorm::PerHead),
+                _ => None,
+            },
             qkv_bias: self.qkv_bias(),
             o_bias: self.attention_bias,
             mlp_bias: self.mlp_bias,
             window: self.attention_window(),
             pad_token_id,
             layer_ropes: self.layer_ropes()?,
+            layer_uses_rope: self.layer_uses_rope()?,
             tied: self.tie_word_embeddings,
         })
     }

@@ -1,5 +1,5 @@
 //! Self-attention: the q, k, v and o projections (fused `qkv_proj` for Phi-3), RoPE per layer
-//! kind, Qwen3's per-head q/k norms, Gemma 2's soft-capping, and the KV cache of generation.
+//! kind, Qwen3's per-head q/k norms and OLMo 2's over the whole projection, Gemma 2's soft-capping, and the KV cache of generation.
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
@@ -11,7 +11,7 @@ use crate::nn::ops::{
     causal_attention_softcap, causal_attention_token_major, rms_norm, rope, rope_token_major,
 };
 
-use super::{norm_weight, Architecture};
+use super::{norm_weight, Architecture, QkNorm};
 
 /// LoRA settings and the builder of the adapters' scope (e.g. `model.layers.3.self_attn`).
 pub(super) type Adapters<'a> = Option<(&'a LoraConfig, &'a VarBuilder<'a>)>;
@@ -53,8 +53,11 @@ pub(super) struct Attention {
     /// The factor on q·kᵀ, and Gemma 2's soft-cap of the scores.
     pub(super) scale: f64,
     pub(super) softcap: Option<f64>,
-    /// Per-head RMSNorm weights on queries and keys (Qwen3; Gemma 3 with `1 + w`), epsilon.
+    /// RMSNorm weights on queries and keys (Qwen3; Gemma 3 with `1 + w`; OLMo 2 over the
+    /// whole projection), epsilon.
     pub(super) qk_norm: Option<(Tensor, Tensor, f64)>,
+    /// Whether `qk_norm` is over the whole projection (OLMo 2) rather than per head.
+    pub(super) qk_norm_full: bool,
     pub(super) norm_offset: bool,
     pub(super) heads: usize,
     pub(super) kv_heads: usize,
@@ -86,8 +89,12 @@ impl Attention {
                 )
             }
         };
+        let (q, k) = match (&self.qk_norm, self.qk_norm_full) {
+            (Some((qn, kn, eps)), true) => (rms_norm(&q, qn, *eps)?, rms_norm(&k, kn, *eps)?),
+            _ => (q, k),
+        };
         let (mut q, mut k) = (split(q, self.heads)?, split(k, self.kv_heads)?);
-        if let Some((qn, kn, eps)) = &self.qk_norm {
+        if let (Some((qn, kn, eps)), false) = (&self.qk_norm, self.qk_norm_full) {
             let (qn, kn) = (
                 norm_weight(qn, self.norm_offset)?,
                 norm_weight(kn, self.norm_offset)?,
@@ -107,15 +114,21 @@ impl Attention {
         let (h, d) = (a.hidden_size, a.head_dim);
         let proj = |in_dim, out_dim, bias, name| projection(in_dim, out_dim, bias, &vb, name, lora);
         let norm_init = candle_nn::Init::Const(if a.norm_offset { 0.0 } else { 1.0 });
-        let qk_norm = match a.qk_norm {
-            true => Some((
-                vb.get_with_hints(d, "q_norm.weight", norm_init)?,
-                vb.get_with_hints(d, "k_norm.weight", norm_init)?,
-                a.rms_norm_eps,
-            )),
-            false => None,
-        };
         let (q_dim, kv_dim) = (a.heads * d, a.kv_heads * d);
+        let qk_norm = match a.qk_norm {
+            Some(kind) => {
+                let (qd, kd) = match kind {
+                    QkNorm::PerHead => (d, d),
+                    QkNorm::Full => (q_dim, kv_dim),
+                };
+                Some((
+                    vb.get_with_hints(qd, "q_norm.weight", norm_init)?,
+                    vb.get_with_hints(kd, "k_norm.weight", norm_init)?,
+                    a.rms_norm_eps,
+                ))
+            }
+            None => None,
+        };
         let qkv = match a.fused_projections {
             true => Qkv::Fused(proj(h, q_dim + 2 * kv_dim, a.qkv_bias, "qkv_proj")?),
             false => Qkv::Split {
@@ -126,6 +139,7 @@ impl Attention {
         };
         Ok(Self {
             qk_norm,
+            qk_norm_full: a.qk_norm == Some(QkNorm::Full),
             norm_offset: a.norm_offset,
             qkv,
             scale: a.attention_scale,

@@ -160,30 +160,28 @@ impl LlamaConfig {
     }
 
     /// Writes in the defaults that transformers' config class of the file's `model_type` uses
-    /// where they differ from this struct's: Gemma 2 and Gemma 3 tie the LM head to the
-    /// embedding unless `tie_word_embeddings` says otherwise.
+    /// where they differ from this struct's: Gemma 2, Gemma 3 and SmolLM3 tie the LM head to
+    /// the embedding unless `tie_word_embeddings` says otherwise, and OLMo 2's and Phi-3's
+    /// `rms_norm_eps` is 1e-5.
     pub(crate) fn fill_family_defaults(raw: &mut serde_json::Map<String, Value>) {
-        let family = raw.get("model_type").and_then(Value::as_str);
-        if matches!(family, Some("gemma2" | "gemma3_text")) {
+        let family = raw
+            .get("model_type")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let family = family.as_deref();
+        if matches!(family, Some("gemma2" | "gemma3_text" | "smollm3")) {
             raw.entry("tie_word_embeddings")
                 .or_insert(Value::Bool(true));
+        }
+        if matches!(family, Some("olmo2" | "phi3")) {
+            raw.entry("rms_norm_eps").or_insert(Value::from(1e-5));
         }
     }
 
     /// Checks that the config is consistent and asks for nothing unsupported.
     pub fn validate(&self) -> Result<()> {
         if let Some(t) = self.model_type.as_deref() {
-            if !matches!(
-                t,
-                "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3_text"
-            ) {
-                return Err(LisaError::UnsupportedConfig {
-                    field: "model_type",
-                    value: t.to_string(),
-                    hint:
-                        "llama, mistral, qwen2, qwen3, phi3, gemma2 and gemma3_text are supported",
-                });
-            }
+            super::arch::Family::from_model_type(Some(t))?;
         }
         match (self.gemma(), self.activation().as_str()) {
             (false, "silu") | (true, "gelu_pytorch_tanh" | "gelu_tanh") => {}
@@ -215,6 +213,17 @@ impl LlamaConfig {
         }
         self.check_sizes()?;
         self.layer_ropes()?;
+        self.layer_uses_rope()?;
+        if self.model_type.as_deref() == Some("granite") {
+            for field in [
+                "embedding_multiplier",
+                "residual_multiplier",
+                "attention_multiplier",
+                "logits_scaling",
+            ] {
+                self.granite_multiplier(field)?;
+            }
+        }
         if let Some(types) = &self.layer_types {
             if types.len() != self.num_hidden_layers {
                 return Err(LisaError::InvalidConfig(format!(
@@ -491,6 +500,63 @@ impl LlamaConfig {
             .collect())
     }
 
+    /// Whether each layer applies RoPE: SmolLM3's `no_rope_layers` (1 rotates, 0 does not;
+    /// when absent, every `no_rope_layer_interval`-th layer, default 4, has no RoPE, as
+    /// transformers fills it in); every layer for the other families.
+    ///
+    /// # Errors
+    /// [`LisaError::InvalidConfig`] for a list of the wrong length or with values other than
+    /// 0 and 1, or an interval of 0.
+    pub fn layer_uses_rope(&self) -> Result<Vec<bool>> {
+        let n = self.num_hidden_layers;
+        if self.model_type.as_deref() != Some("smollm3") {
+            return Ok(vec![true; n]);
+        }
+        let bad = |msg: String| LisaError::InvalidConfig(msg);
+        match self.extra.get("no_rope_layers").filter(|v| !v.is_null()) {
+            Some(list) => {
+                let flags = list.as_array().filter(|l| l.len() == n).ok_or_else(|| {
+                    bad(format!("no_rope_layers must list {n} entries of 0 or 1"))
+                })?;
+                flags
+                    .iter()
+                    .map(|f| match f.as_u64() {
+                        Some(0) => Ok(false),
+                        Some(1) => Ok(true),
+                        _ => Err(bad(format!("no_rope_layers holds {f}; use 0 or 1"))),
+                    })
+                    .collect()
+            }
+            None => {
+                let every = match self.extra.get("no_rope_layer_interval") {
+                    None | Some(Value::Null) => 4,
+                    Some(v) => v
+                        .as_u64()
+                        .filter(|&k| k > 0)
+                        .ok_or_else(|| bad(format!("no_rope_layer_interval {v} is not above 0")))?,
+                } as usize;
+                Ok((0..n).map(|l| (l + 1) % every != 0).collect())
+            }
+        }
+    }
+
+    /// One of Granite's multipliers (`embedding_multiplier`, `residual_multiplier`,
+    /// `attention_multiplier`, `logits_scaling`; 1 when absent, as transformers' default).
+    ///
+    /// # Errors
+    /// [`LisaError::InvalidConfig`] for a value that is not a finite number above 0.
+    pub(crate) fn granite_multiplier(&self, field: &str) -> Result<f64> {
+        match self.extra.get(field) {
+            None | Some(Value::Null) => Ok(1.0),
+            Some(v) => v
+                .as_f64()
+                .filter(|m| m.is_finite() && *m > 0.0)
+                .ok_or_else(|| {
+                    LisaError::InvalidConfig(format!("{field} {v} is not a finite number above 0"))
+                }),
+        }
+    }
+
     pub(crate) fn extra_f64(&self, key: &str) -> Option<f64> {
         self.extra.get(key).and_then(Value::as_f64)
     }
@@ -517,15 +583,18 @@ impl LlamaConfig {
         }
     }
 
-    /// The factor on q·kᵀ: Gemma 2's `query_pre_attn_scalar^-½` (default 256), else
-    /// `head_dim^-½`.
+    /// The factor on q·kᵀ: Gemma 2's `query_pre_attn_scalar^-½` (default 256), Granite's
+    /// `attention_multiplier`, else `head_dim^-½`.
     pub fn attention_scale(&self) -> f64 {
-        match self.gemma() {
-            true => self
+        match self.model_type.as_deref() {
+            _ if self.gemma() => self
                 .extra_f64("query_pre_attn_scalar")
                 .unwrap_or(256.0)
                 .powf(-0.5),
-            false => (self.head_size() as f64).powf(-0.5),
+            Some("granite") => self
+                .granite_multiplier("attention_multiplier")
+                .unwrap_or(1.0),
+            _ => (self.head_size() as f64).powf(-0.5),
         }
     }
 
@@ -602,13 +671,21 @@ impl LlamaConfig {
         for l in 0..self.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let mut add = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
-            add("input_layernorm.weight", vec![h]);
+            let olmo2 = self.model_type.as_deref() == Some("olmo2");
+            if !olmo2 {
+                add("input_layernorm.weight", vec![h]);
+            }
             add("post_attention_layernorm.weight", vec![h]);
             if self.gemma() {
                 add("pre_feedforward_layernorm.weight", vec![h]);
+            }
+            if self.gemma() || olmo2 {
                 add("post_feedforward_layernorm.weight", vec![h]);
             }
-            if self.qk_norm() {
+            if olmo2 {
+                add("self_attn.q_norm.weight", vec![q]);
+                add("self_attn.k_norm.weight", vec![kv]);
+            } else if self.qk_norm() {
                 add("self_attn.q_norm.weight", vec![self.head_size()]);
                 add("self_attn.k_norm.weight", vec![self.head_size()]);
             }

@@ -1,5 +1,5 @@
-//! A trainable Llama-family decoder: Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3, Phi-3, Gemma 2
-//! and Gemma 3 (text), with
+//! A trainable Llama-family decoder: Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3, Phi-3, Gemma 2,
+//! Gemma 3 (text), Granite (3.x), OLMo 2 and SmolLM3, with
 //! Hugging Face tensor names and `config.json` in the formats transformers 4 and 5 write.
 //!
 //! Every `config.json` field that changes the computation is read or refused, once: a model
@@ -8,16 +8,19 @@
 //!
 //! | field | handling |
 //! |---|---|
-//! | `model_type` | `llama`, `mistral`, `qwen2`, `qwen3`, `phi3` (fused `qkv_proj`, `gate_up_proj`), `gemma2`, `gemma3_text`; anything else is refused |
+//! | `model_type` | `llama`, `mistral`, `qwen2`, `qwen3`, `phi3` (fused `qkv_proj`, `gate_up_proj`), `gemma2`, `gemma3_text`, `granite`, `olmo2`, `smollm3`; anything else is refused |
 //! | `vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, `head_dim` | read |
 //! | `hidden_act` | `silu` only (SwiGLU); Gemma 2's `hidden_activation`: `gelu_pytorch_tanh` (GeGLU) |
 //! | Gemma 2's `query_pre_attn_scalar`, `attn_logit_softcapping`, `final_logit_softcapping` | read (transformers' defaults 256, 50, 30 when absent); soft-capping is refused for the other families |
 //! | `use_bidirectional_attention` | false only |
 //! | Gemma 3's `rope_local_base_freq`, `sliding_window_pattern`, `rope_parameters` keyed by layer kind | read: a RoPE per layer kind |
+//! | Granite's `embedding_multiplier`, `residual_multiplier`, `attention_multiplier`, `logits_scaling` | read (1 when absent, as transformers; the attention multiplier replaces `head_dim^-½`); each must be finite and above 0 |
+//! | OLMo 2's layout (from `model_type`) | norms after attention and MLP only (`post_attention_layernorm`, `post_feedforward_layernorm`), RMSNorm over the whole q and k projections |
+//! | SmolLM3's `no_rope_layers`, `no_rope_layer_interval` | read: layers marked 0 (every 4th when the list is absent) use no RoPE |
 //! | `pad_token_id` | that embedding row gets no gradient from the input lookup, as `nn.Embedding(padding_idx=…)`; a value that is no token id is refused |
-//! | `rms_norm_eps` | read |
+//! | `rms_norm_eps` | read; when absent, 1e-5 for `olmo2` and `phi3` (transformers' defaults), else 1e-6 |
 //! | `rope_theta`, `rope_scaling` (transformers 4), `rope_parameters` (transformers 5) | read: [`Rope`] (default, linear, llama3, yarn; others refused; θ given twice must agree) |
-//! | `tie_word_embeddings` | read; when absent, transformers' default: true for `gemma2` and `gemma3_text`, false for the others |
+//! | `tie_word_embeddings` | read; when absent, transformers' default: true for `gemma2`, `gemma3_text` and `smollm3`, false for the others |
 //! | `attention_bias` | read (q, k, v and o biases; Qwen2 always has q, k, v biases) |
 //! | `mlp_bias` | read |
 //! | Qwen3's `q_norm`/`k_norm` | per-head RMSNorm on queries and keys, from `model_type` |
@@ -56,7 +59,7 @@ use crate::nn::ops::{causal_mask, mul_const, rms_norm};
 use crate::nn::recompute::recompute;
 use crate::nn::TrainingPlan;
 
-pub use arch::{Activation, Architecture, Family};
+pub use arch::{Activation, Architecture, Family, NormPlacement, QkNorm};
 use attention::{projection, Adapters, Attention};
 pub use config::LlamaConfig;
 pub use generation::Sampling;
@@ -66,14 +69,43 @@ pub use super::rope::{Rope, RopeScaling};
 pub use crate::nn::loss::IGNORE_INDEX;
 
 struct Block {
-    input_norm: Tensor,
+    norms: BlockNorms,
     attn: Attention,
-    post_norm: Tensor,
     mlp: Mlp,
-    /// Gemma 2's norms before and after the MLP (its `post_norm` then follows the attention).
-    ff_norms: Option<(Tensor, Tensor)>,
     /// Norm weights scale by `1 + w` (Gemma).
     norm_offset: bool,
+    /// Granite's factor on the attention's and the MLP's outputs.
+    residual_scale: Option<f64>,
+}
+
+/// A block's norm weights, by where they sit ([`NormPlacement`]).
+enum BlockNorms {
+    /// `input_layernorm` before the attention, `post_attention_layernorm` before the MLP.
+    Pre { attn_in: Tensor, mlp_in: Tensor },
+    /// Gemma: before and after the attention and the MLP.
+    Sandwich {
+        attn_in: Tensor,
+        attn_out: Tensor,
+        mlp_in: Tensor,
+        mlp_out: Tensor,
+    },
+    /// OLMo 2: after the attention and the MLP.
+    Post { attn_out: Tensor, mlp_out: Tensor },
+}
+
+impl BlockNorms {
+    fn tensors(&self) -> Vec<&Tensor> {
+        match self {
+            Self::Pre { attn_in, mlp_in } => vec![attn_in, mlp_in],
+            Self::Sandwich {
+                attn_in,
+                attn_out,
+                mlp_in,
+                mlp_out,
+            } => vec![attn_in, attn_out, mlp_in, mlp_out],
+            Self::Post { attn_out, mlp_out } => vec![attn_out, mlp_out],
+        }
+    }
 }
 
 /// `w`, or Gemma's `1 + w` (differentiable in `w`).
@@ -85,9 +117,9 @@ fn norm_weight(w: &Tensor, offset: bool) -> candle_core::Result<Tensor> {
 }
 
 impl Block {
-    /// The block around `attn` (the attention on the normed input): Llama's
-    /// `x + attn(norm(x))` then `x + mlp(norm(x))`, or Gemma 2's with the attention output and
-    /// the MLP's input and output normed too.
+    /// The block around `attn` (the attention on its input, normed where the placement
+    /// says): Llama's `x + attn(norm(x))` then `x + mlp(norm(x))`, Gemma's with the outputs
+    /// normed too, OLMo 2's with only the outputs normed.
     fn around(
         &self,
         x: &Tensor,
@@ -95,17 +127,30 @@ impl Block {
         attn: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
         let norm = |x: &Tensor, w: &Tensor| rms_norm(x, &norm_weight(w, self.norm_offset)?, eps);
-        let h = attn(&norm(x, &self.input_norm)?)?;
-        match &self.ff_norms {
-            None => {
-                let x = (x + h)?;
-                let h = self.mlp.forward(&norm(&x, &self.post_norm)?)?;
-                x + h
+        let add = |x: &Tensor, h: Tensor| match self.residual_scale {
+            Some(r) => x + (h * r)?,
+            None => x + h,
+        };
+        match &self.norms {
+            BlockNorms::Pre { attn_in, mlp_in } => {
+                let x = add(x, attn(&norm(x, attn_in)?)?)?;
+                let h = self.mlp.forward(&norm(&x, mlp_in)?)?;
+                add(&x, h)
             }
-            Some((pre, post)) => {
-                let x = (x + norm(&h, &self.post_norm)?)?;
-                let h = self.mlp.forward(&norm(&x, pre)?)?;
-                x + norm(&h, post)?
+            BlockNorms::Sandwich {
+                attn_in,
+                attn_out,
+                mlp_in,
+                mlp_out,
+            } => {
+                let x = add(x, norm(&attn(&norm(x, attn_in)?)?, attn_out)?)?;
+                let h = self.mlp.forward(&norm(&x, mlp_in)?)?;
+                add(&x, norm(&h, mlp_out)?)
+            }
+            BlockNorms::Post { attn_out, mlp_out } => {
+                let x = add(x, norm(&attn(x)?, attn_out)?)?;
+                let h = self.mlp.forward(&x)?;
+                add(&x, norm(&h, mlp_out)?)
             }
         }
     }
@@ -137,15 +182,10 @@ impl Block {
         let mut linears = a.qkv.linears();
         linears.push(&a.o);
         linears.extend(self.mlp.linears());
-        !self.input_norm.track_op()
-            && !self.post_norm.track_op()
+        self.norms.tensors().iter().all(|w| !w.track_op())
             && a.qk_norm
                 .as_ref()
                 .is_none_or(|(q, k, _)| !q.track_op() && !k.track_op())
-            && self
-                .ff_norms
-                .as_ref()
-                .is_none_or(|(a, b)| !a.track_op() && !b.track_op())
             && linears.iter().all(|l| {
                 l.lora().is_none()
                     && !l.weight().track_op()
@@ -220,22 +260,28 @@ impl Llama {
                 let mlp_lora = lora.zip(mlp_vb.as_ref()).map(|((cfg, _), a)| (cfg, a));
                 let mlp = vb.pp("mlp");
                 let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
-                Ok(Arc::new(Block {
-                    input_norm: vb.get_with_hints(h, "input_layernorm.weight", norm_init)?,
-                    attn: Attention::new(a, vb.pp("self_attn"), attn_lora)?,
-                    post_norm: vb.get_with_hints(
-                        h,
-                        "post_attention_layernorm.weight",
-                        norm_init,
-                    )?,
-                    ff_norms: match a.sandwich_norms {
-                        true => Some((
-                            vb.get_with_hints(h, "pre_feedforward_layernorm.weight", norm_init)?,
-                            vb.get_with_hints(h, "post_feedforward_layernorm.weight", norm_init)?,
-                        )),
-                        false => None,
+                let norm = |name: &str| vb.get_with_hints(h, name, norm_init);
+                let norms = match a.norms {
+                    NormPlacement::Pre => BlockNorms::Pre {
+                        attn_in: norm("input_layernorm.weight")?,
+                        mlp_in: norm("post_attention_layernorm.weight")?,
                     },
+                    NormPlacement::Sandwich => BlockNorms::Sandwich {
+                        attn_in: norm("input_layernorm.weight")?,
+                        attn_out: norm("post_attention_layernorm.weight")?,
+                        mlp_in: norm("pre_feedforward_layernorm.weight")?,
+                        mlp_out: norm("post_feedforward_layernorm.weight")?,
+                    },
+                    NormPlacement::Post => BlockNorms::Post {
+                        attn_out: norm("post_attention_layernorm.weight")?,
+                        mlp_out: norm("post_feedforward_layernorm.weight")?,
+                    },
+                };
+                Ok(Arc::new(Block {
+                    norms,
+                    attn: Attention::new(a, vb.pp("self_attn"), attn_lora)?,
                     norm_offset: a.norm_offset,
+                    residual_scale: a.residual_scale,
                     mlp: match a.fused_projections {
                         true => Mlp::Fused {
                             gate_up: projection(h, 2 * i, bias, &mlp, "gate_up_proj", mlp_lora)?,
@@ -385,8 +431,13 @@ impl Llama {
         }
     }
 
-    /// Gemma 2's final soft-cap, `c·tanh(logits / c)`; the logits unchanged otherwise.
+    /// The logits from the head's output: divided by Granite's `logits_scaling`, and
+    /// soft-capped by Gemma 2's `c·tanh(logits / c)`; unchanged otherwise.
     fn cap_logits(&self, logits: Tensor) -> Result<Tensor> {
+        let logits = match self.arch.logits_divisor {
+            Some(d) => (logits / d)?,
+            None => logits,
+        };
         Ok(match self.arch.final_softcap {
             Some(c) => ((logits / c)?.tanh()? * c)?,
             None => logits,
@@ -403,7 +454,20 @@ impl Llama {
     ) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
         let mut made: Vec<(&Rope, (Tensor, Tensor))> = Vec::new();
         let mut out = Vec::with_capacity(self.arch.layer_ropes.len());
-        for rope in &self.arch.layer_ropes {
+        let mut identity = None;
+        for (rope, &rotates) in self.arch.layer_ropes.iter().zip(&self.arch.layer_uses_rope) {
+            if !rotates {
+                // cos 1 and sin 0 rotate nothing, exactly: the layer has no RoPE.
+                let half = rope.dim / 2;
+                if identity.is_none() {
+                    identity = Some((
+                        Tensor::ones((t, half), dtype, device)?,
+                        Tensor::zeros((t, half), dtype, device)?,
+                    ));
+                }
+                out.extend(identity.clone());
+                continue;
+            }
             if let Some((_, cs)) = made.iter().find(|(r, _)| *r == rope) {
                 out.push(cs.clone());
                 continue;
@@ -435,7 +499,11 @@ impl Llama {
         let hidden = self.hidden_states(input_ids)?;
         let softcap = self.arch.final_softcap;
         match (self.lm_head.bias(), self.lm_head.lora(), softcap) {
-            (None, None, None) => head_loss(&hidden, self.lm_head.weight(), labels),
+            // Granite's logits / s are the head of hidden / s.
+            (None, None, None) => match self.arch.logits_divisor {
+                Some(d) => head_loss(&(hidden / d)?, self.lm_head.weight(), labels),
+                None => head_loss(&hidden, self.lm_head.weight(), labels),
+            },
             _ => causal_lm_loss(&self.cap_logits(self.lm_head.forward(&hidden)?)?, labels),
         }
     }
