@@ -25,6 +25,7 @@ mod parity;
 mod parity_hf;
 mod peft;
 mod precision;
+mod quant;
 mod readers;
 mod recompute;
 mod resume;

@@ -147,9 +147,7 @@ impl Block {
                 .as_ref()
                 .is_none_or(|(a, b)| !a.track_op() && !b.track_op())
             && linears.iter().all(|l| {
-                l.lora().is_none()
-                    && !l.weight().track_op()
-                    && l.bias().is_none_or(|b| !b.track_op())
+                l.lora().is_none() && !l.trains_weight() && l.bias().is_none_or(|b| !b.track_op())
             })
     }
 }
@@ -434,8 +432,9 @@ impl Llama {
     pub fn loss(&self, input_ids: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids)?;
         let softcap = self.arch.final_softcap;
-        match (self.lm_head.bias(), self.lm_head.lora(), softcap) {
-            (None, None, None) => head_loss(&hidden, self.lm_head.weight(), labels),
+        let head = &self.lm_head;
+        match (head.weight(), head.bias(), head.lora(), softcap) {
+            (Some(w), None, None, None) => head_loss(&hidden, w, labels),
             _ => causal_lm_loss(&self.cap_logits(self.lm_head.forward(&hidden)?)?, labels),
         }
     }
