@@ -10,8 +10,8 @@ use crate::nn::kernels::{f32_slice, f32_view, gemm_serial, matmul};
 /// Rows of W one forward task dequantizes at a time, at most: a panel of `128 · in` f32.
 const FWD_ROWS: usize = 128;
 
-/// Columns of W (two blocks) one backward task dequantizes at a time, for every row: a
-/// panel of `out · 128` f32.
+/// Columns of W (two blocks, or one when the input dimension is small) one backward task
+/// dequantizes at a time, for every row: a panel of `out · 128` f32 at most.
 const BWD_COLS: usize = 2 * BLOCK;
 
 /// Below this many multiply-adds a product runs on the calling thread alone (as the dense
@@ -74,6 +74,11 @@ fn backward(g: &Tensor, q: &QuantizedWeight) -> Result<Tensor> {
     matmul(g, &w)
 }
 
+/// The threads of candle's barrier pool, the caller's included.
+fn threads() -> usize {
+    candle_core::utils::barrier_pool().n_workers() + 1
+}
+
 /// Runs `task(i)` for `i in 0..tasks`, spread over candle's barrier pool when the product
 /// is large enough; each worker allocates its `scratch` f32 buffer once.
 fn run_tasks(tasks: usize, work: usize, scratch: usize, task: impl Fn(usize, &mut [f32]) + Sync) {
@@ -96,8 +101,9 @@ fn forward_cpu(x: &[f32], h: &Host<'_>, m: usize, n: usize, k: usize) -> Vec<f32
     let dst = y.as_mut_ptr() as usize;
     let x_ptr = x.as_ptr() as usize;
     // Panels of equal width (a multiple of 16, gemm's widest register tile), so that no
-    // panel is a sliver: gemm sums a narrow product (m · width ≤ 256) in another order.
-    let panels = n.div_ceil(FWD_ROWS);
+    // panel is a sliver (gemm sums a narrow product, m · width ≤ 256, in another order), and
+    // as many as a multiple of the thread count, so that the threads finish together.
+    let panels = n.div_ceil(FWD_ROWS).next_multiple_of(threads());
     let width = n.div_ceil(panels).next_multiple_of(16).min(FWD_ROWS);
     run_tasks(n.div_ceil(width), m * n * k, width * k, |p, buf| {
         let (j0, j1) = (p * width, n.min((p + 1) * width));
@@ -124,14 +130,19 @@ fn forward_cpu(x: &[f32], h: &Host<'_>, m: usize, n: usize, k: usize) -> Vec<f32
     y
 }
 
-/// `dx (m × k) = g (m × n) · W`: each task dequantizes [`BWD_COLS`] columns of every row of
-/// W into its buffer and computes those columns of dx with one gemm call.
+/// `dx (m × k) = g (m × n) · W`: each task dequantizes [`BWD_COLS`] (or [`BLOCK`]) columns of
+/// every row of W into its buffer and computes those columns of dx with one gemm call.
 fn backward_cpu(g: &[f32], h: &Host<'_>, m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut dx: Vec<f32> = Vec::with_capacity(m * k);
     let dst = dx.as_mut_ptr() as usize;
     let g_ptr = g.as_ptr() as usize;
-    run_tasks(k.div_ceil(BWD_COLS), m * n * k, n * BWD_COLS, |p, buf| {
-        let (c0, c1) = (p * BWD_COLS, k.min((p + 1) * BWD_COLS));
+    // One block per panel when two would leave too few tasks to share out evenly.
+    let cols = match k / BWD_COLS < 4 * threads() {
+        true => BLOCK,
+        false => BWD_COLS,
+    };
+    run_tasks(k.div_ceil(cols), m * n * k, n * cols, |p, buf| {
+        let (c0, c1) = (p * cols, k.min((p + 1) * cols));
         let width = c1 - c0;
         for (j, row) in buf.chunks_exact_mut(width).take(n).enumerate() {
             h.row_segment(j, c0, row);
