@@ -503,3 +503,64 @@ fn format_names() -> R {
     assert!(dense.weight().is_some());
     Ok(())
 }
+
+/// The weight of scripts/quant_fixtures.py, made the same way: a 64-bit LCG's top 24 bits
+/// as `(2u − 1) · 0.05`, every 997th value times 8, every 101st zero, block 5 all zero.
+fn fixture_weight(shape: (usize, usize)) -> Vec<f32> {
+    let mut state: u64 = 0x853C_49E6_748F_EA9B;
+    let mut w: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|i| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = (state >> 40) as f32 / (1u32 << 24) as f32;
+            let x = (u * 2.0 - 1.0) * 0.05;
+            let x = if i % 997 == 0 { x * 8.0 } else { x };
+            if i % 101 == 0 {
+                0.0
+            } else {
+                x
+            }
+        })
+        .collect();
+    w[5 * BLOCK..6 * BLOCK].iter_mut().for_each(|x| *x = 0.0);
+    w
+}
+
+/// Both formats against a second implementation in numpy (scripts/quant_fixtures.py, which
+/// says what it follows): the dequantized weight bit for bit (by its SHA-256), the absmax of
+/// every block and the first 128 values.
+#[test]
+fn matches_the_numpy_fixture() -> R {
+    use sha2::{Digest, Sha256};
+    let text = std::fs::read_to_string("tests/fixtures/quant/expected.json")?;
+    let expected: serde_json::Value = serde_json::from_str(&text)?;
+    let shape = expected["shape"]
+        .as_array()
+        .and_then(|s| Some((s[0].as_u64()? as usize, s[1].as_u64()? as usize)))
+        .expect("shape");
+    let bits = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|b| b.as_u64().expect("bits") as u32)
+            .collect()
+    };
+    let w = Tensor::from_vec(fixture_weight(shape), shape, &Device::Cpu)?;
+    for (format, name) in [(QuantFormat::Int8, "int8"), (QuantFormat::Nf4, "nf4")] {
+        let want = &expected[name];
+        let q = QuantizedWeight::quantize(&w, format)?;
+        let absmax: Vec<u32> = q.block_absmax()?.iter().map(|a| a.to_bits()).collect();
+        assert_eq!(absmax, bits(&want["block_absmax"]), "{name} block absmax");
+        let deq = flat(&q.dequantize(DType::F32, &Device::Cpu)?)?;
+        let first: Vec<u32> = deq[..128].iter().map(|d| d.to_bits()).collect();
+        assert_eq!(first, bits(&want["first_values"]), "{name} first values");
+        let bytes: Vec<u8> = deq.iter().flat_map(|d| d.to_le_bytes()).collect();
+        let digest: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(digest, want["sha256"].as_str().expect("sha256"), "{name}");
+    }
+    Ok(())
+}
