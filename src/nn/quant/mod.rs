@@ -34,7 +34,9 @@
 //!   **0.5159 bytes per parameter**, against 2 for bf16.
 //!   The codes are picked with the exact absmax, as bitsandbytes picks them, so the error of
 //!   a value is at most half the widest gap between neighbouring NF4 values
-//!   ([`NF4_MAX_GAP`]) times the block's absmax, plus `|absmax − â|`.
+//!   ([`NF4_MAX_GAP`]) times the block's absmax, plus `|absmax − â|`. Zero is a code value,
+//!   so an exact 0 stays 0 (in an all-zero block `â` may come out negative, and the zeros
+//!   come back as −0).
 //!
 //! [`QuantFormat::Dense`] means "not quantized": the weight stays a tensor.
 //!
