@@ -45,7 +45,9 @@ use super::quant::{QuantFormat, QuantizedWeight};
 /// as int8 or NF4 codes ([`quant`](crate::nn::quant)): the forward pass computes from the
 /// codes, the backward pass returns dL/dx from them, and no dequantized copy of the weight
 /// outlives the op. A LoRA adapter on such a layer is QLoRA: `y = x · deq(W)ᵀ + scale · (x ·
-/// Aᵀ) · Bᵀ`, with gradients for `A` and `B` and none for `W`.
+/// Aᵀ) · Bᵀ`, with gradients for `A` and `B` and none for `W`. A quantized layer runs under
+/// [`recompute`](crate::nn::recompute::recompute) like a dense frozen one;
+/// [`observe_linear_inputs`](crate::nn::calibrate::observe_linear_inputs) does not see it.
 #[derive(Clone, Debug)]
 pub struct Linear {
     weight: LinearWeight,
