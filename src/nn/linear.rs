@@ -11,6 +11,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CustomOp2, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
+use super::quant::{QuantFormat, QuantizedWeight};
+
 /// `y = x · Wᵀ (+ b)`, like [`candle_nn::Linear`], frozen-aware.
 ///
 /// The matmul is one custom op over the backend matmul whose backward computes a gradient only
@@ -36,11 +38,30 @@ use candle_nn::VarBuilder;
 /// assert!(grads.get_ids().filter_map(|id| grads.get_id(*id)).all(|g| g.dims() != [3, 2]));
 /// # Ok::<(), candle_core::Error>(())
 /// ```
+///
+/// # Quantized weights
+///
+/// [`Linear::quantized`] (or [`Linear::with_storage`]) makes a frozen layer over a weight held
+/// as int8 or NF4 codes ([`quant`](crate::nn::quant)): the forward pass computes from the
+/// codes, the backward pass returns dL/dx from them, and no dequantized copy of the weight
+/// outlives the op. A LoRA adapter on such a layer is QLoRA: `y = x · deq(W)ᵀ + scale · (x ·
+/// Aᵀ) · Bᵀ`, with gradients for `A` and `B` and none for `W`. A quantized layer runs under
+/// [`recompute`](crate::nn::recompute::recompute) like a dense frozen one;
+/// [`observe_linear_inputs`](crate::nn::calibrate::observe_linear_inputs) does not see it.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
     lora: Option<LoraAdapter>,
+}
+
+/// How a [`Linear`]'s weight is stored.
+#[derive(Clone, Debug)]
+pub enum LinearWeight {
+    /// A tensor `(out, in)`: a variable (trained) or a detached tensor (frozen).
+    Dense(Tensor),
+    /// Int8 or NF4 codes of an `(out, in)` weight: always frozen.
+    Quantized(QuantizedWeight),
 }
 
 /// A LoRA adapter: `y += scale · (x · Aᵀ) · Bᵀ`, with `A` of shape `(rank, in)`, `B` of shape
@@ -59,10 +80,38 @@ impl Linear {
     /// A layer over `weight` of shape `(out, in)` and an optional `bias` of shape `(out,)`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            weight,
+            weight: LinearWeight::Dense(weight),
             bias,
             lora: None,
         }
+    }
+
+    /// A frozen layer over a quantized weight `(out, in)` and an optional `bias` of shape
+    /// `(out,)` (see [Quantized weights](Self#quantized-weights)).
+    pub fn quantized(weight: QuantizedWeight, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: LinearWeight::Quantized(weight),
+            bias,
+            lora: None,
+        }
+    }
+
+    /// A layer over `weight` stored as `format` says: [`Linear::new`] for
+    /// [`QuantFormat::Dense`], else [`Linear::quantized`] over its codes (which makes the
+    /// layer frozen, whether or not `weight` is a variable).
+    ///
+    /// # Errors
+    /// What [`QuantizedWeight::quantize`] refuses (a weight that is not 2-D, an input
+    /// dimension that is not a multiple of 64, a non-finite value, …).
+    pub fn with_storage(
+        weight: &Tensor,
+        bias: Option<Tensor>,
+        format: QuantFormat,
+    ) -> crate::Result<Self> {
+        Ok(match format {
+            QuantFormat::Dense => Self::new(weight.clone(), bias),
+            format => Self::quantized(QuantizedWeight::quantize(weight, format)?, bias),
+        })
     }
 
     /// The same layer with a LoRA adapter added to its output.
@@ -78,9 +127,38 @@ impl Linear {
         self.lora.as_ref()
     }
 
-    /// The weight, `(out, in)`.
-    pub fn weight(&self) -> &Tensor {
+    /// The weight `(out, in)` as a tensor; `None` when it is stored quantized (see
+    /// [`storage`](Self::storage)).
+    pub fn weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Some(w),
+            LinearWeight::Quantized(_) => None,
+        }
+    }
+
+    /// How the weight is stored.
+    pub fn storage(&self) -> &LinearWeight {
         &self.weight
+    }
+
+    /// `(out, in)`, the weight's shape however it is stored.
+    ///
+    /// # Errors
+    /// A candle error for a dense weight that is not 2-D.
+    pub fn weight_shape(&self) -> Result<(usize, usize)> {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.dims2(),
+            LinearWeight::Quantized(q) => Ok(q.shape()),
+        }
+    }
+
+    /// Whether the weight gets a gradient: a dense weight that tracks one (a variable). A
+    /// quantized weight never does.
+    pub fn trains_weight(&self) -> bool {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.track_op(),
+            LinearWeight::Quantized(_) => false,
+        }
     }
 
     /// The bias, `(out,)`.
@@ -99,11 +177,16 @@ impl Module for Linear {
         })?;
         let rows = batch.iter().product::<usize>();
         let x = x.contiguous()?;
-        super::calibrate::record(&x.detach().reshape((rows, in_dim))?, &self.weight)?;
         // The matmul takes `x` with its leading dimensions as they are: reshapes around it
         // would be graph nodes, each costing a gradient-sized zero fill and sum in candle's
         // backward pass.
-        let y = linear_matmul(&x, &self.weight, "Linear")?;
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => {
+                super::calibrate::record(&x.detach().reshape((rows, in_dim))?, w)?;
+                linear_matmul(&x, w, "Linear")?
+            }
+            LinearWeight::Quantized(q) => super::quant::quantized_matmul(&x, q)?,
+        };
         let y = match &self.bias {
             None => y,
             Some(b) if b.track_op() => y.broadcast_add(b)?,

@@ -85,7 +85,7 @@ impl LoraConfig {
         if !self.targets.iter().any(|t| t == name) {
             return Ok(layer);
         }
-        let (out_dim, in_dim) = layer.weight().dims2()?;
+        let (out_dim, in_dim) = layer.weight_shape()?;
         let bound = 1.0 / (in_dim as f64).sqrt();
         let vb = vb.pp(name);
         let a = vb.get_with_hints(

@@ -1,5 +1,6 @@
 //! Building blocks for models that train with LISA: the frozen-aware [`Linear`], lean
-//! differentiable [`ops`], frozen-block [`recompute`], LoRA adapters, and the
+//! differentiable [`ops`], [`quant`]ized storage for frozen weights, frozen-block
+//! [`recompute`], LoRA adapters, and the
 //! [`TrainingPlan`] a model is built from.
 //!
 //! Nothing here names an optimizer: a model learns which parameters train from the builder
@@ -15,10 +16,13 @@ pub mod norm;
 pub mod ops;
 pub mod peft;
 mod plan;
+pub mod quant;
 pub mod recompute;
 mod var_builder;
 
-pub use linear::{frozen_matmul, linear, linear_b, linear_no_bias, Linear, LoraAdapter};
+pub use linear::{
+    frozen_matmul, linear, linear_b, linear_no_bias, Linear, LinearWeight, LoraAdapter,
+};
 pub use lora::{merge_lora, merged_copy, seed_adapters, LoraConfig, LORA_TARGETS};
 pub use norm::{layer_norm, rms_norm, LayerNorm, RmsNorm};
 pub use ops::{rope, rope_i, softmax_last_dim};

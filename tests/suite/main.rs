@@ -26,6 +26,7 @@ mod parity;
 mod parity_hf;
 mod peft;
 mod precision;
+mod quant;
 mod readers;
 mod recompute;
 mod resume;

@@ -187,9 +187,7 @@ impl Block {
                 .as_ref()
                 .is_none_or(|(q, k, _)| !q.track_op() && !k.track_op())
             && linears.iter().all(|l| {
-                l.lora().is_none()
-                    && !l.weight().track_op()
-                    && l.bias().is_none_or(|b| !b.track_op())
+                l.lora().is_none() && !l.trains_weight() && l.bias().is_none_or(|b| !b.track_op())
             })
     }
 }
@@ -498,11 +496,12 @@ impl Llama {
     pub fn loss(&self, input_ids: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids)?;
         let softcap = self.arch.final_softcap;
-        match (self.lm_head.bias(), self.lm_head.lora(), softcap) {
+        let head = &self.lm_head;
+        match (head.weight(), head.bias(), head.lora(), softcap) {
             // Granite's logits / s are the head of hidden / s.
-            (None, None, None) => match self.arch.logits_divisor {
-                Some(d) => head_loss(&(hidden / d)?, self.lm_head.weight(), labels),
-                None => head_loss(&hidden, self.lm_head.weight(), labels),
+            (Some(w), None, None, None) => match self.arch.logits_divisor {
+                Some(d) => head_loss(&(hidden / d)?, w, labels),
+                None => head_loss(&hidden, w, labels),
             },
             _ => causal_lm_loss(&self.cap_logits(self.lm_head.forward(&hidden)?)?, labels),
         }

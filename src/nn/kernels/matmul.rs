@@ -279,7 +279,7 @@ pub(crate) fn linear_fwd_cpu(
 /// # Safety
 /// `a`, `b` and `dst` must address only elements inside their slices.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_serial(
+pub(crate) unsafe fn gemm_serial(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,

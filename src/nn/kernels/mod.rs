@@ -37,7 +37,7 @@ pub(crate) mod matmul;
 pub(crate) use attention::{attention_bwd, attention_fwd, AttnDims, AttnInputs, HeadLayout};
 pub(crate) use cross_entropy::{cross_entropy_bwd, cross_entropy_fused};
 pub(crate) use elementwise::{rms_norm_bwd, rms_norm_fwd, rope_fwd, swiglu_bwd, swiglu_fwd};
-pub(crate) use matmul::{linear_fwd_cpu, matmul, product};
+pub(crate) use matmul::{gemm_serial, linear_fwd_cpu, matmul, product};
 
 /// `e^x` in f32, branch-free so that loops over slices vectorise: Cody–Waite reduction
 /// `x = n·ln 2 + r`, a degree-6 polynomial for `e^r` on `|r| ≤ ln 2 / 2`, and `2^n` from
