@@ -100,6 +100,7 @@ pub mod io;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod plan;
 pub mod train;
 
 pub use error::{LisaError, Result};

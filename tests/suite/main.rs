@@ -24,6 +24,7 @@ mod lora;
 mod parity;
 mod parity_hf;
 mod peft;
+mod plan;
 mod precision;
 mod readers;
 mod recompute;
