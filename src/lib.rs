@@ -20,6 +20,8 @@
 //! below it):
 //! - [`train`]: an optional [`Trainer`](train::Trainer) over any of them, the fine-tuning
 //!   loop, schedules, evaluation and crash-safe checkpoints;
+//! - [`plan`]: the memory planner, which predicts a step's memory per method from a config
+//!   without loading weights;
 //! - [`dist`]: data-parallel training over MPI or NCCL that sends only the trainable
 //!   gradients, which the trainer uses;
 //! - [`optim`]: [`AdamW`] and [`LisaAdamW`], the update, samplers, block map and state I/O;

@@ -69,6 +69,7 @@ use candle_core::DType;
 
 use crate::error::{LisaError, Result};
 use crate::models::LlamaConfig;
+use crate::optim::CompactState;
 
 /// The card sizes [`table`] checks, in GB (GiB, as cards are sold).
 pub const CARDS_GB: [u64; 4] = [16, 24, 48, 80];
@@ -82,8 +83,10 @@ pub const CONTEXT_RESERVE: u64 = 1 << 30;
 /// variable is set (15 tensors in the code; 14.0 measured on the CPU and on CUDA).
 const CANDLE_ADAMW_TEMPORARIES: u64 = 14;
 
-/// A training method, named as `memory_report` names it (`full`, `adamw-candle`, `lora16`,
-/// `lisa2`, `lisa2-recompute`, `lisa2-dropin`, `lisa2-frozen-embed`, `lisa2-compact`).
+/// A training method, parsed from and printed as `memory_report` names it (`full`,
+/// `adamw-candle`, `lora16`, `lisa2`, `lisa2-recompute`, `lisa2-dropin`, `lisa2-frozen-embed`,
+/// `lisa2-compact`: bf16 moments for all that trains, with recompute). A LISA setting built in
+/// code that has no such name prints its settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Method {
     /// The crate's AdamW over every parameter.
@@ -112,8 +115,9 @@ pub struct LisaMethod {
     /// head is tied to it). The prediction is the worst draw, block 0 active, which a long run
     /// meets: then every block keeps its activations.
     pub frozen_embed: bool,
-    /// bf16 moments for everything that trains (`CompactState::All`).
-    pub compact: bool,
+    /// Which trainable parameters keep bf16 moments
+    /// ([`LisaAdamW::set_compact_state`](crate::LisaAdamW::set_compact_state)).
+    pub compact: CompactState,
     /// The model is built from the `VarMap` (drop-in use): every parameter gets a gradient.
     pub drop_in: bool,
 }
@@ -153,7 +157,7 @@ impl FromStr for Method {
             "dropin" => m.drop_in = true,
             "frozen-embed" => m.frozen_embed = true,
             // As memory_report measures it: compact state with recompute, the leanest LISA.
-            "compact" => (m.compact, m.recompute) = (true, true),
+            "compact" => (m.compact, m.recompute) = (CompactState::All, true),
             _ => return Err(unknown()),
         }
         Ok(Method::Lisa(m))
@@ -168,12 +172,22 @@ impl std::fmt::Display for Method {
             Method::Lora { rank } => write!(f, "lora{rank}"),
             Method::Lisa(m) => {
                 write!(f, "lisa{}", m.gamma)?;
-                match (m.compact, m.drop_in, m.frozen_embed, m.recompute) {
-                    (true, ..) => write!(f, "-compact"),
-                    (_, true, ..) => write!(f, "-dropin"),
-                    (_, _, true, _) => write!(f, "-frozen-embed"),
-                    (.., true) => write!(f, "-recompute"),
-                    _ => Ok(()),
+                let named = match (m.recompute, m.drop_in, m.frozen_embed, m.compact) {
+                    (false, false, false, CompactState::Off) => Some(""),
+                    (true, false, false, CompactState::Off) => Some("-recompute"),
+                    (false, true, false, CompactState::Off) => Some("-dropin"),
+                    (false, false, true, CompactState::Off) => Some("-frozen-embed"),
+                    (true, false, false, CompactState::All) => Some("-compact"),
+                    _ => None,
+                };
+                match named {
+                    Some(suffix) => write!(f, "{suffix}"),
+                    // No name parses to it: list the settings.
+                    None => write!(
+                        f,
+                        " (recompute {}, drop-in {}, frozen embedding {}, compact {:?})",
+                        m.recompute, m.drop_in, m.frozen_embed, m.compact
+                    ),
                 }
             }
         }
@@ -581,7 +595,10 @@ pub fn predict(config: &LlamaConfig, method: &Method, setup: &Setup) -> Result<P
             // there keeps a stray gradient (see LoRA's).
             let stray = if embed_trains { 0 } else { n * s * h };
             grads = if m.drop_in { params } else { trainable } * s + stray;
-            state = trainable * state_per(m.compact);
+            let always = trainable - gamma * c.block;
+            let always_compact = m.compact != CompactState::Off;
+            state = always * state_per(always_compact)
+                + gamma * c.block * state_per(m.compact == CompactState::All);
             recomputed = m.recompute && gamma < blocks;
             activations = constants
                 + match recomputed {

@@ -251,6 +251,13 @@ fn scaled_shape_times_64_is_8b() {
         let a = plan::predict(&scaled, &small.parse().unwrap(), &at(256)).unwrap();
         let b = plan::predict(&real, &big.parse().unwrap(), &at(2048)).unwrap();
         let ratio = 64.0 * a.peak_bytes as f64 / b.peak_bytes as f64;
+        eprintln!(
+            "{small:<20} scaled {:>7.1} MB, x 64 = {:>6.2} GB; {big} on Llama-3.1-8B {:>6.2} GB ({:+.2}%)",
+            a.peak_bytes as f64 / 1e6,
+            64.0 * a.peak_bytes as f64 / 1e9,
+            b.peak_bytes as f64 / 1e9,
+            100.0 * (ratio - 1.0)
+        );
         assert!((ratio - 1.0).abs() <= 0.10, "{small}: {ratio}");
     }
 }
@@ -324,4 +331,23 @@ fn bad_inputs_are_typed_errors() {
     for name in plan::DEFAULT_METHODS {
         assert_eq!(name.parse::<Method>().unwrap().to_string(), name);
     }
+}
+
+#[test]
+fn compact_state_for_the_always_trainable_only() {
+    let config = plan::shape("llama3.1-8b").unwrap();
+    let f32 = Setup {
+        dtype: DType::F32,
+        ..Default::default()
+    };
+    let method = Method::Lisa(plan::LisaMethod {
+        gamma: 2,
+        compact: candle_lisa::optim::CompactState::AlwaysTrainable,
+        ..Default::default()
+    });
+    let p = plan::predict(&config, &method, &f32).unwrap();
+    // bf16 moments (4 bytes) for embedding, head and final norm (1,050,677,248), f32 ones
+    // (8 bytes) for the two blocks (2 × 218,112,000).
+    assert_eq!(p.state_bytes, 4 * 1_050_677_248 + 8 * 436_224_000);
+    assert!(method.to_string().starts_with("lisa2 ("), "{method}");
 }
