@@ -360,7 +360,12 @@ pub fn table(config: &LlamaConfig, setup: &Setup, methods: &[&str]) -> Result<Ve
             let prediction = predict(config, &method, setup)?;
             let fits = CARDS_GB
                 .iter()
-                .map(|&gb| (gb, prediction.peak_bytes + CONTEXT_RESERVE <= gb << 30))
+                .map(|&gb| {
+                    (
+                        gb,
+                        prediction.peak_bytes.saturating_add(CONTEXT_RESERVE) <= gb << 30,
+                    )
+                })
                 .collect();
             Ok(PlanRow {
                 method: method.to_string(),
@@ -414,25 +419,25 @@ pub fn shape(name: &str) -> Result<LlamaConfig> {
 /// Parameter counts of a model, from its config.
 struct Counts {
     /// Embedding rows × hidden.
-    embed: u64,
+    embed: u128,
     /// The untied head (0 when tied).
-    head: u64,
+    head: u128,
     /// The final norm.
-    norm: u64,
+    norm: u128,
     /// One block.
-    block: u64,
+    block: u128,
     /// One block's projection weights (what quantized storage holds).
-    block_proj: u64,
+    block_proj: u128,
     /// The largest parameter tensor.
-    largest: u64,
+    largest: u128,
     /// (in, out) of each projection of a block.
-    projections: Vec<(u64, u64)>,
+    projections: Vec<(u128, u128)>,
 }
 
 fn counts(config: &LlamaConfig) -> Counts {
-    let (h, i) = (config.hidden_size as u64, config.intermediate_size as u64);
-    let q = (config.num_attention_heads * config.head_size()) as u64;
-    let kv = (config.kv_heads() * config.head_size()) as u64;
+    let (h, i) = (config.hidden_size as u128, config.intermediate_size as u128);
+    let q = (config.num_attention_heads * config.head_size()) as u128;
+    let kv = (config.kv_heads() * config.head_size()) as u128;
     let mut c = Counts {
         embed: 0,
         head: 0,
@@ -446,7 +451,7 @@ fn counts(config: &LlamaConfig) -> Counts {
         },
     };
     for (name, shape) in config.tensor_shapes() {
-        let n: u64 = shape.iter().map(|&d| d as u64).product();
+        let n: u128 = shape.iter().map(|&d| d as u128).product();
         c.largest = c.largest.max(n);
         match name.as_str() {
             "model.embed_tokens.weight" => c.embed = n,
@@ -474,9 +479,40 @@ fn counts(config: &LlamaConfig) -> Counts {
 /// method that freezes no block; [`LisaError::InvalidConfig`] and
 /// [`LisaError::UnsupportedConfig`] for a config this crate cannot build.
 pub fn predict(config: &LlamaConfig, method: &Method, setup: &Setup) -> Result<Prediction> {
-    let arch = config.architecture()?;
     let invalid = |what, reason: String| Err(LisaError::InvalidArgument { what, reason });
-    let s: u64 = match setup.dtype {
+    // Bounds far above any real model, under which no size below can overflow.
+    let widths = [
+        ("vocab_size", config.vocab_size),
+        ("hidden_size", config.hidden_size),
+        ("intermediate_size", config.intermediate_size),
+        ("head_dim", config.head_dim.unwrap_or(0)),
+    ];
+    let numbers = [
+        ("num_hidden_layers", config.num_hidden_layers),
+        ("num_attention_heads", config.num_attention_heads),
+        (
+            "num_key_value_heads",
+            config.num_key_value_heads.unwrap_or(0),
+        ),
+    ];
+    for (name, value) in widths {
+        if value > 1 << 32 {
+            return invalid("config", format!("{name} = {value} is above 2^32"));
+        }
+    }
+    for (name, value) in numbers {
+        if value > 1 << 20 {
+            return invalid("config", format!("{name} = {value} is above 2^20"));
+        }
+    }
+    if setup.seq_len > 1 << 32 || setup.batch_size > 1 << 32 {
+        return invalid(
+            "setup",
+            "the sequence length and the batch size must be at most 2^32".into(),
+        );
+    }
+    let arch = config.architecture()?;
+    let s: u128 = match setup.dtype {
         DType::F32 => 4,
         DType::BF16 | DType::F16 => 2,
         d => return invalid("dtype", format!("{d:?}: use f32, bf16 or f16")),
@@ -488,18 +524,18 @@ pub fn predict(config: &LlamaConfig, method: &Method, setup: &Setup) -> Result<P
         );
     }
     let c = counts(config);
-    let blocks = config.num_hidden_layers as u64;
+    let blocks = config.num_hidden_layers as u128;
     let (n, t) = (
-        (setup.seq_len * setup.batch_size) as u64,
-        setup.seq_len as u64,
+        setup.seq_len as u128 * setup.batch_size as u128,
+        setup.seq_len as u128,
     );
     let (h, i, vocab) = (
-        config.hidden_size as u64,
-        config.intermediate_size as u64,
-        config.vocab_size as u64,
+        config.hidden_size as u128,
+        config.intermediate_size as u128,
+        config.vocab_size as u128,
     );
-    let q = (config.num_attention_heads * config.head_size()) as u64;
-    let kv = (config.kv_heads() * config.head_size()) as u64;
+    let q = (config.num_attention_heads * config.head_size()) as u128;
+    let kv = (config.kv_heads() * config.head_size()) as u128;
     let params = c.embed + c.head + c.norm + blocks * c.block;
 
     // The CPU's fused f32 kernels (token-major attention) run unless a feature needs the
@@ -538,10 +574,10 @@ pub fn predict(config: &LlamaConfig, method: &Method, setup: &Setup) -> Result<P
         (_, false) => 12,
         (_, true) => 8,
     };
-    let frozen_bytes = |frozen_blocks: u64| -> u64 {
+    let frozen_bytes = |frozen_blocks: u128| -> u128 {
         let proj = frozen_blocks * c.block_proj;
         let per = setup.frozen_storage.bytes_per_param(s as f64);
-        ((proj as f64) * per).ceil() as u64 + (frozen_blocks * c.block - proj) * s
+        ((proj as f64) * per).ceil() as u128 + (frozen_blocks * c.block - proj) * s
     };
     let embed_head = (c.embed + c.head + c.norm) * s;
     let (weights, grads, state, activations, trainable, embed_trains, head_trains, recomputed);
@@ -564,9 +600,9 @@ pub fn predict(config: &LlamaConfig, method: &Method, setup: &Setup) -> Result<P
             (embed_trains, head_trains, recomputed) = (true, true, false);
         }
         Method::Lora { rank } => {
-            let r = *rank as u64;
-            let adapters = blocks * c.projections.iter().map(|(a, b)| r * (a + b)).sum::<u64>();
-            let lora_kept: u64 = c.projections.iter().map(|(_, out)| r + 3 * out).sum();
+            let r = *rank as u128;
+            let adapters = blocks * c.projections.iter().map(|(a, b)| r * (a + b)).sum::<u128>();
+            let lora_kept: u128 = c.projections.iter().map(|(_, out)| r + 3 * out).sum();
             weights = embed_head + frozen_bytes(blocks) + adapters * s;
             // The first block's input does not track gradients (the embedding is frozen), yet
             // candle's backward stores a gradient for every operand of a tracked op and frees
@@ -579,7 +615,7 @@ pub fn predict(config: &LlamaConfig, method: &Method, setup: &Setup) -> Result<P
             (embed_trains, head_trains, recomputed) = (false, false, false);
         }
         Method::Lisa(m) => {
-            let gamma = m.gamma as u64;
+            let gamma = m.gamma as u128;
             if gamma == 0 || gamma > blocks {
                 return invalid(
                     "gamma",
@@ -621,7 +657,7 @@ pub fn predict(config: &LlamaConfig, method: &Method, setup: &Setup) -> Result<P
         true => 2 * head_bytes + 6 * nv,
         false => nv * s,
     };
-    let head_grad = |x: u64| if head_trains { x } else { 0 };
+    let head_grad = |x: u128| if head_trains { x } else { 0 };
     let (loss, head_backward) = match fused {
         true => (
             4 * nv,
@@ -657,7 +693,7 @@ pub fn predict(config: &LlamaConfig, method: &Method, setup: &Setup) -> Result<P
     if *method == Method::AdamwCandle {
         phases.push((
             Phase::OptimizerStep,
-            weights + state + grads + CANDLE_ADAMW_TEMPORARIES * c.largest * s,
+            weights + state + grads + CANDLE_ADAMW_TEMPORARIES as u128 * c.largest * s,
         ));
     }
     // The first phase of the largest peak: phases are in step order.
@@ -666,14 +702,21 @@ pub fn predict(config: &LlamaConfig, method: &Method, setup: &Setup) -> Result<P
             (Phase::Loss, 0),
             |best, p| if p.1 > best.1 { p } else { best },
         );
+    // Sizes are computed in u128, so that no config or setup can overflow them.
+    let fit = |x: u128| {
+        u64::try_from(x).map_err(|_| LisaError::InvalidArgument {
+            what: "setup",
+            reason: format!("{x} bytes do not fit in 64 bits: the model or the batch is too large"),
+        })
+    };
     Ok(Prediction {
-        params: all,
-        trainable_params: trainable,
-        weight_bytes: weights,
-        grad_bytes: grads,
-        state_bytes: state,
-        activation_bytes: activations,
-        peak_bytes,
+        params: fit(all)?,
+        trainable_params: fit(trainable)?,
+        weight_bytes: fit(weights)?,
+        grad_bytes: fit(grads)?,
+        state_bytes: fit(state)?,
+        activation_bytes: fit(activations)?,
+        peak_bytes: fit(peak_bytes)?,
         phase,
     })
 }

@@ -320,6 +320,12 @@ fn bad_inputs_are_typed_errors() {
         ..Default::default()
     };
     assert!(invalid(plan::predict(&config, &Method::Full, &empty)));
+    let huge = Setup {
+        seq_len: usize::MAX,
+        batch_size: usize::MAX,
+        ..Default::default()
+    };
+    assert!(invalid(plan::predict(&config, &Method::Full, &huge)));
     let nf4 = Setup {
         frozen_storage: FrozenStorage::Nf4,
         ..Default::default()
