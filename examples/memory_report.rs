@@ -62,7 +62,8 @@ struct Args {
     /// Print one JSON object per method on stdout.
     #[arg(long)]
     json: bool,
-    /// Model shapes, comma-separated: smollm2-135m, llama2-7b-scaled, tiny.
+    /// Model shapes, comma-separated: smollm2-135m, llama2-7b-scaled, llama3.2-1b,
+    /// llama3-8b-scaled, tiny.
     #[arg(
         long,
         default_value = "smollm2-135m,llama2-7b-scaled",
