@@ -13,7 +13,8 @@
 //! the live heap; its peak over the steps (weights included) is `peak_bytes`. With `--json`
 //! it prints one JSON object per method on stdout; it always prints a table on stderr, with the
 //! breakdown of the peak (weights, gradients, optimizer state, and the rest: activations and
-//! temporaries) and the ratios to `full`. `--chart` draws the peaks as a bar chart (PNG).
+//! temporaries), the ratios to `full`, and the peak that `candle_lisa::plan` predicts with its
+//! error against the measurement. `--chart` draws the peaks as a bar chart (PNG).
 //! On the CPU (`--device cpu`, the default) the peak is the process heap; with `--device cuda`
 //! (built with `--features cuda`) it is the high-water mark of the CUDA memory pool candle
 //! allocates from, which is exact for candle's tensors and leaves out the CUDA context and
@@ -34,6 +35,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use candle_lisa::plan;
 use clap::Parser;
 
 #[path = "common/mod.rs"]
@@ -60,7 +62,8 @@ struct Args {
     /// Print one JSON object per method on stdout.
     #[arg(long)]
     json: bool,
-    /// Model shapes, comma-separated: smollm2-135m, llama2-7b-scaled, tiny.
+    /// Model shapes, comma-separated: smollm2-135m, llama2-7b-scaled, llama3.2-1b,
+    /// llama3-8b-scaled, tiny.
     #[arg(
         long,
         default_value = "smollm2-135m,llama2-7b-scaled",
@@ -183,8 +186,26 @@ fn groups(records: &[Record]) -> Vec<&[Record]> {
         .collect::<Vec<&[Record]>>()
 }
 
+/// The peak `candle_lisa::plan` predicts for a measured record (`None` for a method or shape
+/// it does not know).
+fn planned(r: &Record) -> Option<u64> {
+    let setup = plan::Setup {
+        dtype: r.dtype.parse().ok()?,
+        seq_len: r.seq_len,
+        batch_size: r.batch_size,
+        backend: match r.device.as_str() {
+            "cpu" => plan::Backend::Cpu,
+            _ => plan::Backend::Cuda,
+        },
+        frozen_storage: plan::FrozenStorage::Dense,
+    };
+    let config = shape_config(&r.shape).ok()?;
+    let prediction = plan::predict(&config, &r.method.parse().ok()?, &setup).ok()?;
+    Some(prediction.peak_bytes)
+}
+
 /// The table on stderr: one block per shape and setting, ratios to `full` where it was
-/// measured.
+/// measured, and the planner's peak with its error.
 fn print_table(records: &[Record]) {
     for rows in groups(records) {
         let shape = &rows[0].shape;
@@ -195,7 +216,7 @@ fn print_table(records: &[Record]) {
             r0.batch_size, r0.seq_len, r0.device, r0.dtype, r0.threads
         );
         eprintln!(
-            "{:<16} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9} {:>7}",
+            "{:<16} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9} {:>7} {:>9} {:>7}",
             "method",
             "peak MB",
             "x full",
@@ -205,7 +226,9 @@ fn print_table(records: &[Record]) {
             "rest",
             "trainable",
             "step ms",
-            "x full"
+            "x full",
+            "plan MB",
+            "error"
         );
         for r in rows {
             let ratio = |x: f64, f: f64| format!("{:.2}", x / f);
@@ -215,8 +238,12 @@ fn print_table(records: &[Record]) {
                     ratio(r.step_ms_median, f.step_ms_median),
                 )
             });
+            let (plan_mb, error) = planned(r).map_or(("-".into(), "-".into()), |p| {
+                let error = 100.0 * (p as f64 / r.peak_bytes as f64 - 1.0);
+                (format!("{:.1}", p as f64 / 1e6), format!("{error:+.1}%"))
+            });
             eprintln!(
-                "{:<16} {:>9.1} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11} {:>9.0} {:>7}",
+                "{:<16} {:>9.1} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11} {:>9.0} {:>7} {:>9} {:>7}",
                 r.method,
                 mb(r.peak_bytes),
                 mem_x,
@@ -226,7 +253,9 @@ fn print_table(records: &[Record]) {
                 mb(r.other_bytes),
                 r.trainable_params,
                 r.step_ms_median,
-                time_x
+                time_x,
+                plan_mb,
+                error
             );
         }
     }

@@ -20,6 +20,8 @@
 //! below it):
 //! - [`train`]: an optional [`Trainer`](train::Trainer) over any of them, the fine-tuning
 //!   loop, schedules, evaluation and crash-safe checkpoints;
+//! - [`plan`]: the memory planner, which predicts a step's memory per method from a config
+//!   without loading weights;
 //! - [`dist`]: data-parallel training over MPI or NCCL that sends only the trainable
 //!   gradients, which the trainer uses;
 //! - [`optim`]: [`AdamW`] and [`LisaAdamW`], the update, samplers, block map and state I/O;
@@ -102,6 +104,7 @@ pub mod io;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod plan;
 pub mod train;
 
 pub use error::{LisaError, Result};

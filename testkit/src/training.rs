@@ -9,8 +9,16 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 /// Shape names: SmolLM2-135M; LLaMA-2-7B's proportions at a CPU-friendly size (embedding and
 /// head about 4% of the parameters, as in the real model); Llama-3.2-1B (1.24B parameters, a
-/// tied 128k-token embedding: a GPU shape); a tiny one for smoke tests.
-pub const SHAPES: [&str; 4] = ["smollm2-135m", "llama2-7b-scaled", "llama3.2-1b", "tiny"];
+/// tied 128k-token embedding: a GPU shape); Llama-3.1-8B's proportions (at T = 256, 1/64 of
+/// every term of the real model at T = 2048: 32 blocks, hidden 512, GQA 8/2, vocabulary
+/// 128256/8, untied); a tiny one for smoke tests.
+pub const SHAPES: [&str; 5] = [
+    "smollm2-135m",
+    "llama2-7b-scaled",
+    "llama3.2-1b",
+    "llama3-8b-scaled",
+    "tiny",
+];
 
 /// Variant names, in report order.
 pub const METHODS: [&str; 13] = [
@@ -48,6 +56,12 @@ pub fn shape_config(name: &str) -> std::result::Result<LlamaConfig, String> {
             let mut c = LlamaConfig::tiny(128256, 2048, 16, 32, 8);
             c.intermediate_size = 8192;
             c.tie_word_embeddings = true;
+            c.rope_theta = Some(500_000.0);
+            c
+        }
+        "llama3-8b-scaled" => {
+            let mut c = LlamaConfig::tiny(16032, 512, 32, 8, 2);
+            c.intermediate_size = 1792;
             c.rope_theta = Some(500_000.0);
             c
         }

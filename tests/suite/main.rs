@@ -25,6 +25,7 @@ mod lora;
 mod parity;
 mod parity_hf;
 mod peft;
+mod plan;
 mod precision;
 mod quant;
 mod readers;
