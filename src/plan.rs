@@ -542,7 +542,7 @@ pub fn predict(config: &LlamaConfig, method: &Method, setup: &Setup) -> Result<P
     // generic path.
     let fused = setup.backend == Backend::Cpu
         && setup.dtype == DType::F32
-        && !arch.qk_norm
+        && arch.qk_norm.is_none()
         && arch.attention_softcap.is_none();
     let mut inner = match fused {
         true => 5 * h + 3 * q + 3 * kv + 3 * i,
@@ -552,10 +552,11 @@ pub fn predict(config: &LlamaConfig, method: &Method, setup: &Setup) -> Result<P
     if arch.qkv_bias {
         inner += q + 2 * kv;
     }
-    if arch.qk_norm {
+    if arch.qk_norm.is_some() {
         inner += q + kv;
     }
-    if arch.sandwich_norms {
+    // Gemma's two extra norms (OLMo 2's two post-norms replace the pre-norms).
+    if arch.norms == crate::models::llama::NormPlacement::Sandwich {
         inner += 2 * h;
     }
     if arch.activation == crate::models::llama::Activation::GeluTanh {
