@@ -197,7 +197,7 @@ fn planned(r: &Record) -> Option<u64> {
             "cpu" => plan::Backend::Cpu,
             _ => plan::Backend::Cuda,
         },
-        frozen_storage: plan::FrozenStorage::Dense,
+        frozen_storage: candle_lisa::nn::quant::QuantFormat::Dense,
     };
     let config = shape_config(&r.shape).ok()?;
     let prediction = plan::predict(&config, &r.method.parse().ok()?, &setup).ok()?;

@@ -1,113 +1,22 @@
-//! The memory a training step needs, per method, predicted without loading weights.
+//! The memory a training step needs, per method, predicted without loading weights: the
+//! `candle-lisa plan` command.
 //!
 //! ```text
 //! cargo run --release --example plan -- --shape llama3.1-8b [--config path/to/config.json]
 //!     [--dtype bf16] [--seq-len 2048] [--batch-size 1] [--device cuda|cpu]
 //!     [--frozen-storage dense|int8|nf4] [--methods full,lora16,lisa2,...]
 //! ```
-//!
-//! Prints one row per method (weights, gradients, optimizer state, activations, peak, in GiB
-//! as cards are sized) and which 16/24/48/80 GB cards it fits with 1 GiB left for the CUDA
-//! context; the model of bytes is `candle_lisa::plan`'s.
 
-use candle_lisa::plan::{self, Backend, Setup, CARDS_GB};
-use candle_lisa::LlamaConfig;
+use candle_lisa::cli::PlanCommand;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
 #[command(about = "Predicted memory of a training step, per method")]
 struct Args {
-    /// A built-in shape: llama3.1-8b, llama3.1-70b, llama3-8b-scaled, smollm2-135m, ….
-    #[arg(long, default_value = "llama3.1-8b")]
-    shape: String,
-    /// A Hugging Face config.json (instead of --shape).
-    #[arg(long)]
-    config: Option<std::path::PathBuf>,
-    /// The dtype of weights, activations and gradients: f32, bf16 or f16.
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 2048)]
-    seq_len: usize,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 1)]
-    batch_size: usize,
-    /// Where the step runs: cuda or cpu.
-    #[arg(long, default_value = "cuda", value_parser = ["cuda", "cpu"])]
-    device: String,
-    /// How frozen blocks' projections are stored: dense, int8 or nf4 (predicted only).
-    #[arg(long, default_value = "dense")]
-    frozen_storage: String,
-    /// Print MB (10^6 bytes) instead of GiB.
-    #[arg(long)]
-    mb: bool,
-    /// Methods, comma-separated (default: plan::DEFAULT_METHODS).
-    #[arg(long, value_delimiter = ',')]
-    methods: Vec<String>,
+    #[command(flatten)]
+    plan: PlanCommand,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
-    let (name, config) = match &args.config {
-        Some(path) => (path.display().to_string(), LlamaConfig::from_file(path)?),
-        None => (args.shape.clone(), plan::shape(&args.shape)?),
-    };
-    let setup = Setup {
-        dtype: args.dtype.parse()?,
-        seq_len: args.seq_len,
-        batch_size: args.batch_size,
-        backend: match args.device.as_str() {
-            "cpu" => Backend::Cpu,
-            _ => Backend::Cuda,
-        },
-        frozen_storage: args.frozen_storage.parse()?,
-    };
-    let methods: Vec<&str> = args.methods.iter().map(String::as_str).collect();
-    let rows = plan::table(&config, &setup, &methods)?;
-    println!(
-        "{name}: {:.2}B parameters, {} {}, T = {}, B = {}, frozen blocks {}",
-        config.num_params() as f64 / 1e9,
-        args.device,
-        args.dtype,
-        args.seq_len,
-        args.batch_size,
-        args.frozen_storage
-    );
-    let (unit, scale) = match args.mb {
-        true => ("(MB) at", 1e6),
-        false => ("(GiB) at", (1u64 << 30) as f64),
-    };
-    let cards: Vec<String> = CARDS_GB.iter().map(|gb| format!("{gb}G")).collect();
-    println!(
-        "{:<20} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<15} fits",
-        "method", "trainable", "weights", "grads", "state", "activ.", "peak", unit
-    );
-    for row in &rows {
-        let p = &row.prediction;
-        let gb = |b: u64| format!("{:.1}", b as f64 / scale);
-        let fits: Vec<&str> = row
-            .fits
-            .iter()
-            .zip(&cards)
-            .filter(|((_, fits), _)| *fits)
-            .map(|(_, c)| c.as_str())
-            .collect();
-        println!(
-            "{:<20} {:>8.2}B {:>8} {:>8} {:>8} {:>8} {:>8}  {:<15} {}",
-            row.method,
-            p.trainable_params as f64 / 1e9,
-            gb(p.weight_bytes),
-            gb(p.grad_bytes),
-            gb(p.state_bytes),
-            gb(p.activation_bytes),
-            gb(p.peak_bytes),
-            format!("{:?}", p.phase),
-            if fits.is_empty() {
-                "none".to_string()
-            } else {
-                fits.join(" ")
-            }
-        );
-    }
-    Ok(())
+fn main() -> Result<(), candle_lisa::cli::Error> {
+    Args::parse().plan.run()
 }

@@ -26,8 +26,8 @@
 //! vocabulary, `h`, `q`, `kv`, `i` the hidden, query, key/value and intermediate widths:
 //!
 //! - **Weights**: every parameter at `s` bytes (LoRA adapters too); with
-//!   [`FrozenStorage::Int8`] or [`Nf4`](FrozenStorage::Nf4) the projections of frozen blocks
-//!   at about 1.03 or 0.516 bytes instead (norms stay dense).
+//!   [`QuantFormat::Int8`] or [`Nf4`](QuantFormat::Nf4) the projections of frozen blocks
+//!   at 1.0625 or 0.516 bytes instead, as [`QuantFormat::bytes_per_param`] counts them (norms stay dense).
 //! - **Gradients**: `s` bytes per trainable parameter, stored by the backward pass (LISA's
 //!   drop-in use stores them for every parameter).
 //! - **Optimizer state**: AdamW's two moments in f32 (8 bytes) per trainable parameter, plus
@@ -69,6 +69,7 @@ use candle_core::DType;
 
 use crate::error::{LisaError, Result};
 use crate::models::LlamaConfig;
+use crate::nn::quant::QuantFormat;
 use crate::optim::CompactState;
 
 /// The card sizes [`table`] checks, in GB (GiB, as cards are sold).
@@ -194,47 +195,6 @@ impl std::fmt::Display for Method {
     }
 }
 
-/// How the projection weights of frozen blocks are stored (LISA's frozen blocks, LoRA's
-/// base). Quantized storage is predicted only: it is not measured yet.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum FrozenStorage {
-    /// In the weights' dtype.
-    #[default]
-    Dense,
-    /// Block-wise absmax int8: 1 byte and an f32 scale per 128 values (about 1.03 bytes).
-    Int8,
-    /// NormalFloat4 with double-quantized scales (QLoRA): 4 bits, an 8-bit absmax per 64
-    /// values and an f32 per 256 absmaxes (about 0.516 bytes).
-    Nf4,
-}
-
-impl FrozenStorage {
-    /// Bytes per frozen projection parameter, `dense` being the weights' dtype size.
-    fn bytes_per_param(self, dense: f64) -> f64 {
-        match self {
-            FrozenStorage::Dense => dense,
-            FrozenStorage::Int8 => 1.0 + 4.0 / 128.0,
-            FrozenStorage::Nf4 => 0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0),
-        }
-    }
-}
-
-impl FromStr for FrozenStorage {
-    type Err = LisaError;
-
-    fn from_str(name: &str) -> Result<Self> {
-        match name {
-            "dense" => Ok(FrozenStorage::Dense),
-            "int8" => Ok(FrozenStorage::Int8),
-            "nf4" => Ok(FrozenStorage::Nf4),
-            _ => Err(LisaError::InvalidArgument {
-                what: "frozen storage",
-                reason: format!("{name:?} is not one; use dense, int8 or nf4"),
-            }),
-        }
-    }
-}
-
 /// Where the step runs: it decides which kernels run, and so what they keep.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Backend {
@@ -258,7 +218,7 @@ pub struct Setup {
     /// Where it runs.
     pub backend: Backend,
     /// How frozen blocks' projections are stored (predicted only; not measured yet).
-    pub frozen_storage: FrozenStorage,
+    pub frozen_storage: QuantFormat,
 }
 
 impl Default for Setup {
@@ -269,7 +229,7 @@ impl Default for Setup {
             seq_len: 2048,
             batch_size: 1,
             backend: Backend::Cuda,
-            frozen_storage: FrozenStorage::Dense,
+            frozen_storage: QuantFormat::Dense,
         }
     }
 }
@@ -345,13 +305,21 @@ pub const DEFAULT_METHODS: [&str; 10] = [
     "lisa2-compact",
 ];
 
-/// Predictions for `methods` (names as [`Method`]'s; [`DEFAULT_METHODS`] if empty), with the
-/// cards each fits.
+/// Predictions for `methods` (names as [`Method`]'s; if empty, [`DEFAULT_METHODS`], less the
+/// methods that freeze no block when the storage is quantized), with the cards each fits.
+///
+/// # Errors
+/// An unknown method name, and [`predict`]'s.
 pub fn table(config: &LlamaConfig, setup: &Setup, methods: &[&str]) -> Result<Vec<PlanRow>> {
-    let methods = if methods.is_empty() {
-        &DEFAULT_METHODS[..]
-    } else {
-        methods
+    let methods: Vec<&str> = match methods.is_empty() {
+        true => DEFAULT_METHODS
+            .iter()
+            .copied()
+            .filter(|m| {
+                setup.frozen_storage == QuantFormat::Dense || !matches!(*m, "full" | "adamw-candle")
+            })
+            .collect(),
+        false => methods.to_vec(),
     };
     methods
         .iter()
@@ -577,14 +545,14 @@ pub fn predict(config: &LlamaConfig, method: &Method, setup: &Setup) -> Result<P
     };
     let frozen_bytes = |frozen_blocks: u128| -> u128 {
         let proj = frozen_blocks * c.block_proj;
-        let per = setup.frozen_storage.bytes_per_param(s as f64);
+        let per = setup.frozen_storage.bytes_per_param(setup.dtype);
         ((proj as f64) * per).ceil() as u128 + (frozen_blocks * c.block - proj) * s
     };
     let embed_head = (c.embed + c.head + c.norm) * s;
     let (weights, grads, state, activations, trainable, embed_trains, head_trains, recomputed);
     match method {
         Method::Full | Method::AdamwCandle => {
-            if setup.frozen_storage != FrozenStorage::Dense {
+            if setup.frozen_storage != QuantFormat::Dense {
                 return invalid(
                     "frozen storage",
                     format!("{method} freezes no block; quantized storage needs LoRA or LISA"),

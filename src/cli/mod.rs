@@ -1,5 +1,5 @@
 //! The `candle-lisa` command (feature `cli`): fine-tuning runs from a config file, generation,
-//! evaluation and LoRA merging, on the library's [`train::recipe`](crate::train::recipe).
+//! evaluation, LoRA merging and memory planning, on the library's [`train::recipe`](crate::train::recipe).
 //!
 //! ```text
 //! cargo install candle-lisa --features cli
@@ -7,6 +7,7 @@
 //! candle-lisa eval --model runs/finetune/lisa/model --task sort
 //! candle-lisa generate --model runs/finetune/lisa/model --prompt "31415="
 //! candle-lisa merge --base BASE_DIR --adapter runs/finetune/lora/adapter --out merged
+//! candle-lisa plan --config path/to/model --seq-len 2048 --frozen-storage nf4
 //! ```
 //!
 //! Each subcommand is a [`Command`]; [`run_from`] runs a command line and [`main`] is the
@@ -17,6 +18,7 @@ pub mod alloc;
 mod finetune;
 mod models;
 pub mod peak;
+mod plan;
 mod plot;
 
 use std::ffi::OsString;
@@ -25,6 +27,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub use finetune::FinetuneCommand;
 pub use models::{GenerateCommand, MergeCommand};
+pub use plan::PlanCommand;
 
 /// What a command returns on failure.
 pub type Error = Box<dyn std::error::Error>;
@@ -49,6 +52,8 @@ pub enum Command {
     Generate(GenerateCommand),
     /// Fold a PEFT LoRA adapter into its base model and save a Hugging Face checkpoint.
     Merge(MergeCommand),
+    /// Predict the memory of a training step per method, without loading weights.
+    Plan(PlanCommand),
 }
 
 /// Parses `args` (the program name first) and runs the command.
@@ -75,6 +80,7 @@ where
         Command::Eval(cmd) => cmd.eval(),
         Command::Generate(cmd) => cmd.run(),
         Command::Merge(cmd) => cmd.run(),
+        Command::Plan(cmd) => cmd.run(),
     }
 }
 

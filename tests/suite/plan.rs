@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::DType;
-use candle_lisa::plan::{self, Backend, FrozenStorage, Method, Setup};
+use candle_lisa::nn::quant::QuantFormat;
+use candle_lisa::plan::{self, Backend, Method, Setup};
 use candle_lisa::LisaError;
 use candle_lisa_testkit::training::{shape_config, SHAPES};
 
@@ -78,7 +79,7 @@ fn predicted(row: &Row, backend: Backend) -> plan::Prediction {
         seq_len: row.seq_len,
         batch_size: row.batch_size,
         backend,
-        frozen_storage: FrozenStorage::Dense,
+        frozen_storage: QuantFormat::Dense,
     };
     plan::predict(&config, &row.method.parse().unwrap(), &setup).unwrap()
 }
@@ -281,7 +282,7 @@ fn table_marks_the_cards_that_fit() {
     assert!(rows[0].fits.iter().all(|(_, fits)| !fits));
     // NF4 frozen blocks take LISA γ = 2 with recompute below its dense peak.
     let nf4 = Setup {
-        frozen_storage: FrozenStorage::Nf4,
+        frozen_storage: QuantFormat::Nf4,
         ..Default::default()
     };
     let dense = plan::table(&config, &Setup::default(), &["lisa2-recompute"]).unwrap();
@@ -293,6 +294,37 @@ fn table_marks_the_cards_that_fit() {
         (saved as f64 - expected).abs() < 30.0,
         "{saved} vs {expected}"
     );
+    // The default table over quantized storage leaves out what freezes no block, in order.
+    let names: Vec<String> = plan::table(&config, &nf4, &[])
+        .unwrap()
+        .into_iter()
+        .map(|r| r.method)
+        .collect();
+    let want: Vec<&str> = plan::DEFAULT_METHODS[1..].to_vec();
+    assert_eq!(names, want);
+    assert!(plan::table(&config, &nf4, &["full"]).is_err());
+}
+
+/// `candle-lisa plan` reads a model directory's config.json and refuses a bad storage name.
+#[test]
+fn the_plan_command_reads_a_model_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = plan::shape("tiny").unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["candle-lisa", "plan", "--config"];
+        args.push(dir.path().to_str().unwrap());
+        args.extend_from_slice(extra);
+        candle_lisa::cli::run_from(args)
+    };
+    run(&["--seq-len", "64", "--device", "cpu"]).unwrap();
+    run(&["--frozen-storage", "nf4"]).unwrap();
+    let err = run(&["--frozen-storage", "int4"]).unwrap_err().to_string();
+    assert!(err.contains("int4"), "{err}");
 }
 
 #[test]
@@ -327,12 +359,12 @@ fn bad_inputs_are_typed_errors() {
     };
     assert!(invalid(plan::predict(&config, &Method::Full, &huge)));
     let nf4 = Setup {
-        frozen_storage: FrozenStorage::Nf4,
+        frozen_storage: QuantFormat::Nf4,
         ..Default::default()
     };
     assert!(invalid(plan::predict(&config, &Method::Full, &nf4)));
     assert!(invalid(plan::shape("gpt5")));
-    assert!(invalid("int4".parse::<FrozenStorage>()));
+    assert!(invalid("int4".parse::<QuantFormat>()));
     // Names print back as they parse.
     for name in plan::DEFAULT_METHODS {
         assert_eq!(name.parse::<Method>().unwrap().to_string(), name);
