@@ -117,7 +117,8 @@ pub(crate) struct Checked {
 /// let layer = linear(4, 1, vb.pp("layer"))?;
 /// let mut opt = AdamW::new(&varmap, ParamsAdamW { lr: 0.1, ..Default::default() })?;
 /// let x = Tensor::ones((8, 4), DType::F32, &Device::Cpu)?;
-/// let loss = |layer: &candle_nn::Linear| layer.forward(&x)?.sqr()?.mean_all();
+/// // The random initial output is within ±2.5 of 0, so the target is at least 7.5 away.
+/// let loss = |layer: &candle_nn::Linear| (layer.forward(&x)? - 10.0)?.sqr()?.mean_all();
 /// let first = loss(&layer)?.to_scalar::<f32>()?;
 /// for _ in 0..20 {
 ///     opt.backward_step(&loss(&layer)?)?;
