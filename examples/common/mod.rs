@@ -6,6 +6,7 @@
 pub use candle_lisa_testkit::{set_thread_count, setup};
 
 #[cfg(feature = "cuda")]
+#[allow(unused_imports)]
 pub use candle_lisa::cli::peak::CudaPool;
 
 /// The device named on the command line, or an error naming the feature to enable.
