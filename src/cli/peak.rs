@@ -17,6 +17,10 @@ pub struct CudaPool {
 
 #[cfg(feature = "cuda")]
 impl CudaPool {
+    /// The pool of `device`'s current context.
+    ///
+    /// # Errors
+    /// The driver's, when the context cannot be bound or has no pool.
     pub fn new(device: &candle_core::cuda_backend::CudaDevice) -> Result<Self, Error> {
         let stream = device.cuda_stream();
         let ctx = stream.context();
