@@ -52,6 +52,12 @@ trait BackendOf: BackendStorage {
     fn from_cpu(_storage: candle_core::CpuStorage) -> Option<Self> {
         None
     }
+
+    /// A CUDA storage as this backend's, for CUDA itself.
+    #[cfg(feature = "cuda")]
+    fn from_cuda(_storage: candle_core::CudaStorage) -> Option<Self> {
+        None
+    }
 }
 
 impl BackendOf for candle_core::CpuStorage {
@@ -73,6 +79,11 @@ impl BackendOf for candle_core::CudaStorage {
             Storage::Cuda(s) => Some(s),
             _ => None,
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn from_cuda(storage: candle_core::CudaStorage) -> Option<Self> {
+        Some(storage)
     }
 }
 
@@ -170,6 +181,9 @@ pub(crate) enum Output {
     /// A contiguous f32 CPU buffer of this shape, made by the kernels of [`kernels`](super::kernels): the forward
     /// pass hands it to the graph as it is, without a copy.
     CpuF32(Vec<f32>, Shape),
+    /// A CUDA kernel's fresh contiguous storage of this shape, handed over without a copy.
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::CudaStorage, Shape),
 }
 
 impl From<Tensor> for Output {
@@ -179,11 +193,15 @@ impl From<Tensor> for Output {
 }
 
 impl Output {
-    /// The output as a tensor of its own (when no input tracks gradients).
-    pub(crate) fn into_tensor(self) -> Result<Tensor> {
+    /// The output as a tensor of its own (when no input tracks gradients); `anchor` is an
+    /// input of the op, on its device.
+    pub(crate) fn into_tensor(self, anchor: &Tensor) -> Result<Tensor> {
+        let _ = anchor;
         match self {
             Self::Tensor(t) => Ok(t),
             Self::CpuF32(v, shape) => Tensor::from_vec(v, shape, &candle_core::Device::Cpu),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(s, shape) => super::kernels::cuda::tensor_of(s, shape, anchor),
         }
     }
 }
@@ -222,6 +240,13 @@ impl<F> Attached<F> {
             Output::CpuF32(v, shape) => {
                 let s = S::from_cpu(candle_core::CpuStorage::F32(v)).ok_or_else(|| {
                     candle_core::Error::Msg(format!("{}: CPU output on another device", self.name))
+                })?;
+                return Ok((s, shape));
+            }
+            #[cfg(feature = "cuda")]
+            Output::Cuda(s, shape) => {
+                let s = S::from_cuda(s).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("{}: CUDA output on another device", self.name))
                 })?;
                 return Ok((s, shape));
             }
@@ -298,7 +323,7 @@ pub(crate) fn attach1(
     bwd: impl Bwd1 + 'static,
 ) -> Result<Tensor> {
     if !x.track_op() {
-        return y.into().into_tensor();
+        return y.into().into_tensor(x);
     }
     x.apply_op1_arc(Arc::new(Box::new(Attached::new(name, y.into(), bwd))))
 }
@@ -312,7 +337,7 @@ pub(crate) fn attach2(
     bwd: impl Bwd2 + 'static,
 ) -> Result<Tensor> {
     if !a.track_op() && !b.track_op() {
-        return y.into().into_tensor();
+        return y.into().into_tensor(a);
     }
     a.apply_op2_arc(b, Arc::new(Box::new(Attached::new(name, y.into(), bwd))))
 }
@@ -327,7 +352,7 @@ pub(crate) fn attach3(
     bwd: impl Bwd3 + 'static,
 ) -> Result<Tensor> {
     if !a.track_op() && !b.track_op() && !c.track_op() {
-        return y.into().into_tensor();
+        return y.into().into_tensor(a);
     }
     a.apply_op3_arc(b, c, Arc::new(Box::new(Attached::new(name, y.into(), bwd))))
 }

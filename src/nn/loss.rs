@@ -41,8 +41,9 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 /// gradients, dL/dw. At a large vocabulary the logits are the largest activations of a
 /// training step, and their gradient one more tensor of the same size.
 ///
-/// On the CPU in f32 one fused pass over the logits computes the loss and leaves dL/dlogits in
-/// their place, and the op keeps that buffer until its backward pass (which then needs no
+/// On the CPU in f32, and on a CUDA device (feature `cuda`) in f32, bf16 or f16, one fused
+/// pass over the logits computes the loss and leaves dL/dlogits in their place (in the
+/// logits' dtype), and the op keeps that buffer until its backward pass (which then needs no
 /// second product with the head): the same size as the logits the backward pass would
 /// recompute, held from the loss to the start of the backward pass, when the whole graph is
 /// alive anyway, so the step's peak does not grow.
@@ -120,6 +121,55 @@ pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor>
                 )
             },
         )?);
+    }
+    #[cfg(feature = "cuda")]
+    if hidden.device().is_cuda() && targets.dtype == DType::F32 {
+        // One kernel per step computes the loss and leaves dL/dlogits in the logits' place
+        // (in their dtype), kept until the backward pass, as on the CPU.
+        let (safe, mask, inv_count) = (
+            targets.safe.clone(),
+            targets.mask.clone(),
+            1.0 / targets.count,
+        );
+        let fused = move |x: &Tensor,
+                          w: &Tensor|
+              -> candle_core::Result<Option<(Tensor, Tensor)>> {
+            let d = logits(x, w)?;
+            let rows = kernels::cuda::cross_entropy_in_place(&d, &safe, &mask, inv_count as f32)?;
+            Ok(rows.map(|rows| (d, rows)))
+        };
+        if let Some((d, rows)) = fused(hidden, w)? {
+            let loss = (rows.sum_all()? * inv_count)?;
+            let d = std::sync::Mutex::new(Some(d));
+            return Ok(attach2(
+                "lisa-head-loss",
+                hidden,
+                w,
+                loss,
+                move |x, w, _y, g| {
+                    let kept = d
+                        .lock()
+                        .map_err(|_| candle_core::Error::Msg("head_loss: poisoned lock".into()))?
+                        .take();
+                    let d = match kept {
+                        Some(d) => d,
+                        // A second backward pass over the same graph: recompute.
+                        None => {
+                            fused(x, w)?
+                                .ok_or_else(|| {
+                                    candle_core::Error::Msg(
+                                        "head_loss: kernel refused its operands".into(),
+                                    )
+                                })?
+                                .0
+                        }
+                    };
+                    // Scaled by g on the device: reading g would synchronise the backward pass.
+                    let d = d.broadcast_mul(&g.detach().to_dtype(d.dtype())?)?;
+                    grads(d, x, w)
+                },
+            )?);
+        }
     }
     let loss = targets.loss(&logits(hidden, w)?)?;
     Ok(attach2(

@@ -1,6 +1,6 @@
 //! Building blocks for models that train with LISA: the frozen-aware [`Linear`], lean
 //! differentiable [`ops`], [`quant`]ized storage for frozen weights, frozen-block
-//! [`recompute`], LoRA adapters, and the
+//! [`recompute`], LoRA adapters, the CUDA memory [`pool`]'s policy, and the
 //! [`TrainingPlan`] a model is built from.
 //!
 //! Nothing here names an optimizer: a model learns which parameters train from the builder
@@ -16,6 +16,7 @@ pub mod norm;
 pub mod ops;
 pub mod peft;
 mod plan;
+pub mod pool;
 pub mod quant;
 pub mod recompute;
 mod var_builder;

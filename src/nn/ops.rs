@@ -51,8 +51,9 @@ pub fn add_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
 
 /// RMSNorm over the last dimension, `x / √(mean(x²) + ε) ⊙ w`, differentiable.
 ///
-/// The forward pass is candle's fused `rms_norm`; the graph keeps `x`, `w` and the output
-/// only, and the backward pass recomputes the per-row scale from `x` (in f32 for
+/// The forward pass is candle's fused `rms_norm` (with the feature `cuda`, on a CUDA device,
+/// one kernel of this crate each way, forward and backward); the graph keeps `x`, `w` and the
+/// output only, and the backward pass recomputes the per-row scale from `x` (in f32 for
 /// half-precision inputs). A frozen `w` (not tracking gradients) gets no gradient.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let h = x.dim(D::Minus1)?;
@@ -78,6 +79,30 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             ))
         });
     }
+    #[cfg(feature = "cuda")]
+    if let Some((y, shape)) = kernels::cuda::rms_norm_fwd(&x.detach(), &w.detach(), eps as f32)? {
+        let w_tracks = w.track_op();
+        return attach2(
+            "lisa-rms-norm",
+            x,
+            w,
+            Output::Cuda(y, shape),
+            move |x, w, _y, g| {
+                let g = g.detach().contiguous()?;
+                match kernels::cuda::rms_norm_bwd(
+                    &x.detach(),
+                    &w.detach(),
+                    &g,
+                    eps as f32,
+                    w_tracks,
+                )? {
+                    Some((dx, dw)) => Ok((Some(dx), dw)),
+                    // A gradient of another dtype or layout.
+                    None => rms_norm_bwd(x, w, &g, eps, w_tracks),
+                }
+            },
+        );
+    }
     let y = match x.dtype() {
         // candle's fused op has no f64 kernel.
         DType::F64 => {
@@ -89,29 +114,41 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     };
     let w_tracks = w.track_op();
     attach2("lisa-rms-norm", x, w, y, move |x, w, _y, g| {
-        let dtype = x.dtype();
-        let [x, w, g] = [x, w, g].map(|t| upcast(&t.detach()));
-        let (x, w, g) = (x?, w?, g?);
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-        let n = x.broadcast_mul(&r)?;
-        let gw = g.broadcast_mul(&w)?;
-        let dot = (&gw * &n)?.mean_keepdim(D::Minus1)?;
-        let dx = (gw - n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
-        let dw = match w_tracks {
-            true => {
-                let h = w.elem_count();
-                Some(
-                    (g * n)?
-                        .reshape(((), h))?
-                        .sum(0)?
-                        .reshape(w.shape())?
-                        .to_dtype(dtype)?,
-                )
-            }
-            false => None,
-        };
-        Ok((Some(dx.to_dtype(dtype)?), dw))
+        rms_norm_bwd(x, w, g, eps, w_tracks)
     })
+}
+
+/// RMSNorm's backward by tensor ops, in f32 for half-precision operands: `(dx, dw)`, `dw`
+/// only when `w_tracks`.
+fn rms_norm_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+    w_tracks: bool,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let dtype = x.dtype();
+    let [x, w, g] = [x, w, g].map(|t| upcast(&t.detach()));
+    let (x, w, g) = (x?, w?, g?);
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let n = x.broadcast_mul(&r)?;
+    let gw = g.broadcast_mul(&w)?;
+    let dot = (&gw * &n)?.mean_keepdim(D::Minus1)?;
+    let dx = (gw - n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
+    let dw = match w_tracks {
+        true => {
+            let h = w.elem_count();
+            Some(
+                (g * n)?
+                    .reshape(((), h))?
+                    .sum(0)?
+                    .reshape(w.shape())?
+                    .to_dtype(dtype)?,
+            )
+        }
+        false => None,
+    };
+    Ok((Some(dx.to_dtype(dtype)?), dw))
 }
 
 /// LayerNorm over the last dimension, `(x − mean) / √(var + ε) ⊙ w (+ b)`, differentiable.
@@ -283,7 +320,7 @@ fn cpu_rope(
     };
     let y = rotate(x, 1.0)?;
     attach1("lisa-rope", x, y, move |_x, _y, g| {
-        Ok(Some(rotate(g, -1.0)?.into_tensor()?))
+        Ok(Some(rotate(g, -1.0)?.into_tensor(g)?))
     })
     .map(Some)
 }
@@ -332,6 +369,9 @@ pub(crate) fn causal_attention_token_major(
 /// key/value head `j / (heads / kv_heads)`); `mask` is `(seq, seq)`, added to the scores.
 /// The graph keeps `q`, `k`, `v` and the output, not the `seq × seq` scores and
 /// probabilities: the backward pass recomputes them, as memory-efficient attention kernels do.
+/// On a CUDA device (feature `cuda`) one kernel scales, masks and normalises the scores in
+/// place, and one computes their gradient; the `(seq, seq)` scores of one block still exist
+/// while it runs (no flash-attention kernel yet).
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -385,8 +425,18 @@ pub fn causal_attention_softcap(
     let group = move |q: &Tensor| q.contiguous()?.reshape((b, kv, n * t, d));
     let mask = mask.detach();
     // The probabilities, and tanh(u / c) of the raw scores u when capped.
+    // On CUDA without soft-capping one kernel per row scales, masks and normalises the raw
+    // products in place, and one computes the scores' gradient: two passes over the (t, t)
+    // scores where tensor ops take eight.
+    #[cfg(feature = "cuda")]
+    let fused = softcap.is_none() && q.device().is_cuda() && mask.dtype() == q.dtype();
     let probs = move |q: &Tensor, k: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
-        let raw = (matmul(&group(q)?, &k.t()?)? * scale)?;
+        let raw = matmul(&group(q)?, &k.t()?)?;
+        #[cfg(feature = "cuda")]
+        if fused && kernels::cuda::attn_softmax_in_place(&raw, &mask, scale as f32)? {
+            return Ok((raw, None));
+        }
+        let raw = (raw * scale)?;
         let (scores, tanh) = match softcap {
             None => (raw, None),
             Some(c) => {
@@ -422,6 +472,12 @@ pub fn causal_attention_softcap(
             let (p, tanh) = probs(&q, &k)?;
             let dv = matmul(&p.t()?, &g)?;
             let dp = matmul(&g, &v.t()?)?;
+            #[cfg(feature = "cuda")]
+            if fused && kernels::cuda::attn_softmax_bwd_in_place(&p, &dp, scale as f32)? {
+                let dq = matmul(&dp, &k)?.reshape((b, h, t, d))?;
+                let dk = matmul(&dp.t()?, &group(&q)?)?;
+                return Ok((Some(dq), Some(dk), Some(dv)));
+            }
             let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
             let mut ds = (dp.broadcast_sub(&row)? * p)?;
             if let Some(th) = tanh {
@@ -503,7 +559,8 @@ fn cpu_attention(
 }
 
 /// `silu(gate) ⊙ up`, the SwiGLU of Llama's MLP, differentiable; the graph keeps `gate`, `up`
-/// and the output, not `silu(gate)`.
+/// and the output, not `silu(gate)`. On a CUDA device (feature `cuda`) the forward and the
+/// backward are one kernel each.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if kernels::all_cpu_f32(&[gate, up]) && gate.shape() == up.shape() {
         let (g, u) = (gate.detach().contiguous()?, up.detach().contiguous()?);
@@ -521,17 +578,43 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             ))
         });
     }
+    #[cfg(feature = "cuda")]
+    if let Some((y, shape)) = kernels::cuda::swiglu_fwd(&gate.detach(), &up.detach())? {
+        return attach2(
+            "lisa-swiglu",
+            gate,
+            up,
+            Output::Cuda(y, shape),
+            |gate, up, _y, dy| {
+                let dy = dy.detach().contiguous()?;
+                match kernels::cuda::swiglu_bwd(&gate.detach(), &up.detach(), &dy)? {
+                    Some((dg, du)) => Ok((Some(dg), Some(du))),
+                    // A gradient of another dtype or layout.
+                    None => swiglu_bwd(gate, up, &dy),
+                }
+            },
+        );
+    }
     let y = (gate.detach().silu()? * up.detach())?;
     attach2("lisa-swiglu", gate, up, y, |gate, up, _y, g| {
-        let (gate, up, g) = (gate.detach(), up.detach(), g.detach());
-        let sig = candle_nn::ops::sigmoid(&gate)?;
-        let silu = (&gate * &sig)?;
-        let dup = (&g * &silu)?;
-        // silu'(x) = σ(x) + x·σ(x)·(1 − σ(x)) = σ(x)·(1 + x − silu(x))
-        let dsilu = (sig * ((gate - &silu)? + 1.0)?)?;
-        let dgate = ((g * up)? * dsilu)?;
-        Ok((Some(dgate), Some(dup)))
+        swiglu_bwd(gate, up, g)
     })
+}
+
+/// SwiGLU's backward by tensor ops: `(d gate, d up)`.
+fn swiglu_bwd(
+    gate: &Tensor,
+    up: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let (gate, up, g) = (gate.detach(), up.detach(), g.detach());
+    let sig = candle_nn::ops::sigmoid(&gate)?;
+    let silu = (&gate * &sig)?;
+    let dup = (&g * &silu)?;
+    // silu'(x) = σ(x) + x·σ(x)·(1 − σ(x)) = σ(x)·(1 + x − silu(x))
+    let dsilu = (sig * ((gate - &silu)? + 1.0)?)?;
+    let dgate = ((g * up)? * dsilu)?;
+    Ok((Some(dgate), Some(dup)))
 }
 
 /// The `(seq, seq)` additive causal mask: 0 on and below the diagonal, −∞ above.

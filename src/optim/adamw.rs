@@ -11,7 +11,7 @@ use candle_core::{Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 use super::precision::{CompactState, LossScaler, NonFinite};
-use super::update::{sum_squares, Moments};
+use super::update::{sum_squares_all, Moments};
 use crate::error::{LisaError, Result};
 use crate::nn::{LisaBackend, TrainingPlan};
 
@@ -194,6 +194,9 @@ impl AdamW {
     ///
     /// Cost: AdamW moments for every float parameter (2× the parameter bytes for f32 and
     /// f64), plus f32 master copies for f16 and bf16 (12 bytes per parameter in all).
+    ///
+    /// On a CUDA device this also makes the device's memory pool keep freed memory for
+    /// reuse ([`keep_freed_memory`](crate::nn::pool::keep_freed_memory)).
     pub fn new(varmap: &VarMap, params: ParamsAdamW) -> Result<Self> {
         Self::from_named_vars(crate::nn::named_vars(varmap)?, params)
     }
@@ -229,6 +232,8 @@ impl AdamW {
             return Err(LisaError::EmptyVarMap);
         }
         let (names, vars): (Vec<_>, Vec<_>) = floats.into_iter().unzip();
+        // Without this a CUDA step remaps its temporaries after every synchronisation.
+        crate::nn::pool::keep_freed_memory(vars[0].device(), true)?;
         Ok(Self {
             state: (0..vars.len()).map(|_| None).collect(),
             compact: vec![false; vars.len()],
@@ -425,16 +430,18 @@ impl AdamW {
     /// `(i, Σ g²)` for every trainable parameter `i` with a gradient in `grads`, in f64: NaN
     /// or infinite exactly when the gradient holds NaN or infinity.
     fn grad_squares(&self, grads: &GradStore) -> Result<Vec<(usize, f64)>> {
-        let mut out = Vec::new();
+        let mut index = Vec::new();
+        let mut tensors = Vec::new();
         for (i, var) in self.vars.iter().enumerate() {
             if self.state[i].is_none() {
                 continue;
             }
             if let Some(g) = grads.get(var.as_tensor()) {
-                out.push((i, sum_squares(g)?));
+                index.push(i);
+                tensors.push(g);
             }
         }
-        Ok(out)
+        Ok(index.into_iter().zip(sum_squares_all(&tensors)?).collect())
     }
 
     fn loss_scale(&self) -> f64 {

@@ -161,7 +161,9 @@ impl LisaAdamW {
     /// Cost: allocates optimizer state for the always-trainable parameters and the γ active
     /// blocks only: AdamW moments (2× the parameter bytes for f32 and f64), plus f32 master
     /// copies for f16 and bf16 (12 bytes per parameter in all; see the
-    /// [precision policy](crate::optim::precision)).
+    /// [precision policy](crate::optim::precision)). On a CUDA device the device's memory
+    /// pool keeps freed memory for reuse
+    /// ([`keep_freed_memory`](crate::nn::pool::keep_freed_memory)).
     pub fn new(varmap: &VarMap, params: ParamsAdamW, config: LisaConfig) -> Result<Self> {
         let vars = crate::nn::named_vars(varmap)?;
         Self::from_named_vars(vars, params, config)

@@ -190,6 +190,23 @@ pub(crate) fn sum_squares(g: &Tensor) -> Result<f64> {
     Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
 }
 
+/// [`sum_squares`] of each tensor, in order. On CUDA every contiguous gradient's kernel writes
+/// its partial sums into one device buffer, read back once: one host synchronisation for all
+/// of them, not one per tensor. The sums are those of [`sum_squares`], bit for bit.
+pub(crate) fn sum_squares_all(gs: &[&Tensor]) -> Result<Vec<f64>> {
+    #[cfg(feature = "cuda")]
+    let batched = cuda::sum_squares_all(gs)?;
+    #[cfg(not(feature = "cuda"))]
+    let batched = vec![None; gs.len()];
+    gs.iter()
+        .zip(batched)
+        .map(|(g, sum)| match sum {
+            Some(sum) => Ok(sum),
+            None => sum_squares(g),
+        })
+        .collect()
+}
+
 /// [`sum_squares`] over a slice whose elements widen to f32 with `f`.
 fn sum_sq<T: Sync>(s: &[T], f: impl Fn(&T) -> f32 + Sync + Send) -> f64 {
     s.par_chunks(CHUNK)

@@ -22,6 +22,8 @@
 //! - [`attention`]: fused causal attention forward and backward, per query head;
 //! - [`elementwise`]: SwiGLU, RMSNorm and RoPE, forward and backward;
 //! - [`cross_entropy`]: the LM head's loss and dL/dlogits in one pass per row;
+//! - `cuda` (feature `cuda`): the CUDA kernels of `kernels/lisa.cu` (the head's
+//!   cross-entropy; the optimizer's update launches through it too);
 //! - this module: the pieces they share (lane-wise `exp`, sums, dots and maxima, the pointer
 //!   that tasks write through, parallel fills, and borrowing a tensor's f32 slice).
 
@@ -31,6 +33,8 @@ use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 
 pub(crate) mod attention;
 pub(crate) mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub(crate) mod elementwise;
 pub(crate) mod matmul;
 

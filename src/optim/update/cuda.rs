@@ -1,25 +1,20 @@
-//! The fused update and the gradient's sum of squares on CUDA: kernels from `kernels/lisa.cu`,
-//! compiled to PTX by `build.rs` and loaded through candle's CUDA device, one launch per
-//! parameter, reading and writing the operands in place.
+//! The fused update and the gradient's sum of squares on CUDA: kernels from `kernels/lisa.cu`
+//! (loaded through `nn::kernels::cuda`), one launch per parameter, reading and writing the
+//! operands in place.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
-use candle_core::{bail, DType, InplaceOp1, Layout, Result, Storage, Tensor};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{bail, DType, Result, Storage, Tensor};
 use half::{bf16, f16};
-use std::cell::Cell;
 
 use super::fused::{Consts, Real};
 use super::Coefficients;
 
-mod ptx {
-    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
-}
+use crate::nn::kernels::cuda::{view, view_mut, with_storage_mut, MODULE, PTX};
 
-/// The name candle caches the loaded PTX module under.
-const MODULE: &str = "candle_lisa";
 const THREADS: u32 = 256;
 /// Enough blocks of 256 threads to fill an H100/H200 several times over (132 SMs × 8
 /// resident blocks); larger tensors are covered by the kernels' grid-stride loops.
@@ -34,49 +29,6 @@ fn config(n: usize, max_blocks: usize) -> LaunchConfig {
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-fn offsets(l: &Layout) -> Result<(usize, usize)> {
-    l.contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused AdamW: non-contiguous operand".into()))
-}
-
-fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
-    let (start, end) = offsets(l)?;
-    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
-}
-
-fn view_mut<'a, T: CudaDType>(s: &'a mut CudaStorage, l: &Layout) -> Result<CudaViewMut<'a, T>> {
-    let (start, end) = offsets(l)?;
-    Ok(s.as_cuda_slice_mut::<T>()?.slice_mut(start..end))
-}
-
-/// Runs `f` on the CUDA storage of a tensor, write-locked (the CUDA twin of the CPU path's
-/// `WithStorage`).
-struct WithCudaStorage<F>(Cell<Option<F>>);
-
-impl<F: FnOnce(&mut CudaStorage, &Layout) -> Result<()>> InplaceOp1 for WithCudaStorage<F> {
-    fn name(&self) -> &'static str {
-        "lisa-fused-adamw-cuda"
-    }
-
-    fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &Layout) -> Result<()> {
-        bail!("fused AdamW (CUDA): the operand is on the CPU")
-    }
-
-    fn cuda_fwd(&self, storage: &mut CudaStorage, layout: &Layout) -> Result<()> {
-        match self.0.take() {
-            Some(f) => f(storage, layout),
-            None => bail!("fused AdamW: storage visited twice"),
-        }
-    }
-}
-
-fn with_storage_mut(
-    t: &Tensor,
-    f: impl FnOnce(&mut CudaStorage, &Layout) -> Result<()>,
-) -> Result<()> {
-    t.inplace_op1(&WithCudaStorage(Cell::new(Some(f))))
 }
 
 /// Pushes the constants of one update, in the order the kernels take them.
@@ -127,7 +79,7 @@ pub(super) fn adamw_in_place(
                             DType::F32 => "lisa_adamw_f32",
                             _ => "lisa_adamw_f64",
                         };
-                        let func = dev.get_or_load_custom_func(name, MODULE, ptx::LISA)?;
+                        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
                         let mut b = func.builder();
                         macro_rules! launch {
                             ($t:ty) => {{
@@ -153,7 +105,7 @@ pub(super) fn adamw_in_place(
                                 DType::BF16 => "lisa_adamw_bf16",
                                 _ => "lisa_adamw_f16",
                             };
-                            let func = dev.get_or_load_custom_func(name, MODULE, ptx::LISA)?;
+                            let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
                             let k = Consts::<f32>::new(c, inv_scale);
                             let mut wv = view_mut::<f32>(ws, wl)?;
                             let mut mv = view_mut::<f32>(ms, ml)?;
@@ -183,34 +135,41 @@ pub(super) fn adamw_in_place(
     })
 }
 
-/// [`super::sum_squares`] on CUDA for a contiguous tensor: per-block f64 partial sums on the
-/// device, added on the host in block order (so the result is deterministic). `None` for
-/// dtypes without a kernel.
-pub(super) fn sum_squares(g: &Tensor) -> Result<Option<f64>> {
-    let Some((start, end)) = g.layout().contiguous_offsets() else {
-        return Ok(None);
-    };
-    let n = end - start;
+/// The kernel of the sum of squares of a contiguous CUDA tensor of a dtype that has one:
+/// its name, storage offsets and launch shape.
+fn sum_plan(g: &Tensor) -> Option<(&'static str, usize, usize, LaunchConfig)> {
+    let (start, end) = g.layout().contiguous_offsets()?;
     let name = match g.dtype() {
         DType::F32 => "lisa_sum_squares_f32",
         DType::F64 => "lisa_sum_squares_f64",
         DType::BF16 => "lisa_sum_squares_bf16",
         DType::F16 => "lisa_sum_squares_f16",
-        _ => return Ok(None),
+        _ => return None,
     };
+    g.device().is_cuda().then(|| {
+        let cfg = config(end - start, MAX_SUM_BLOCKS);
+        (name, start, end, cfg)
+    })
+}
+
+/// Launches the sum of squares of `g` (planned by [`sum_plan`]), one f64 partial per block
+/// into `partial`.
+fn launch_sum(
+    g: &Tensor,
+    (name, start, end, cfg): (&'static str, usize, usize, LaunchConfig),
+    partial: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
     let (storage, _) = g.storage_and_layout();
     let Storage::Cuda(s) = &*storage else {
-        return Ok(None);
+        bail!("sum of squares: the gradient is not on a CUDA device")
     };
-    let dev = s.device();
-    let cfg = config(n, MAX_SUM_BLOCKS);
-    let mut partial = dev.alloc_zeros::<f64>(cfg.grid_dim.0 as usize)?;
-    let func = dev.get_or_load_custom_func(name, MODULE, ptx::LISA)?;
+    let n = end - start;
+    let func = s.device().get_or_load_custom_func(name, MODULE, PTX)?;
     let mut b = func.builder();
     macro_rules! launch {
         ($t:ty) => {{
             let x = s.as_cuda_slice::<$t>()?.slice(start..end);
-            b.arg(&x).arg(&n).arg(&mut partial);
+            b.arg(&x).arg(&n).arg(partial);
             unsafe { b.launch(cfg) }.w()?;
         }};
     }
@@ -220,8 +179,65 @@ pub(super) fn sum_squares(g: &Tensor) -> Result<Option<f64>> {
         DType::BF16 => launch!(bf16),
         _ => launch!(f16),
     }
-    let sum: f64 = dev.clone_dtoh(&partial)?.iter().sum();
-    // A finite input cannot overflow f64 squares, so a non-finite sum means a non-finite
-    // element; report it as NaN, as the CPU path does.
-    Ok(Some(if sum.is_finite() { sum } else { f64::NAN }))
+    Ok(())
+}
+
+/// A sum of partial sums, added in block order (so the result is deterministic). A finite
+/// input cannot overflow f64 squares, so a non-finite sum means a non-finite element; it is
+/// reported as NaN, as the CPU path does.
+fn total(partial: &[f64]) -> f64 {
+    let sum: f64 = partial.iter().sum();
+    if sum.is_finite() {
+        sum
+    } else {
+        f64::NAN
+    }
+}
+
+/// [`super::sum_squares`] on CUDA for a contiguous tensor: per-block f64 partial sums on the
+/// device, added on the host. `None` for dtypes without a kernel.
+pub(super) fn sum_squares(g: &Tensor) -> Result<Option<f64>> {
+    Ok(sum_squares_all(&[g])?.pop().flatten())
+}
+
+/// [`sum_squares`] of many tensors with one read of the device: the partial sums of every
+/// tensor on the first one's CUDA device go into one buffer, copied to the host once. `None`
+/// for the others (another device, a strided layout, a dtype without a kernel).
+pub(super) fn sum_squares_all(gs: &[&Tensor]) -> Result<Vec<Option<f64>>> {
+    let Some(first) = gs.iter().map(|g| g.device()).find(|d| d.is_cuda()) else {
+        return Ok(vec![None; gs.len()]);
+    };
+    let candle_core::Device::Cuda(dev) = first else {
+        return Ok(vec![None; gs.len()]);
+    };
+    let plans: Vec<_> = gs
+        .iter()
+        .map(|g| sum_plan(g).filter(|_| g.device().same_device(first)))
+        .collect();
+    let blocks = |p: &(&str, usize, usize, LaunchConfig)| p.3.grid_dim.0 as usize;
+    let sizes: usize = plans.iter().flatten().map(blocks).sum();
+    if sizes == 0 {
+        return Ok(vec![None; gs.len()]);
+    }
+    let mut partial = dev.alloc_zeros::<f64>(sizes)?;
+    let mut at = 0;
+    for (g, plan) in gs.iter().zip(&plans) {
+        if let Some(plan) = plan {
+            let n = blocks(plan);
+            launch_sum(g, *plan, &mut partial.slice_mut(at..at + n))?;
+            at += n;
+        }
+    }
+    let host = dev.clone_dtoh(&partial)?;
+    let mut at = 0;
+    Ok(plans
+        .iter()
+        .map(|plan| {
+            plan.as_ref().map(|plan| {
+                let n = blocks(plan);
+                at += n;
+                total(&host[at - n..at])
+            })
+        })
+        .collect())
 }
