@@ -8,8 +8,9 @@
 //!
 //! It prints one JSON line per check on stdout (`"check"`, `"pass"` and the figures), then a
 //! summary line, and exits with status 1 if a check failed:
-//! - `op`: every custom op of `candle_lisa::nn::ops`, the frozen-aware matmul, `Linear` and
-//!   `recompute`, forward and gradients, on the device against the CPU (f32 and bf16);
+//! - `op`: every custom op of `candle_lisa::nn::ops`, the LM head's loss, the frozen-aware
+//!   matmul, `Linear` and `recompute`, forward and gradients, on the device against the CPU
+//!   (f32 and bf16);
 //! - `update`: the fused AdamW update (f32, bf16, f16) over three steps against the CPU: the
 //!   weights must be bit-identical;
 //! - `bandwidth`: the optimizer step (check pass and fused update) on a 128M-element parameter
@@ -17,6 +18,10 @@
 //!   bandwidth), and `candle_nn::AdamW` on the same parameter for comparison;
 //! - `finetune`: the bundled model fine-tuned with LISA on the `a+b=` task (`finetune --task add`), the
 //!   first steps' losses against the CPU, then a few hundred steps on the device;
+//! - `profile`: each method's step on SmolLM2-135M's shape (T = 256, bf16 and f32) and
+//!   Llama-3.2-1B's (bf16, T = 2048): the step time, its phases, model FLOPs and their share of
+//!   the bf16 peak (`examples/common/profile.rs`); under `scripts/gpu-check.sh counts` also
+//!   the driver calls, kernel launches and device time per kernel of a step;
 //! - `memory`: the memory report's methods on `smollm2-135m` and `llama2-7b-scaled` (f32 and
 //!   bf16, T = 256) and on `llama3.2-1b` (bf16, T = 2048), peak device memory from the CUDA
 //!   memory pool (see `examples/common/report.rs`), then the targets on the 1B shape.
@@ -47,6 +52,9 @@ use candle_lisa_testkit::training;
 #[path = "common/report.rs"]
 mod report;
 
+#[path = "common/profile.rs"]
+mod profile;
+
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
 
@@ -67,7 +75,10 @@ struct Args {
     /// Fine-tuning steps on the device.
     #[arg(long, default_value_t = 300)]
     finetune_steps: usize,
-    /// Skip these checks (comma-separated: op, update, bandwidth, finetune, memory).
+    /// Timed steps per profiled method.
+    #[arg(long, default_value_t = 5)]
+    profile_steps: usize,
+    /// Skip these checks (comma-separated: op, update, bandwidth, finetune, profile, memory).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
 }
@@ -193,6 +204,19 @@ fn op_cases() -> Vec<OpCase> {
             "swiglu",
             &[&[2, 16, 64], &[2, 16, 64]],
             Box::new(|x, _| ops::swiglu(&x[0], &x[1])),
+        ),
+        case(
+            "head_loss",
+            &[&[2, 16, 64], &[300, 64]],
+            Box::new(|x, d| {
+                // Every seventh label ignored; the rest spread over the vocabulary.
+                let labels: Vec<i64> = (0..32)
+                    .map(|i| if i % 7 == 3 { -100 } else { i * 37 % 300 })
+                    .collect();
+                let labels = Tensor::from_vec(labels, (2, 16), d)?;
+                candle_lisa::nn::loss::head_loss(&x[0], &x[1], &labels)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            }),
         ),
         case(
             "frozen_matmul",
@@ -476,6 +500,8 @@ fn check_memory(report: &mut Report, dev: &Device, quick: bool) -> Result<(), Er
                 runs.push((shape, dtype, 256, all.clone()));
             }
         }
+        // Long sequences: the recomputed LISA step at T = 8192 on the 1B shape.
+        runs.push(("llama3.2-1b", DType::BF16, 8192, vec!["lisa2-recompute"]));
         let big = vec!["full", "lora16", "lisa2", "lisa2-recompute"];
         runs.push(("llama3.2-1b", DType::BF16, 2048, big));
     }
@@ -524,6 +550,90 @@ fn check_memory(report: &mut Report, dev: &Device, quick: bool) -> Result<(), Er
     Ok(())
 }
 
+/// The step's profile (see `examples/common/profile.rs`) for each method on SmolLM2-135M's
+/// shape (T = 256, bf16 and f32) and Llama-3.2-1B's (bf16, T = 2048), then the targets.
+fn check_profile(report: &mut Report, args: &Args, dev: &Device) -> Result<(), Error> {
+    let cupti = profile::Cupti::from_env();
+    let methods = ["full", "lisa2", "lora16", "lisa2-recompute"];
+    let mut runs = Vec::new();
+    let shapes: &[(&str, DType, usize)] = if args.quick {
+        &[("tiny", DType::F32, 64)]
+    } else {
+        &[
+            ("smollm2-135m", DType::BF16, 256),
+            ("smollm2-135m", DType::F32, 256),
+            ("llama3.2-1b", DType::BF16, 2048),
+        ]
+    };
+    for &(shape, dtype, seq_len) in shapes {
+        for method in methods {
+            runs.push(profile::Run {
+                shape,
+                method,
+                dtype,
+                seq_len,
+                keep_pool: true,
+            });
+        }
+        // The pool's setting alone, on the LISA step.
+        runs.push(profile::Run {
+            shape,
+            method: "lisa2",
+            dtype,
+            seq_len,
+            keep_pool: false,
+        });
+    }
+    let mut lines = Vec::new();
+    for run in &runs {
+        let line = profile::profile(run, args.profile_steps, dev, cupti.as_ref())?;
+        report.emit(
+            line.clone(),
+            line["step_ms"].as_f64().is_some_and(f64::is_finite),
+        );
+        lines.push(line);
+    }
+    let step = |shape: &str, method: &str, dtype: &str| {
+        lines
+            .iter()
+            .find(|l| {
+                l["shape"] == shape
+                    && l["method"] == method
+                    && l["dtype"] == dtype
+                    && l["keep_pool"] == true
+            })
+            .and_then(|l| l["step_ms"].as_f64())
+    };
+    // The targets (H200, B = 1), reported; a miss is not a failed check.
+    let targets = [
+        ("llama3.2-1b", "lisa2", "bf16", 60.0),
+        ("llama3.2-1b", "full", "bf16", 80.0),
+        ("smollm2-135m", "full", "bf16", 25.0),
+        ("smollm2-135m", "lisa2", "bf16", 25.0),
+    ];
+    for (shape, method, dtype, ms) in targets {
+        if let Some(got) = step(shape, method, dtype) {
+            println!(
+                "{}",
+                json!({"check": "profile-target", "name": format!("{shape} {method} {dtype}"),
+                    "step_ms": got, "target_ms": ms, "met": got <= ms})
+            );
+        }
+    }
+    for dtype in ["bf16", "f32"] {
+        let shape = "smollm2-135m";
+        if let (Some(lora), Some(full)) = (step(shape, "lora16", dtype), step(shape, "full", dtype))
+        {
+            println!(
+                "{}",
+                json!({"check": "profile-target", "name": format!("{shape} lora16 <= full {dtype}"),
+                    "lora16_ms": lora, "full_ms": full, "met": lora <= full})
+            );
+        }
+    }
+    Ok(())
+}
+
 /// One group of checks, reporting into the [`Report`].
 type Check<'a> = dyn Fn(&mut Report) -> Result<(), Error> + 'a;
 
@@ -535,11 +645,12 @@ fn main() {
     let result = (|| -> Result<(), Error> {
         let dev = common::device(&args.device)?;
         let skip = |name: &str| args.skip.iter().any(|s| s == name);
-        let checks: [(&str, &Check); 5] = [
+        let checks: [(&str, &Check); 6] = [
             ("op", &|r| check_ops(r, &dev)),
             ("update", &|r| check_update(r, &dev, args.quick)),
             ("bandwidth", &|r| check_bandwidth(r, &dev, args.quick)),
             ("finetune", &|r| check_finetune(r, &args, &dev)),
+            ("profile", &|r| check_profile(r, &args, &dev)),
             ("memory", &|r| check_memory(r, &dev, args.quick)),
         ];
         for (name, check) in checks {

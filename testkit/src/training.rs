@@ -275,6 +275,16 @@ impl Training {
     pub fn step(&mut self, ids: &Tensor, labels: &Tensor) -> Result<Step> {
         let grads = self.model.loss(ids, labels)?.backward()?;
         let grad_bytes = grad_bytes(&grads);
+        let resampled = self.update(grads)?;
+        Ok(Step {
+            grad_bytes,
+            resampled,
+        })
+    }
+
+    /// The optimizer step on `grads`, then the model's rebuild if LISA drew new blocks;
+    /// whether it did.
+    fn update(&mut self, grads: GradStore) -> Result<bool> {
         let resampled = match &mut self.optim {
             Optim::Lean { opt, .. } => {
                 opt.try_step(&grads)?;
@@ -289,10 +299,32 @@ impl Training {
         if resampled {
             self.model = build(&self.weights, &self.optim)?;
         }
-        Ok(Step {
-            grad_bytes,
-            resampled,
-        })
+        Ok(resampled)
+    }
+
+    /// [`step`](Self::step) with `sync` (a device synchronisation) after the forward pass,
+    /// the backward pass and the update: the three phases' times in milliseconds. The update
+    /// includes the model's rebuild after a LISA resample.
+    pub fn step_phases(
+        &mut self,
+        ids: &Tensor,
+        labels: &Tensor,
+        sync: &dyn Fn() -> Result<()>,
+    ) -> Result<[f64; 3]> {
+        let ms = |start: std::time::Instant| start.elapsed().as_secs_f64() * 1e3;
+        sync()?;
+        let start = std::time::Instant::now();
+        let loss = self.model.loss(ids, labels)?;
+        sync()?;
+        let forward = ms(start);
+        let start = std::time::Instant::now();
+        let grads = loss.backward()?;
+        sync()?;
+        let backward = ms(start);
+        let start = std::time::Instant::now();
+        self.update(grads)?;
+        sync()?;
+        Ok([forward, backward, ms(start)])
     }
 
     /// Bytes of optimizer state now (candle_nn::AdamW holds m and v for every variable).
@@ -308,6 +340,44 @@ impl Training {
         match &self.optim {
             Optim::Lean { opt, .. } => opt.trainable_params(),
             Optim::Candle(_) => self.weights.params(),
+        }
+    }
+}
+
+/// Model FLOPs of one training step of `method` on `b` sequences of `t` tokens: matmuls
+/// (2 FLOPs per multiply-add) and causal attention (half the T × T score and value products),
+/// forward and backward, as the method needs them, without recomputation. Every method
+/// propagates dL/dx through every block (the embedding trains, or LoRA's lowest adapters do);
+/// weight gradients are those of what trains.
+pub fn step_flops(c: &LlamaConfig, method: Variant, b: usize, t: usize) -> f64 {
+    let (h, f, l) = (
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.num_hidden_layers as f64,
+    );
+    let d = (c.hidden_size / c.num_attention_heads) as f64;
+    let (q, kv) = (
+        c.num_attention_heads as f64 * d,
+        c.num_key_value_heads.unwrap_or(c.num_attention_heads) as f64 * d,
+    );
+    let tokens = (b * t) as f64;
+    let block = h * q + 2.0 * h * kv + q * h + 3.0 * h * f;
+    let head = c.vocab_size as f64 * h;
+    let linear = 2.0 * tokens * (l * block + head);
+    let attention = l * b as f64 * 2.0 * (t as f64).powi(2) * q;
+    let forward = linear + attention;
+    let input_grads = linear + 2.0 * attention;
+    match method {
+        Variant::Full | Variant::AdamwCandle => 3.0 * forward,
+        Variant::Lisa { gamma, .. } => {
+            let trained = gamma.min(c.num_hidden_layers) as f64 * block + head;
+            forward + input_grads + 2.0 * tokens * trained
+        }
+        Variant::Lora(r) => {
+            // Seven adapters a block: A (in × r) and B (r × out) of q, k, v, o, gate, up, down.
+            let per_block = r as f64 * ((h + q) + 2.0 * (h + kv) + (q + h) + 3.0 * (h + f));
+            let adapters = 2.0 * tokens * l * per_block;
+            forward + adapters + input_grads + 2.0 * adapters
         }
     }
 }

@@ -8,7 +8,7 @@ use candle_core::DType;
 use candle_lisa::nn::quant::QuantFormat;
 use candle_lisa::plan::{self, Backend, Method, Setup};
 use candle_lisa::LisaError;
-use candle_lisa_testkit::training::{shape_config, SHAPES};
+use candle_lisa_testkit::training::{shape_config, step_flops, Variant, SHAPES};
 
 /// The fields of a `memory_report` JSON line the planner is checked on.
 #[derive(serde::Deserialize)]
@@ -388,4 +388,30 @@ fn compact_state_for_the_always_trainable_only() {
     // (8 bytes) for the two blocks (2 × 218,112,000).
     assert_eq!(p.state_bytes, 4 * 1_050_677_248 + 8 * 436_224_000);
     assert!(method.to_string().starts_with("lisa2 ("), "{method}");
+}
+
+/// The GPU check's model FLOPs (its MFU numerator) at Llama-3.2-1B's shape, T = 2048, against
+/// sums done by hand: a block's projections hold 2·2048² + 2·2048·512 + 3·2048·8192 =
+/// 60,817,408 weights, the tied head 128,256·2048 = 262,668,288; the forward pass is
+/// 2·2048·(16·60,817,408 + 262,668,288) = 5,061,618,958,336 in products plus
+/// 16·2·2048²·2048 = 274,877,906,944 in causal attention.
+#[test]
+fn step_flops_match_the_hand_count() {
+    let c = shape_config("llama3.2-1b").unwrap();
+    let forward = 5_061_618_958_336.0 + 274_877_906_944.0;
+    // Full: forward, input gradients and weight gradients, each one forward's worth.
+    assert_eq!(step_flops(&c, Variant::Full, 1, 2048), 3.0 * forward);
+    // LISA γ = 2: forward, input gradients everywhere (attention's twice), the weight
+    // gradients of two blocks and the head.
+    let lisa = forward
+        + (5_061_618_958_336.0 + 2.0 * 274_877_906_944.0)
+        + 2.0 * 2048.0 * (2.0 * 60_817_408.0 + 262_668_288.0);
+    let lisa2: Variant = "lisa2".parse().unwrap();
+    assert_eq!(step_flops(&c, lisa2, 1, 2048), lisa);
+    assert_eq!(lisa, 12_521_977_151_488.0);
+    // LoRA-16: the adapters hold 16·(2·(2048 + 2048) + 2·(2048 + 512) + 3·(2048 + 8192))
+    // = 704,512 weights a block; forward, then input and weight gradients of the adapters.
+    let adapters = 2.0 * 2048.0 * 16.0 * 704_512.0;
+    let lora = forward + (5_061_618_958_336.0 + 2.0 * 274_877_906_944.0) + 3.0 * adapters;
+    assert_eq!(step_flops(&c, Variant::Lora(16), 1, 2048), lora);
 }
