@@ -17,6 +17,7 @@ mod dropin;
 mod errors;
 mod freezing;
 mod frozen_linear;
+mod gguf;
 mod gpt2;
 mod hub;
 use candle_lisa_testkit::gpt2 as gpt2_model;
