@@ -2,7 +2,7 @@
 //! Rust: the safetensors header (through `load_llama`), `config.json`, the shard index, a
 //! checkpoint (manifest, `trainer.json`, weights: `Checkpointer::latest` and
 //! `Trainer::resume`), the optimizer state (`load_state`), a PEFT adapter, the JSONL data
-//! readers, metrics, and chat templates (compiled and rendered).
+//! readers, metrics, chat templates (compiled and rendered), and GGUF files.
 //!
 //! `cargo bench --bench fuzz -- --inputs 100000 [--seed 1] [--reader safetensors,config]`
 //!
@@ -202,6 +202,21 @@ fn targets(work: &Path) -> Result<Vec<Target>, Error> {
         seeds: model_seeds,
         mutate: vec!["model.safetensors"],
         read: Box::new(|dir| load_llama(dir, DType::F32, &Device::Cpu).map(|_| ())),
+        fix_state_hash: false,
+        fix_manifest: false,
+    });
+
+    // llama.cpp's format: the gguf-py fixture (every tensor type the loader reads).
+    out.push(Target {
+        name: "GGUF (load_gguf)",
+        seeds: vec![vec![(
+            "m.gguf".to_string(),
+            std::fs::read(root.join("tests/fixtures/gguf/tiny.gguf"))?,
+        )]],
+        mutate: vec!["m.gguf"],
+        read: Box::new(|dir| {
+            candle_lisa::models::load_gguf(dir.join("m.gguf"), DType::F32, &Device::Cpu).map(|_| ())
+        }),
         fix_state_hash: false,
         fix_manifest: false,
     });
