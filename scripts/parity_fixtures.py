@@ -127,6 +127,41 @@ CASES = {
         "smollm3",
         {"no_rope_layer_interval": 2, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2},
     ),
+    # Sliding windows of 4 positions under sequences of 24 (6 windows): every layer for
+    # Mistral and Phi-3, layer 0 of 2 for Gemma 2 and Gemma 3, layer 1 of 2 for Qwen2.
+    "mistral-window": ("mistral", {"sliding_window": 4, "head_dim": 16}),
+    "phi3-window": ("phi3", {"sliding_window": 4, "pad_token_id": 0, "eos_token_id": 2}),
+    "gemma2-window": (
+        "gemma2",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 3.0,
+            "sliding_window": 4,
+            "tie_word_embeddings": True,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "bos_token_id": 2,
+        },
+    ),
+    "gemma3-window": (
+        "gemma3_text",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "tie_word_embeddings": True,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "bos_token_id": 2,
+        },
+    ),
+    "qwen2-window": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
 }
 # GPT-2 (for examples/gpt2.rs): Conv1D weights stored (in, out), learned positions, tied head.
 GPT2 = dict(
@@ -141,7 +176,7 @@ GPT2 = dict(
     attn_pdrop=0.0,
 )
 # Also written in transformers 4's config format.
-V4 = ["llama3-rope", "qwen2-yarn", "gemma3"]
+V4 = ["llama3-rope", "qwen2-yarn", "gemma3", "gemma2-window", "gemma3-window", "qwen2-window"]
 IDS_SHAPE = (2, 24)
 
 

@@ -619,8 +619,30 @@ fn swiglu_bwd(
 
 /// The `(seq, seq)` additive causal mask: 0 on and below the diagonal, −∞ above.
 pub fn causal_mask(seq: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    sliding_window_mask(seq, None, dtype, device)
+}
+
+/// The `(seq, seq)` additive causal mask of a sliding window: query `i` sees keys `j` with
+/// `j ≤ i` and `i − j < window` (0 there, −∞ elsewhere), as transformers' sliding-window
+/// layers do; `None` is [`causal_mask`]. The fused CPU attention skips the keys a block of
+/// queries cannot see, so a window makes its work linear in `seq × window`.
+pub fn sliding_window_mask(
+    seq: usize,
+    window: Option<usize>,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let w = window.unwrap_or(seq).max(1);
     let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..seq).map(move |j| {
+                if j > i || i - j >= w {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (seq, seq), device)?.to_dtype(dtype)
 }

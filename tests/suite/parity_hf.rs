@@ -61,6 +61,15 @@ parity! {
     granite => "granite",
     olmo2 => "olmo2",
     smollm3 => "smollm3",
+    // Windows of 4 positions under sequences of 24.
+    mistral_sliding_window => "mistral-window",
+    phi3_sliding_window => "phi3-window",
+    gemma2_sliding_window => "gemma2-window",
+    gemma2_sliding_window_transformers_4_config => "gemma2-window-v4",
+    gemma3_sliding_window => "gemma3-window",
+    gemma3_sliding_window_transformers_4_config => "gemma3-window-v4",
+    qwen2_sliding_window => "qwen2-window",
+    qwen2_sliding_window_transformers_4_config => "qwen2-window-v4",
 }
 
 /// The families added last train under LISA and save to a checkpoint that reloads to the same

@@ -154,8 +154,10 @@ pub struct Architecture {
     pub o_bias: bool,
     /// Biases on the MLP's projections.
     pub mlp_bias: bool,
-    /// The attention window, when some layer uses one.
+    /// The largest attention window of any layer, when some layer uses one.
     pub window: Option<usize>,
+    /// Each layer's sliding window (`None`: full causal attention).
+    pub layer_windows: Vec<Option<usize>>,
     /// The padding id, whose embedding row gets no gradient from the input lookup.
     pub pad_token_id: Option<u32>,
     /// Each layer's RoPE.
@@ -235,6 +237,7 @@ impl LlamaConfig {
             o_bias: self.attention_bias,
             mlp_bias: self.mlp_bias,
             window: self.attention_window(),
+            layer_windows: self.layer_windows()?,
             pad_token_id,
             layer_ropes: self.layer_ropes()?,
             layer_uses_rope: self.layer_uses_rope()?,

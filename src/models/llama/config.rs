@@ -176,6 +176,14 @@ impl LlamaConfig {
         if matches!(family, Some("olmo2" | "phi3")) {
             raw.entry("rms_norm_eps").or_insert(Value::from(1e-5));
         }
+        // transformers 5.25's default window where a family has one (Qwen's applies only with
+        // use_sliding_window); an explicit null stays null.
+        if matches!(
+            family,
+            Some("gemma2" | "gemma3_text" | "mistral" | "qwen2" | "qwen3")
+        ) {
+            raw.entry("sliding_window").or_insert(Value::from(4096));
+        }
     }
 
     /// Checks that the config is consistent and asks for nothing unsupported.
@@ -243,6 +251,7 @@ impl LlamaConfig {
                 });
             }
         }
+        self.layer_windows()?;
         // Dropout changes training (these models train without it here); a rotary fraction
         // below 1 changes the model.
         for field in [
@@ -638,20 +647,67 @@ impl LlamaConfig {
         self.attention_bias || self.model_type.as_deref() == Some("qwen2")
     }
 
-    /// The attention window, when the config enables one on some layer: transformers 5's
-    /// `layer_types` with a `sliding_attention` layer, or (transformers 4) Mistral's
-    /// `sliding_window`, Qwen's with `use_sliding_window`.
+    /// The largest attention window of any layer ([`layer_windows`](Self::layer_windows)),
+    /// `None` when every layer attends to all earlier positions (or the config is invalid).
     pub fn attention_window(&self) -> Option<usize> {
-        let enabled = match (self.layer_kinds(), self.model_type.as_deref()) {
-            (Some(types), _) => types.iter().any(|t| t == "sliding_attention"),
-            (None, Some("qwen2" | "qwen3")) => self
-                .extra
-                .get("use_sliding_window")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            _ => true,
+        self.layer_windows().ok()?.into_iter().flatten().max()
+    }
+
+    /// Each layer's sliding attention window (`None`: full causal attention), as transformers
+    /// 5.25 resolves it: `layer_types` where the config has them (or Gemma 3's pattern);
+    /// otherwise every layer for Mistral and Phi-3 with a `sliding_window`, the even layers for
+    /// Gemma 2, and for Qwen2 and Qwen3 with `use_sliding_window` the layers from
+    /// `max_window_layers` (default 28) on. Llama, Granite and OLMo 2 have no sliding window in
+    /// transformers, which ignores a `sliding_window` in their configs; so does this.
+    ///
+    /// # Errors
+    /// [`LisaError::UnsupportedConfig`] for a sliding layer without a window (or a window of
+    /// 0), and for SmolLM3 with `use_sliding_window` but no `layer_types`.
+    pub fn layer_windows(&self) -> Result<Vec<Option<usize>>> {
+        let n = self.num_hidden_layers;
+        let flag = |k: &str| self.extra.get(k).and_then(Value::as_bool).unwrap_or(false);
+        let family = self.model_type.as_deref().unwrap_or("llama");
+        let window = match family {
+            "qwen2" | "qwen3" | "smollm3" => {
+                self.sliding_window.filter(|_| flag("use_sliding_window"))
+            }
+            // Gemma's layers slide whatever the config says: transformers' default window.
+            "gemma2" | "gemma3_text" => self.sliding_window.or(Some(4096)),
+            _ => self.sliding_window,
         };
-        self.sliding_window.filter(|_| enabled)
+        let sliding: Vec<bool> = match (self.layer_kinds(), family) {
+            (Some(types), _) => types.iter().map(|t| t == "sliding_attention").collect(),
+            (None, "mistral" | "phi3") => vec![window.is_some(); n],
+            (None, "gemma2") => (0..n).map(|i| i % 2 == 0).collect(),
+            (None, "qwen2" | "qwen3") => {
+                let from = self
+                    .extra
+                    .get("max_window_layers")
+                    .and_then(Value::as_u64)
+                    .map_or(28, |m| m as usize);
+                (0..n).map(|i| window.is_some() && i >= from).collect()
+            }
+            (None, "smollm3") if window.is_some() => {
+                return Err(LisaError::UnsupportedConfig {
+                    field: "use_sliding_window",
+                    value: "true".into(),
+                    hint: "SmolLM3's sliding layers are read from layer_types only; add them to config.json",
+                })
+            }
+            _ => vec![false; n],
+        };
+        sliding
+            .into_iter()
+            .map(|s| match (s, window) {
+                (false, _) => Ok(None),
+                (true, Some(w)) if w > 0 => Ok(Some(w)),
+                (true, w) => Err(LisaError::UnsupportedConfig {
+                    field: "sliding_window",
+                    value: format!("{w:?}"),
+                    hint: "a sliding_attention layer needs a sliding_window of at least 1 (and use_sliding_window for Qwen and SmolLM3)",
+                }),
+            })
+            .collect()
     }
 
     /// Every parameter the model has, with its shape, sorted by name.

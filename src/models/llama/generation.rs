@@ -75,7 +75,7 @@ impl Llama {
             return Err(LisaError::UnsupportedConfig {
                 field: "sliding_window",
                 value: w.to_string(),
-                hint: "sequences longer than the sliding window are not supported; generate fewer tokens",
+                hint: "generating past the sliding window is not supported (the key/value cache keeps every position); generate fewer tokens",
             });
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);

@@ -24,7 +24,7 @@
 //! | `attention_bias` | read (q, k, v and o biases; Qwen2 always has q, k, v biases) |
 //! | `mlp_bias` | read |
 //! | Qwen3's `q_norm`/`k_norm` | per-head RMSNorm on queries and keys, from `model_type` |
-//! | `sliding_window`, `use_sliding_window`, `layer_types` | a sequence longer than an enabled window is an error; `layer_types` other than `full_attention`/`sliding_attention` are refused |
+//! | `sliding_window`, `use_sliding_window`, `max_window_layers`, `layer_types` | read: each layer's window as transformers resolves it ([`LlamaConfig::layer_windows`]), at any sequence length in training; generating past a window is an error; `layer_types` other than `full_attention`/`sliding_attention` are refused |
 //! | `pretraining_tp` | 1 only |
 //! | `attention_dropout`, `resid_pdrop`, `embd_pdrop`, `hidden_dropout` | 0 only (no dropout here) |
 //! | `partial_rotary_factor` (top level or in the RoPE object) | 1 only |
@@ -51,11 +51,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::error::{LisaError, Result};
+use crate::error::Result;
 use crate::nn::linear::Linear;
 use crate::nn::lora::LoraConfig;
 use crate::nn::loss::{causal_lm_loss, head_loss};
-use crate::nn::ops::{causal_mask, mul_const, rms_norm};
+use crate::nn::ops::{mul_const, rms_norm, sliding_window_mask};
 use crate::nn::recompute::recompute;
 use crate::nn::TrainingPlan;
 
@@ -364,14 +364,6 @@ impl Llama {
     /// `(batch, seq)` (u32), with a causal mask.
     pub fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        if let Some(w) = self.arch.window.filter(|&w| t > w) {
-            return Err(LisaError::UnsupportedConfig {
-                field: "sliding_window",
-                value: w.to_string(),
-                hint:
-                    "sequences longer than the sliding window are not supported; use shorter ones",
-            });
-        }
         let dtype = self.embed.dtype();
         let device = self.embed.device();
         let x = self
@@ -381,9 +373,24 @@ impl Llama {
         let x = self.mask_padding_gradient(x, input_ids)?;
         let mut x = self.scale_embedding(x)?;
         let tables = self.rope_tables(t, dtype, device)?;
-        let mask = causal_mask(t, dtype, device)?;
+        // One mask per distinct window (a window at least the sequence is the causal mask).
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         let eps = self.arch.rms_norm_eps;
         for (i, (block, rope_cs)) in self.blocks.iter().zip(&tables).enumerate() {
+            let window = self
+                .arch
+                .layer_windows
+                .get(i)
+                .copied()
+                .flatten()
+                .filter(|&w| w < t);
+            let mask = match masks.iter().find(|(w, _)| *w == window) {
+                Some((_, m)) => m,
+                None => {
+                    masks.push((window, sliding_window_mask(t, window, dtype, device)?));
+                    &masks[masks.len() - 1].1
+                }
+            };
             x = if self.recomputed.binary_search(&i).is_ok() {
                 let (block, rope_cs, mask) = (block.clone(), rope_cs.clone(), mask.clone());
                 recompute(
@@ -391,7 +398,7 @@ impl Llama {
                     Arc::new(move |x: &Tensor| block.forward(x, &rope_cs, &mask, eps)),
                 )?
             } else {
-                block.forward(&x, rope_cs, &mask, eps)?
+                block.forward(&x, rope_cs, mask, eps)?
             };
         }
         Ok(rms_norm(

@@ -1,6 +1,8 @@
 //! Fused attention in f32, forward and backward: per query head, in blocks of
-//! [`ROWS_PER_BLOCK`] query rows over only the keys a block can see, the probabilities
-//! recomputed in the backward pass, grouped queries summed per group in head order.
+//! [`ROWS_PER_BLOCK`] query rows over only the keys a block can see (from the first key any
+//! of its rows does not mask to the last: under a sliding window the work is linear in
+//! T × window), the probabilities recomputed in the backward pass, grouped queries summed
+//! per group in head order.
 
 use multiversion::multiversion;
 
@@ -95,30 +97,36 @@ pub(crate) struct AttnInputs<'a> {
 
 impl AttnInputs<'_> {
     /// Rows of the probabilities `softmax(q_h·k_hᵀ·scale + mask)` of one query head: rows
-    /// `rows.start..rows.end` into `p` (row stride `cols`), over the first `cols` keys only
-    /// (the mask is −∞ beyond them).
+    /// `rows.start..rows.end` into `p` (row stride `rows.width()`), over keys
+    /// `rows.first..rows.cols` only (the mask is −∞ outside them).
     fn probs(&self, dims: &AttnDims, task: usize, rows: RowBlock, p: &mut [f32]) {
         let (t, d) = (dims.t, dims.d);
         let (qh, kh) = dims.heads(task);
-        let RowBlock { start, end, cols } = rows;
+        let RowBlock {
+            start,
+            end,
+            first,
+            cols,
+        } = rows;
+        let width = rows.width();
         // SAFETY: q_h and k_h are `t × d` matrices inside q and k (checked by `check`); the
-        // block's rows of q_h and the first `cols` rows of k_h lie inside them; p holds
-        // `(end − start) × cols` elements; kᵀ reads k with its strides swapped.
+        // block's rows of q_h and rows `first..cols` of k_h lie inside them; p holds
+        // `(end − start) × width` elements; kᵀ reads k with its strides swapped.
         unsafe {
             gemm_serial(
-                (end - start, cols, d),
+                (end - start, width, d),
                 p.as_mut_ptr(),
-                cols,
+                width,
                 false,
                 self.q.as_ptr().add(qh.offset + start * qh.rs),
                 (qh.rs, 1),
-                self.k.as_ptr().add(kh.offset),
+                self.k.as_ptr().add(kh.offset + first * kh.rs),
                 (1, kh.rs),
             );
         }
         let masks = self.mask[start * t..end * t].chunks_exact(t);
-        for (row, mask) in p.chunks_exact_mut(cols).zip(masks) {
-            softmax_row(row, &mask[..cols], self.scale);
+        for (row, mask) in p.chunks_exact_mut(width).zip(masks) {
+            softmax_row(row, &mask[first..cols], self.scale);
         }
     }
 
@@ -132,27 +140,77 @@ impl AttnInputs<'_> {
             && self.mask.len() == t * t
     }
 
-    /// The query rows in blocks of [`ROWS_PER_BLOCK`], each with the number of keys its rows
-    /// can see: one past the last key any of them does not mask with −∞. Under a causal mask
-    /// that skips the upper triangle, block by block (about 60% of the work at T = 256).
+    /// The query rows in blocks of [`ROWS_PER_BLOCK`], each with the keys its rows can see:
+    /// from the first key any of them does not mask with −∞ to one past the last. Under a
+    /// causal mask that skips the upper triangle, block by block (about 60% of the work at
+    /// T = 256); under a sliding window also the keys behind it.
     fn blocks(&self, t: usize) -> Vec<RowBlock> {
-        let seen = |row: &[f32]| {
-            row.iter()
-                .rposition(|&m| m != f32::NEG_INFINITY)
-                .map_or(0, |j| j + 1)
-        };
+        let seen = |row: &[f32]| last_visible(row).map_or(0, |j| j + 1);
+        let from = first_visible;
         (0..t)
             .step_by(ROWS_PER_BLOCK)
             .map(|start| {
                 let end = t.min(start + ROWS_PER_BLOCK);
-                let rows = self.mask[start * t..end * t].chunks_exact(t);
+                let rows = || self.mask[start * t..end * t].chunks_exact(t);
                 // A block whose every key is masked still softmaxes one column (NaN, as the
                 // unfused path gives for such rows).
-                let cols = rows.map(seen).max().unwrap_or(0).max(1);
-                RowBlock { start, end, cols }
+                let cols = rows().map(seen).max().unwrap_or(0).max(1);
+                let first = rows().filter_map(from).min().unwrap_or(0).min(cols - 1);
+                RowBlock {
+                    start,
+                    end,
+                    first,
+                    cols,
+                }
             })
             .collect()
     }
+}
+
+/// Lanes of the mask scans: whole chunks are tested branch-free (so the loop vectorises),
+/// then the chunk that holds the answer element by element. The scans read the `(t, t)` mask
+/// once per call; at T = 8192 that is 67M values, which element by element took longer than
+/// the windowed attention itself.
+const SCAN: usize = 32;
+
+/// Whether a chunk of mask values holds one that is not −∞.
+#[inline(always)]
+fn any_visible(chunk: &[f32]) -> bool {
+    chunk
+        .iter()
+        .fold(false, |a, &m| a | (m != f32::NEG_INFINITY))
+}
+
+/// The first position of `row` not masked with −∞.
+fn first_visible(row: &[f32]) -> Option<usize> {
+    let chunks = row.chunks(SCAN);
+    for (c, chunk) in chunks.enumerate() {
+        if any_visible(chunk) {
+            return chunk
+                .iter()
+                .position(|&m| m != f32::NEG_INFINITY)
+                .map(|j| c * SCAN + j);
+        }
+    }
+    None
+}
+
+/// The last position of `row` not masked with −∞.
+fn last_visible(row: &[f32]) -> Option<usize> {
+    let tail = row.len() % SCAN;
+    let (body, end) = row.split_at(row.len() - tail);
+    if let Some(j) = end.iter().rposition(|&m| m != f32::NEG_INFINITY) {
+        return Some(body.len() + j);
+    }
+    for (c, chunk) in body.chunks_exact(SCAN).enumerate().rev() {
+        if any_visible(chunk) {
+            return chunk
+                .iter()
+                .rposition(|&m| m != f32::NEG_INFINITY)
+                .map(|j| c * SCAN + j);
+        }
+    }
+    None
 }
 
 /// `ds = p ⊙ (dp − Σ_j dp ⊙ p)·scale` over rows of `cols`, with `dp` in `ds` on entry.
@@ -174,12 +232,20 @@ fn softmax_grad_rows(ds: &mut [f32], p: &[f32], cols: usize, scale: f32) {
 /// Query rows per block of the attention kernels.
 const ROWS_PER_BLOCK: usize = 64;
 
-/// Query rows `start..end` of an attention, and how many keys they see.
+/// Query rows `start..end` of an attention, and the keys `first..cols` they see.
 #[derive(Clone, Copy)]
 struct RowBlock {
     start: usize,
     end: usize,
+    first: usize,
     cols: usize,
+}
+
+impl RowBlock {
+    /// How many keys the block sees.
+    fn width(&self) -> usize {
+        self.cols - self.first
+    }
 }
 
 /// Runs `f(task, scratch)` for every query head on candle's barrier pool, with `scratch`
@@ -205,19 +271,19 @@ pub(crate) fn attention_fwd(x: AttnInputs<'_>, dims: AttnDims) -> Option<Vec<f32
         let p = &mut bufs[0];
         let (qh, vh) = dims.heads(task);
         for &rows in &blocks {
-            let RowBlock { start, end, cols } = rows;
+            let (start, end, first, width) = (rows.start, rows.end, rows.first, rows.width());
             x.probs(&dims, task, rows, p);
-            // SAFETY: each task writes the rows of its own head of y (laid out as q); the
-            // first `cols` rows of v_h lie inside v.
+            // SAFETY: each task writes the rows of its own head of y (laid out as q); rows
+            // `first..cols` of v_h lie inside v.
             unsafe {
                 gemm_serial(
-                    (end - start, d, cols),
+                    (end - start, d, width),
                     out.at(qh.offset + start * qh.rs),
                     qh.rs,
                     false,
                     p.as_ptr(),
-                    (cols, 1),
-                    x.v.as_ptr().add(vh.offset),
+                    (width, 1),
+                    x.v.as_ptr().add(vh.offset + first * vh.rs),
                     (vh.rs, 1),
                 );
             }
@@ -255,59 +321,59 @@ pub(crate) fn attention_bwd(
         // This query head's shares of dk and dv: contiguous `t × d` blocks.
         let own = task * t * d;
         for &rows in &blocks {
-            let RowBlock { start, end, cols } = rows;
-            let n = end - start;
+            let (start, first, w) = (rows.start, rows.first, rows.width());
+            let n = rows.end - start;
             x.probs(&dims, task, rows, p);
             let gb = g[qh.offset + start * qh.rs..].as_ptr();
             // SAFETY: each task writes the blocks of its own query head in dq, dk and dv;
             // the reads stay inside q, k, v and g (checked above) and the scratch buffers
-            // (`n × cols` elements).
+            // (`n × w` elements).
             unsafe {
-                // dv_h[..cols] += pᵀ·g_block
+                // dv_h[first..cols] += pᵀ·g_block
                 gemm_serial(
-                    (cols, d, n),
-                    dv_out.at(own),
+                    (w, d, n),
+                    dv_out.at(own + first * d),
                     d,
                     true,
                     p.as_ptr(),
-                    (1, cols),
+                    (1, w),
                     gb,
                     (qh.rs, 1),
                 );
-                // dp = g_block·v[..cols]ᵀ
+                // dp = g_block·v[first..cols]ᵀ
                 gemm_serial(
-                    (n, cols, d),
+                    (n, w, d),
                     ds.as_mut_ptr(),
-                    cols,
+                    w,
                     false,
                     gb,
                     (qh.rs, 1),
-                    x.v.as_ptr().add(kh.offset),
+                    x.v.as_ptr().add(kh.offset + first * kh.rs),
                     (1, kh.rs),
                 );
             }
-            softmax_grad_rows(&mut ds[..n * cols], &p[..n * cols], cols, x.scale);
+            softmax_grad_rows(&mut ds[..n * w], &p[..n * w], w, x.scale);
             // SAFETY: as above.
             unsafe {
-                // dq_block = ds·k[..cols], laid out as q
+                // dq_block = ds·k[first..cols], laid out as q
                 gemm_serial(
-                    (n, d, cols),
+                    (n, d, w),
                     dq_out.at(qh.offset + start * qh.rs),
                     qh.rs,
                     false,
                     ds.as_ptr(),
-                    (cols, 1),
-                    x.k.as_ptr().add(kh.offset),
+                    (w, 1),
+                    x.k.as_ptr().add(kh.offset + first * kh.rs),
                     (kh.rs, 1),
                 );
-                // dk_h[..cols] += dsᵀ·q_block
+                // dk_h[first..cols] += dsᵀ·q_block
                 gemm_serial(
-                    (cols, d, n),
-                    dk_out.at(own),
+                    (w, d, n),
+                    dk_out.at(own + first * d),
                     d,
                     true,
                     ds.as_ptr(),
-                    (1, cols),
+                    (1, w),
                     x.q.as_ptr().add(qh.offset + start * qh.rs),
                     (qh.rs, 1),
                 );
@@ -352,16 +418,59 @@ mod tests {
     #[test]
     fn attention_matches_autograd() -> Result<()> {
         // One row block; three (the last partial) under a causal mask, so that blocks see
-        // different numbers of keys; and a mask with no −∞ at all; in both layouts.
+        // different numbers of keys; a sliding window of 40 keys, so that blocks also skip
+        // the keys behind it; and a mask with no −∞ at all; in both layouts.
         for layout in [HeadLayout::HeadMajor, HeadLayout::TokenMajor] {
-            for (t, causal) in [(37, true), (150, true), (150, false)] {
-                attention_case(t, causal, layout)?;
+            for (t, window) in [
+                (37, Some(37)),
+                (150, Some(150)),
+                (150, Some(40)),
+                (150, None),
+            ] {
+                attention_case(t, window, layout)?;
             }
         }
         Ok(())
     }
 
-    fn attention_case(t: usize, causal: bool, layout: HeadLayout) -> Result<()> {
+    #[test]
+    fn mask_scans_find_the_visible_ends() {
+        let inf = f32::NEG_INFINITY;
+        for n in [1, 5, 31, 32, 33, 64, 100] {
+            for lo in 0..n {
+                for hi in lo..n {
+                    let row: Vec<f32> = (0..n)
+                        .map(|j| if j < lo || j > hi { inf } else { 0.5 })
+                        .collect();
+                    assert_eq!(first_visible(&row), Some(lo), "{n} {lo} {hi}");
+                    assert_eq!(last_visible(&row), Some(hi), "{n} {lo} {hi}");
+                }
+            }
+            assert_eq!(first_visible(&vec![inf; n]), None);
+            assert_eq!(last_visible(&vec![inf; n]), None);
+        }
+    }
+
+    #[test]
+    fn a_sliding_window_skips_the_keys_behind_it() {
+        let t = 200;
+        let mask: Vec<f32> =
+            crate::nn::ops::sliding_window_mask(t, Some(50), DType::F32, &Device::Cpu)
+                .and_then(|m| m.flatten_all()?.to_vec1())
+                .unwrap();
+        let x = AttnInputs {
+            q: &[],
+            k: &[],
+            v: &[],
+            mask: &mask,
+            scale: 1.0,
+        };
+        let blocks: Vec<(usize, usize)> = x.blocks(t).iter().map(|b| (b.first, b.cols)).collect();
+        // Rows 64..128 see keys 64 − 49 = 15 up to 127; rows 192..200 keys 143..199.
+        assert_eq!(blocks, vec![(0, 64), (15, 128), (79, 192), (143, 200)]);
+    }
+
+    fn attention_case(t: usize, window: Option<usize>, layout: HeadLayout) -> Result<()> {
         let dev = Device::Cpu;
         let dims = AttnDims {
             b: 2,
@@ -385,8 +494,8 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (b, kv, t, d), &dev)?;
         let g = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
         let mut mask = Tensor::randn(0f32, 1.0, (t, t), &dev)?;
-        if causal {
-            mask = (mask + crate::nn::ops::causal_mask(t, DType::F32, &dev)?)?;
+        if window.is_some() {
+            mask = (mask + crate::nn::ops::sliding_window_mask(t, window, DType::F32, &dev)?)?;
         }
         let (qs, ks, vs, gs) = (laid(&q)?, laid(&k)?, laid(&v)?, laid(&g)?);
         let ms = mask.flatten_all()?.to_vec1::<f32>()?;
