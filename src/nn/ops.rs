@@ -26,6 +26,7 @@
 //! Everything else is ordinary `Tensor` ops on detached tensors.
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use candle_core::op::{Add, Mul};
 use candle_core::{DType, Result, Shape, Tensor, D};
@@ -331,7 +332,7 @@ fn cpu_rope(
 /// kernels); `None` elsewhere.
 pub(crate) fn causal_attention_token_major(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
-    mask: &Tensor,
+    mask: MaskRef<'_>,
     scale: f64,
     (h, kv): (usize, usize),
 ) -> Result<Option<Tensor>> {
@@ -342,7 +343,10 @@ pub(crate) fn causal_attention_token_major(
         && qw == h * d
         && k.dims() == [b, t, kv * d]
         && v.dims() == [b, t, kv * d]
-        && mask.dims() == [t, t];
+        && match mask {
+            MaskRef::Dense(m) => m.dims() == [t, t],
+            MaskRef::Causal(_) => true,
+        };
     if !fits {
         candle_core::bail!(
             "causal_attention: q {:?}, k {:?}, v {:?} do not fit (b, t, h·d) and (b, t, kv·d) with h = {h}, kv = {kv}",
@@ -407,7 +411,7 @@ pub fn causal_attention_softcap(
             q,
             k,
             v,
-            mask,
+            MaskRef::Dense(mask),
             scale,
             kernels::AttnDims {
                 b,
@@ -499,25 +503,41 @@ fn cpu_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &Tensor,
+    mask: MaskRef<'_>,
     scale: f64,
     dims: kernels::AttnDims,
 ) -> Result<Option<Tensor>> {
-    if !kernels::all_cpu_f32(&[q, k, v, mask]) {
+    let (dense, window) = match mask {
+        MaskRef::Dense(m) => (Some(m.detach().contiguous()?), None),
+        MaskRef::Causal(w) => (None, w),
+    };
+    let mut all = vec![q, k, v];
+    all.extend(dense.as_ref());
+    if !kernels::all_cpu_f32(&all) {
         return Ok(None);
     }
-    let [qd, kd, vd, md] = [q, k, v, mask].map(|t| t.detach().contiguous());
-    let (qd, kd, vd, md) = (qd?, kd?, vd?, md?);
+    let [qd, kd, vd] = [q, k, v].map(|t| t.detach().contiguous());
+    let (qd, kd, vd) = (qd?, kd?, vd?);
     let run = move |g: Option<&Tensor>| -> Result<Vec<Vec<f32>>> {
-        let views = [&qd, &kd, &vd, &md].map(kernels::f32_view);
-        let [Some(q), Some(k), Some(v), Some(m)] = &views else {
+        let views = [&qd, &kd, &vd].map(kernels::f32_view);
+        let [Some(q), Some(k), Some(v)] = &views else {
             candle_core::bail!("lisa-causal-attention: inputs are not contiguous f32 on the CPU")
+        };
+        let mask_view = dense.as_ref().map(kernels::f32_view);
+        let mask = match &mask_view {
+            None => kernels::AttnMask::Causal(window),
+            Some(Some(m)) => kernels::AttnMask::Dense(kernels::f32_slice(m)),
+            Some(None) => {
+                candle_core::bail!(
+                    "lisa-causal-attention: the mask is not contiguous f32 on the CPU"
+                )
+            }
         };
         let x = kernels::AttnInputs {
             q: kernels::f32_slice(q),
             k: kernels::f32_slice(k),
             v: kernels::f32_slice(v),
-            mask: kernels::f32_slice(m),
+            mask,
             scale: scale as f32,
         };
         let out = match g {
@@ -615,6 +635,110 @@ fn swiglu_bwd(
     let dsilu = (sig * ((gate - &silu)? + 1.0)?)?;
     let dgate = ((g * up)? * dsilu)?;
     Ok((Some(dgate), Some(dup)))
+}
+
+/// [`causal_attention`] under a causal mask within an optional sliding window (query `i` sees
+/// keys `j ≤ i` with `i − j < window`; `None`: every earlier key), with no mask tensor to
+/// pass: on the CPU in f32 the fused kernels visit only the keys inside the window, so time
+/// and memory are linear in `seq × window` (no `(seq, seq)` matrix is made); elsewhere, and
+/// with `softcap`, the [`sliding_window_mask`] matrix is built and [`causal_attention_softcap`]
+/// runs.
+pub fn sliding_window_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: Option<usize>,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    let t = q.dim(2)?;
+    CausalMask::new(t, window, q.dtype(), q.device()).attention(q, k, v, scale, softcap)
+}
+
+/// An attention mask as the fused CPU kernels take it: a `(t, t)` tensor, or causal within an
+/// optional window with no matrix behind it.
+#[derive(Clone, Copy)]
+pub(crate) enum MaskRef<'a> {
+    Dense(&'a Tensor),
+    Causal(Option<usize>),
+}
+
+/// The causal mask of one sequence length and window as a model's layers use it: the fused CPU
+/// kernels take the window alone (no `(t, t)` matrix: memory and time linear in
+/// `t × window`); the other paths the matrix, built on first use and shared.
+#[derive(Clone)]
+pub(crate) struct CausalMask {
+    t: usize,
+    window: Option<usize>,
+    dtype: DType,
+    device: candle_core::Device,
+    dense: Arc<std::sync::OnceLock<Tensor>>,
+}
+
+impl CausalMask {
+    /// `t` positions within `window` (`None`: every earlier position), for tensors of `dtype`
+    /// on `device`.
+    pub(crate) fn new(
+        t: usize,
+        window: Option<usize>,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Self {
+        Self {
+            t,
+            window: window.filter(|&w| w < t),
+            dtype,
+            device: device.clone(),
+            dense: Arc::new(std::sync::OnceLock::new()),
+        }
+    }
+
+    /// The window, `None` when the mask is plainly causal.
+    pub(crate) fn window(&self) -> Option<usize> {
+        self.window
+    }
+
+    /// The `(t, t)` matrix ([`sliding_window_mask`]).
+    pub(crate) fn dense(&self) -> Result<&Tensor> {
+        if let Some(m) = self.dense.get() {
+            return Ok(m);
+        }
+        let m = sliding_window_mask(self.t, self.window, self.dtype, &self.device)?;
+        Ok(self.dense.get_or_init(|| m))
+    }
+
+    /// [`causal_attention_softcap`] under this mask: on the CPU in f32 without soft-capping
+    /// the fused kernels with the window alone, elsewhere the matrix.
+    pub(crate) fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        softcap: Option<f64>,
+    ) -> Result<Tensor> {
+        let (b, h, t, d) = q.dims4()?;
+        let kv = k.dim(1)?;
+        let fits = kv > 0
+            && h % kv == 0
+            && t == self.t
+            && k.dims4()? == (b, kv, t, d)
+            && v.dims4()? == (b, kv, t, d);
+        if softcap.is_none() && fits {
+            let dims = kernels::AttnDims {
+                b,
+                h,
+                kv,
+                t,
+                d,
+                layout: kernels::HeadLayout::HeadMajor,
+            };
+            if let Some(y) = cpu_attention(q, k, v, MaskRef::Causal(self.window), scale, dims)? {
+                return Ok(y);
+            }
+        }
+        causal_attention_softcap(q, k, v, self.dense()?, scale, softcap)
+    }
 }
 
 /// The `(seq, seq)` additive causal mask: 0 on and below the diagonal, −∞ above.

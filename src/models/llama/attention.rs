@@ -8,7 +8,7 @@ use crate::nn::kernels;
 use crate::nn::linear::{linear_b, Linear};
 use crate::nn::lora::LoraConfig;
 use crate::nn::ops::{
-    causal_attention_softcap, causal_attention_token_major, rms_norm, rope, rope_token_major,
+    causal_attention_token_major, rms_norm, rope, rope_token_major, CausalMask, MaskRef,
 };
 
 use super::{norm_weight, Architecture, QkNorm};
@@ -155,14 +155,14 @@ impl Attention {
         &self,
         x: &Tensor,
         rope_cs: &(Tensor, Tensor),
-        mask: &Tensor,
+        mask: &CausalMask,
     ) -> candle_core::Result<Tensor> {
         if let Some(y) = self.forward_token_major(x, rope_cs, mask)? {
             return Ok(y);
         }
         let (b, t, _) = x.dims3()?;
         let (q, k, v) = self.project(x, rope_cs)?;
-        causal_attention_softcap(&q, &k, &v, mask, self.scale, self.softcap)?
+        mask.attention(&q, &k, &v, self.scale, self.softcap)?
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.head_dim))
             .and_then(|y| self.o.forward(&y))
@@ -178,9 +178,9 @@ impl Attention {
         &self,
         x: &Tensor,
         rope_cs: &(Tensor, Tensor),
-        mask: &Tensor,
+        mask: &CausalMask,
     ) -> candle_core::Result<Option<Tensor>> {
-        if self.qk_norm.is_some() || self.softcap.is_some() || !kernels::all_cpu_f32(&[x, mask]) {
+        if self.qk_norm.is_some() || self.softcap.is_some() || !kernels::all_cpu_f32(&[x]) {
             return Ok(None);
         }
         let (q_dim, kv_dim) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
@@ -201,6 +201,7 @@ impl Attention {
             return Ok(None);
         };
         let heads = (self.heads, self.kv_heads);
+        let mask = MaskRef::Causal(mask.window());
         match causal_attention_token_major((&q, &k, &v), mask, self.scale, heads)? {
             Some(y) => self.o.forward(&y).map(Some),
             None => Ok(None),

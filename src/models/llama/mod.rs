@@ -55,7 +55,7 @@ use crate::error::Result;
 use crate::nn::linear::Linear;
 use crate::nn::lora::LoraConfig;
 use crate::nn::loss::{causal_lm_loss, head_loss};
-use crate::nn::ops::{mul_const, rms_norm, sliding_window_mask};
+use crate::nn::ops::{mul_const, rms_norm, CausalMask};
 use crate::nn::recompute::recompute;
 use crate::nn::TrainingPlan;
 
@@ -159,7 +159,7 @@ impl Block {
         &self,
         x: &Tensor,
         rope_cs: &(Tensor, Tensor),
-        mask: &Tensor,
+        mask: &CausalMask,
         eps: f64,
     ) -> candle_core::Result<Tensor> {
         self.around(x, eps, |h| self.attn.forward(h, rope_cs, mask))
@@ -373,8 +373,9 @@ impl Llama {
         let x = self.mask_padding_gradient(x, input_ids)?;
         let mut x = self.scale_embedding(x)?;
         let tables = self.rope_tables(t, dtype, device)?;
-        // One mask per distinct window (a window at least the sequence is the causal mask).
-        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
+        // One mask per distinct window (a window at least the sequence is the causal mask),
+        // its matrix built only if a path needs one.
+        let mut masks: Vec<CausalMask> = Vec::new();
         let eps = self.arch.rms_norm_eps;
         for (i, (block, rope_cs)) in self.blocks.iter().zip(&tables).enumerate() {
             let window = self
@@ -384,11 +385,11 @@ impl Llama {
                 .copied()
                 .flatten()
                 .filter(|&w| w < t);
-            let mask = match masks.iter().find(|(w, _)| *w == window) {
-                Some((_, m)) => m,
+            let mask = match masks.iter().position(|m| m.window() == window) {
+                Some(at) => &masks[at],
                 None => {
-                    masks.push((window, sliding_window_mask(t, window, dtype, device)?));
-                    &masks[masks.len() - 1].1
+                    masks.push(CausalMask::new(t, window, dtype, device));
+                    &masks[masks.len() - 1]
                 }
             };
             x = if self.recomputed.binary_search(&i).is_ok() {

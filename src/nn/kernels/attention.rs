@@ -91,8 +91,27 @@ pub(crate) struct AttnInputs<'a> {
     pub q: &'a [f32],
     pub k: &'a [f32],
     pub v: &'a [f32],
-    pub mask: &'a [f32],
+    pub mask: AttnMask<'a>,
     pub scale: f32,
+}
+
+/// The additive mask of an attention.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum AttnMask<'a> {
+    /// A `(t, t)` matrix of any values.
+    Dense(&'a [f32]),
+    /// Causal, within a sliding window when given: query `i` sees keys `j ≤ i` with
+    /// `i − j < window`, with no matrix behind it, so neither the plan nor the softmax reads
+    /// anything of size `t × t`.
+    Causal(Option<usize>),
+}
+
+impl AttnMask<'_> {
+    /// The keys `lo..hi` query `i` of `t` sees under a causal mask with this window.
+    fn causal_range(window: Option<usize>, i: usize) -> (usize, usize) {
+        let w = window.unwrap_or(usize::MAX).max(1);
+        ((i + 1).saturating_sub(w), i + 1)
+    }
 }
 
 impl AttnInputs<'_> {
@@ -124,9 +143,27 @@ impl AttnInputs<'_> {
                 (1, kh.rs),
             );
         }
-        let masks = self.mask[start * t..end * t].chunks_exact(t);
-        for (row, mask) in p.chunks_exact_mut(width).zip(masks) {
-            softmax_row(row, &mask[first..cols], self.scale);
+        match self.mask {
+            AttnMask::Dense(mask) => {
+                let masks = mask[start * t..end * t].chunks_exact(t);
+                for (row, mask) in p.chunks_exact_mut(width).zip(masks) {
+                    softmax_row(row, &mask[first..cols], self.scale);
+                }
+            }
+            AttnMask::Causal(window) => {
+                let mut mask = vec![0f32; width];
+                for (r, row) in p.chunks_exact_mut(width).take(end - start).enumerate() {
+                    let (lo, hi) = AttnMask::causal_range(window, start + r);
+                    for (j, m) in mask.iter_mut().enumerate() {
+                        let key = first + j;
+                        *m = match lo <= key && key < hi {
+                            true => 0.0,
+                            false => f32::NEG_INFINITY,
+                        };
+                    }
+                    softmax_row(row, &mask, self.scale);
+                }
+            }
         }
     }
 
@@ -137,7 +174,10 @@ impl AttnInputs<'_> {
             && self.q.len() == b * h * t * d
             && self.k.len() == b * kv * t * d
             && self.v.len() == b * kv * t * d
-            && self.mask.len() == t * t
+            && match self.mask {
+                AttnMask::Dense(m) => m.len() == t * t,
+                AttnMask::Causal(_) => true,
+            }
     }
 
     /// The query rows in blocks of [`ROWS_PER_BLOCK`], each with the keys its rows can see:
@@ -145,13 +185,31 @@ impl AttnInputs<'_> {
     /// causal mask that skips the upper triangle, block by block (about 60% of the work at
     /// T = 256); under a sliding window also the keys behind it.
     fn blocks(&self, t: usize) -> Vec<RowBlock> {
+        let mask = match self.mask {
+            AttnMask::Dense(mask) => mask,
+            AttnMask::Causal(window) => {
+                return (0..t)
+                    .step_by(ROWS_PER_BLOCK)
+                    .map(|start| {
+                        let end = t.min(start + ROWS_PER_BLOCK);
+                        let first = AttnMask::causal_range(window, start).0;
+                        RowBlock {
+                            start,
+                            end,
+                            first,
+                            cols: end,
+                        }
+                    })
+                    .collect()
+            }
+        };
         let seen = |row: &[f32]| last_visible(row).map_or(0, |j| j + 1);
         let from = first_visible;
         (0..t)
             .step_by(ROWS_PER_BLOCK)
             .map(|start| {
                 let end = t.min(start + ROWS_PER_BLOCK);
-                let rows = || self.mask[start * t..end * t].chunks_exact(t);
+                let rows = || mask[start * t..end * t].chunks_exact(t);
                 // A block whose every key is masked still softmaxes one column (NaN, as the
                 // unfused path gives for such rows).
                 let cols = rows().map(seen).max().unwrap_or(0).max(1);
@@ -458,16 +516,63 @@ mod tests {
             crate::nn::ops::sliding_window_mask(t, Some(50), DType::F32, &Device::Cpu)
                 .and_then(|m| m.flatten_all()?.to_vec1())
                 .unwrap();
-        let x = AttnInputs {
-            q: &[],
-            k: &[],
-            v: &[],
-            mask: &mask,
-            scale: 1.0,
-        };
-        let blocks: Vec<(usize, usize)> = x.blocks(t).iter().map(|b| (b.first, b.cols)).collect();
-        // Rows 64..128 see keys 64 − 49 = 15 up to 127; rows 192..200 keys 143..199.
-        assert_eq!(blocks, vec![(0, 64), (15, 128), (79, 192), (143, 200)]);
+        // Rows 64..128 see keys 64 − 49 = 15 up to 127; rows 192..200 keys 143..199; the
+        // same read off the mask and from the window alone.
+        for mask in [AttnMask::Dense(&mask), AttnMask::Causal(Some(50))] {
+            let x = AttnInputs {
+                q: &[],
+                k: &[],
+                v: &[],
+                mask,
+                scale: 1.0,
+            };
+            let blocks: Vec<(usize, usize)> =
+                x.blocks(t).iter().map(|b| (b.first, b.cols)).collect();
+            assert_eq!(blocks, vec![(0, 64), (15, 128), (79, 192), (143, 200)]);
+        }
+    }
+
+    #[test]
+    fn a_causal_window_without_a_matrix_equals_its_matrix() -> Result<()> {
+        let dev = Device::Cpu;
+        for (t, window) in [(150, Some(40)), (150, None), (70, Some(1))] {
+            let dims = AttnDims {
+                b: 1,
+                h: 4,
+                kv: 2,
+                t,
+                d: 8,
+                layout: HeadLayout::HeadMajor,
+            };
+            let v = |heads: usize, seed: f32| -> Result<Vec<f32>> {
+                (Tensor::randn(0f32, 1.0, (1, heads, t, 8), &dev)? + seed as f64)?
+                    .flatten_all()?
+                    .to_vec1()
+            };
+            let (q, k, vv, g) = (v(4, 0.0)?, v(2, 0.1)?, v(2, 0.2)?, v(4, 0.3)?);
+            let dense: Vec<f32> = crate::nn::ops::sliding_window_mask(t, window, DType::F32, &dev)?
+                .flatten_all()?
+                .to_vec1()?;
+            let run = |mask| {
+                let x = AttnInputs {
+                    q: &q,
+                    k: &k,
+                    v: &vv,
+                    mask,
+                    scale: 0.3,
+                };
+                (
+                    attention_fwd(x, dims).unwrap(),
+                    attention_bwd(x, &g, dims).unwrap(),
+                )
+            };
+            assert_eq!(
+                run(AttnMask::Dense(&dense)),
+                run(AttnMask::Causal(window)),
+                "{t} {window:?}"
+            );
+        }
+        Ok(())
     }
 
     fn attention_case(t: usize, window: Option<usize>, layout: HeadLayout) -> Result<()> {
@@ -503,7 +608,7 @@ mod tests {
             q: &qs,
             k: &ks,
             v: &vs,
-            mask: &ms,
+            mask: AttnMask::Dense(&ms),
             scale,
         };
         let y = attention_fwd(x, dims).unwrap();
@@ -543,7 +648,7 @@ mod tests {
         close(&dv, grads.get(vv.as_tensor()).unwrap(), "dv")?;
         assert!(attention_fwd(
             AttnInputs {
-                mask: &ms[1..],
+                mask: AttnMask::Dense(&ms[1..]),
                 ..x
             },
             dims

@@ -38,7 +38,9 @@ pub(crate) mod cuda;
 pub(crate) mod elementwise;
 pub(crate) mod matmul;
 
-pub(crate) use attention::{attention_bwd, attention_fwd, AttnDims, AttnInputs, HeadLayout};
+pub(crate) use attention::{
+    attention_bwd, attention_fwd, AttnDims, AttnInputs, AttnMask, HeadLayout,
+};
 pub(crate) use cross_entropy::{cross_entropy_bwd, cross_entropy_fused};
 pub(crate) use elementwise::{rms_norm_bwd, rms_norm_fwd, rope_fwd, swiglu_bwd, swiglu_fwd};
 pub(crate) use matmul::{gemm_serial, linear_fwd_cpu, matmul, product};
