@@ -194,6 +194,10 @@ impl Module for Linear {
         };
         match &self.lora {
             None => Ok(y),
+            Some(l) if x.device().is_cpu() => {
+                let delta = lora_delta(&x, l, y.shape())?;
+                y + delta
+            }
             Some(l) => {
                 let x2 = x.reshape((rows, in_dim))?;
                 let delta = (x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?;
@@ -202,6 +206,54 @@ impl Module for Linear {
             }
         }
     }
+}
+
+/// A LoRA adapter's term `scale · (x · Aᵀ) · Bᵀ` for a contiguous `x` `(…, in)`, as one graph
+/// node (on the CPU): the tensor-op chain it replaces (reshapes, two products, their
+/// transposes, the scaling) is seven nodes, each a zero-filled gradient buffer and a sum in
+/// candle's backward pass. The backward pass computes, with `gb = g · B` (rows × rank),
+/// dx = scale · gb · A, dA = scale · gbᵀ · x and dB = scale · gᵀ · (x · Aᵀ), each only for an
+/// operand that tracks gradients, by the CPU matmul of [`kernels`](super::kernels).
+fn lora_delta(x: &Tensor, l: &LoraAdapter, out: &Shape) -> Result<Tensor> {
+    use super::kernels::matmul;
+    let in_dim = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / in_dim.max(1);
+    let (rank, a_in) = l.a.dims2()?;
+    let (b_out, b_rank) = l.b.dims2()?;
+    if a_in != in_dim || b_rank != rank || out.dims().last() != Some(&b_out) {
+        candle_core::bail!(
+            "LoRA adapter A {:?}, B {:?} does not fit the input {:?}",
+            l.a.shape(),
+            l.b.shape(),
+            x.shape()
+        )
+    }
+    let scale = l.scale;
+    let flat = move |x: &Tensor| x.detach().reshape((rows, in_dim));
+    let delta = (matmul(&matmul(&flat(x)?, &l.a.t()?)?, &l.b.t()?)? * scale)?.reshape(out)?;
+    let out = out.clone();
+    super::custom_op::attach3("lisa-lora", x, &l.a, &l.b, delta, move |x, a, b, _y, g| {
+        let (x_tracks, a_tracks, b_tracks) = (x.track_op(), a.track_op(), b.track_op());
+        let (x2, a, b) = (flat(x)?, a.detach(), b.detach());
+        let g = g.detach().reshape((rows, out.elem_count() / rows.max(1)))?;
+        let gb = match x_tracks || a_tracks {
+            true => Some((matmul(&g, &b)? * scale)?),
+            false => None,
+        };
+        let dx = match (&gb, x_tracks) {
+            (Some(gb), true) => Some(matmul(gb, &a)?.reshape(x.shape())?),
+            _ => None,
+        };
+        let da = match (&gb, a_tracks) {
+            (Some(gb), true) => Some(matmul(&gb.t()?, &x2)?),
+            _ => None,
+        };
+        let db = match b_tracks {
+            true => Some((matmul(&g.t()?, &matmul(&x2, &a.t()?)?)? * scale)?),
+            false => None,
+        };
+        Ok((dx, da, db))
+    })
 }
 
 /// `x · wᵀ` for a 2-D `x` of shape `(rows, in)` and a `w` of shape `(out, in)` that is not

@@ -153,3 +153,74 @@ fn lora_targets_and_config_errors() -> Result<(), Box<dyn std::error::Error>> {
     }
     Ok(())
 }
+
+/// A LoRA layer's output and gradients (one graph node on the CPU) against candle's autograd
+/// through the plain formula `x · Wᵀ + s · (x · Aᵀ) · Bᵀ` in f64, for a 3-D input, with the
+/// input, A and B each tracking gradients or not.
+#[test]
+fn lora_layer_matches_autograd_of_its_formula() -> Result<(), Box<dyn std::error::Error>> {
+    use candle_core::Var;
+    use candle_lisa::nn::LoraAdapter;
+    let dev = Device::Cpu;
+    let (rows, input, out, rank, s) = ((2, 5), 12, 9, 3, 0.7);
+    for (x_tracks, a_tracks, b_tracks) in
+        [(true, true, true), (false, true, true), (true, false, true)]
+    {
+        let var = |shape: &[usize], tracks: bool| -> candle_core::Result<Tensor> {
+            let t = Tensor::randn(0f32, 1.0, shape, &dev)?;
+            Ok(match tracks {
+                true => Var::from_tensor(&t)?.as_tensor().clone(),
+                false => t,
+            })
+        };
+        let x = var(&[rows.0, rows.1, input], x_tracks)?;
+        let w = var(&[out, input], false)?;
+        let a = var(&[rank, input], a_tracks)?;
+        let b = var(&[out, rank], b_tracks)?;
+        let layer = candle_lisa::Linear::new(w.clone(), None).with_lora(LoraAdapter {
+            a: a.clone(),
+            b: b.clone(),
+            scale: s,
+        });
+        let r = Tensor::randn(0f32, 1.0, (rows.0, rows.1, out), &dev)?;
+        let y = candle_core::Module::forward(&layer, &x)?;
+        let grads = (&y * &r)?.sum_all()?.backward()?;
+
+        let f64v = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap();
+        let (x6, a6, b6) = (f64v(&x), f64v(&a), f64v(&b));
+        let w6 = w.to_dtype(DType::F64)?;
+        let x2 = x6.as_tensor().reshape((rows.0 * rows.1, input))?;
+        let want = (x2.matmul(&w6.t()?)?
+            + (x2
+                .matmul(&a6.as_tensor().t()?)?
+                .matmul(&b6.as_tensor().t()?)?
+                * s)?)?
+            .reshape((rows.0, rows.1, out))?;
+        let want_grads = (&want * &r.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
+        let close = |got: &Tensor, want: &Tensor| -> f32 {
+            max_diff(
+                &got.to_dtype(DType::F32).unwrap(),
+                &want.to_dtype(DType::F32).unwrap(),
+            )
+        };
+        assert!(close(&y, &want) < 1e-5);
+        for (t, t6, tracks, name) in [
+            (&x, &x6, x_tracks, "x"),
+            (&a, &a6, a_tracks, "A"),
+            (&b, &b6, b_tracks, "B"),
+        ] {
+            match (grads.get(t), tracks) {
+                (Some(g), true) => {
+                    let d = close(g, want_grads.get(t6.as_tensor()).unwrap());
+                    assert!(d < 1e-4, "d{name} differs by {d}");
+                }
+                (None, false) => {}
+                (got, _) => panic!(
+                    "d{name}: {:?} with tracking {tracks}",
+                    got.map(|g| g.shape().clone())
+                ),
+            }
+        }
+    }
+    Ok(())
+}
