@@ -4,6 +4,7 @@ Run by hand from the repository root (needs torch and transformers; the versions
 written into every expected.json):
 
     python scripts/parity_fixtures.py [CASE ...]
+    python scripts/parity_fixtures.py --trajectories [CASE ...]   # trajectory.json only
 
 With case names, only those are written (the others keep the files they have).
 
@@ -278,7 +279,66 @@ def gpt2(index):
     print(f"gpt2: loss {expected['loss']:.6f}")
 
 
+# 4-step trajectories (tests/suite/parity_hf.rs, `trajectories_match_transformers`): the saved
+# fixtures trained by torch.optim.AdamW, full and LISA, written to trajectory.json beside them.
+TRAJECTORY_CASES = ["granite", "olmo2", "smollm3", "gemma3-window", "qwen2-window"]
+ADAMW = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+# LISA with one block of two, redrawn every 2 steps in ascending order (candle-lisa's
+# `ascending` sampler): block 0 for steps 0-1, block 1 for steps 2-3. The embedding, the head
+# and every parameter outside the blocks always train; a block's AdamW state is dropped when
+# it freezes (each parameter keeps its own step count, as in torch).
+LISA_SCHEDULE = [0, 0, 1, 1]
+
+
+def trajectory(path, ids, lisa):
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").float()
+    model.train()
+    blocks = model.model.layers
+    opt = torch.optim.AdamW(model.parameters(), **ADAMW)
+    losses = []
+    for step in range(4):
+        if lisa:
+            for i, block in enumerate(blocks):
+                for p in block.parameters():
+                    on = i == LISA_SCHEDULE[step]
+                    if not on:
+                        opt.state.pop(p, None)
+                        p.grad = None
+                    p.requires_grad_(on)
+        loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        losses.append(model(input_ids=ids, labels=ids).loss.item())
+    return losses
+
+
+def trajectories(only):
+    for name in TRAJECTORY_CASES:
+        if only and name not in only:
+            continue
+        path = os.path.join(OUT, name)
+        with open(os.path.join(path, "expected.json")) as f:
+            ids = torch.tensor(json.load(f)["input_ids"])
+        out = {
+            "adamw": {k: list(v) if isinstance(v, tuple) else v for k, v in ADAMW.items()},
+            "lisa_schedule": LISA_SCHEDULE,
+            "full": trajectory(path, ids, lisa=False),
+            "lisa": trajectory(path, ids, lisa=True),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
+        with open(os.path.join(path, "trajectory.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"{name}: full {out['full'][0]:.4f} -> {out['full'][-1]:.4f}, lisa -> {out['lisa'][-1]:.4f}")
+
+
 if __name__ == "__main__":
     import sys
 
-    main(set(sys.argv[1:]))
+    args = set(sys.argv[1:])
+    if "--trajectories" in args:
+        trajectories(args - {"--trajectories"})
+    else:
+        main(args)
