@@ -280,7 +280,8 @@ def gpt2(index):
 
 
 # 4-step trajectories (tests/suite/parity_hf.rs, `trajectories_match_transformers`): the saved
-# fixtures trained by torch.optim.AdamW, full and LISA, written to trajectory.json beside them.
+# fixtures trained by torch.optim.AdamW, full and LISA, written to trajectory.json beside them;
+# and every gradient tensor of the first step in grads.safetensors (`every_gradient_tensor_…`).
 TRAJECTORY_CASES = ["granite", "olmo2", "smollm3", "gemma3-window", "qwen2-window"]
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 # LISA with one block of two, redrawn every 2 steps in ascending order (candle-lisa's
@@ -331,6 +332,13 @@ def trajectories(only):
         }
         with open(os.path.join(path, "trajectory.json"), "w") as f:
             json.dump(out, f, indent=1)
+        # Every gradient tensor of the first step's loss, for the tensor-by-tensor check.
+        from safetensors.torch import save_file
+
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").float()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = {n: p.grad.contiguous() for n, p in model.named_parameters()}
+        save_file(grads, os.path.join(path, "grads.safetensors"))
         print(f"{name}: full {out['full'][0]:.4f} -> {out['full'][-1]:.4f}, lisa -> {out['lisa'][-1]:.4f}")
 
 

@@ -203,3 +203,50 @@ fn trajectories_match_transformers() -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// Every gradient tensor of the first step's loss against transformers' (`grads.safetensors`,
+/// `scripts/parity_fixtures.py --trajectories`), element by element: the largest difference
+/// relative to the tensor's largest value, within 1e-4.
+#[test]
+fn every_gradient_tensor_matches_transformers() -> Result<(), Error> {
+    let dev = Device::Cpu;
+    for case in [
+        "granite",
+        "olmo2",
+        "smollm3",
+        "gemma3-window",
+        "qwen2-window",
+    ] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/parity")
+            .join(case);
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
+        let want = candle_core::safetensors::load(dir.join("grads.safetensors"), &dev)?;
+        let ids: Vec<Vec<u32>> = serde_json::from_value(expected["input_ids"].clone())?;
+        let ids = Tensor::new(ids, &dev)?;
+        let (config, vars) = load_llama(&dir, DType::F32, &dev)?;
+        let model = Llama::new(&config, VarBuilder::from_varmap(&vars, DType::F32, &dev))?;
+        let grads = model.loss(&ids, &ids.to_dtype(DType::I64)?)?.backward()?;
+        let data = vars.data().lock().unwrap();
+        assert_eq!(data.len(), want.len(), "{case}: parameter count");
+        let mut worst = 0f32;
+        for (name, var) in data.iter() {
+            let got = grads
+                .get(var)
+                .ok_or(format!("{case}: no gradient for {name}"))?;
+            let reference = want
+                .get(name)
+                .ok_or(format!("{case}: {name} not in the fixture"))?;
+            let scale = reference.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-30);
+            let diff = (got - reference)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+            assert!(
+                diff <= 1e-4,
+                "{case}: gradient of {name} differs by {diff:.1e} of its largest value"
+            );
+            worst = worst.max(diff);
+        }
+        eprintln!("{case}: every gradient tensor within {worst:.1e} of its largest value");
+    }
+    Ok(())
+}
