@@ -282,7 +282,7 @@ def gpt2(index):
 # 4-step trajectories (tests/suite/parity_hf.rs, `trajectories_match_transformers`): the saved
 # fixtures trained by torch.optim.AdamW, full and LISA, written to trajectory.json beside them;
 # and every gradient tensor of the first step in grads.safetensors (`every_gradient_tensor_…`).
-TRAJECTORY_CASES = ["granite", "olmo2", "smollm3", "gemma3-window", "qwen2-window"]
+TRAJECTORY_CASES = ["granite", "olmo2", "smollm3", "mistral-window", "gemma2-window", "gemma3-window", "qwen2-window"]
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 # LISA with one block of two, redrawn every 2 steps in ascending order (candle-lisa's
 # `ascending` sampler): block 0 for steps 0-1, block 1 for steps 2-3. The embedding, the head

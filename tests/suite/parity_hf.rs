@@ -139,6 +139,8 @@ fn trajectories_match_transformers() -> Result<(), Error> {
         "granite",
         "olmo2",
         "smollm3",
+        "mistral-window",
+        "gemma2-window",
         "gemma3-window",
         "qwen2-window",
     ] {
@@ -214,6 +216,8 @@ fn every_gradient_tensor_matches_transformers() -> Result<(), Error> {
         "granite",
         "olmo2",
         "smollm3",
+        "mistral-window",
+        "gemma2-window",
         "gemma3-window",
         "qwen2-window",
     ] {
