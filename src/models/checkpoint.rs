@@ -257,19 +257,7 @@ pub fn load_llama(
             });
         }
     }
-    for (name, shape) in &expected {
-        let (_, e) = entries.get(name).ok_or_else(|| LisaError::MissingTensor {
-            name: name.clone(),
-            expected: shape.clone(),
-        })?;
-        if &e.shape != shape {
-            return Err(LisaError::TensorShape {
-                name: name.clone(),
-                expected: shape.clone(),
-                found: e.shape.clone(),
-            });
-        }
-    }
+    check_shapes(&expected, |name| entries.get(name).map(|(_, e)| &e.shape))?;
     let varmap = VarMap::new();
     {
         let mut data = varmap
@@ -282,6 +270,28 @@ pub fn load_llama(
         }
     }
     Ok((config, varmap))
+}
+
+/// Every tensor of `expected` is `found` with its shape: [`LisaError::MissingTensor`] or
+/// [`LisaError::TensorShape`] naming the first that is not.
+pub(crate) fn check_shapes<'a>(
+    expected: &[(String, Vec<usize>)],
+    found: impl Fn(&str) -> Option<&'a Vec<usize>>,
+) -> Result<()> {
+    for (name, shape) in expected {
+        let got = found(name).ok_or_else(|| LisaError::MissingTensor {
+            name: name.clone(),
+            expected: shape.clone(),
+        })?;
+        if got != shape {
+            return Err(LisaError::TensorShape {
+                name: name.clone(),
+                expected: shape.clone(),
+                found: got.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn dtype_name(dtype: DType) -> Option<&'static str> {

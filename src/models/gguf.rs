@@ -465,19 +465,7 @@ pub fn load_gguf(
         }
     }
     let expected = config.tensor_shapes();
-    for (name, shape) in &expected {
-        let (info, _) = mapped.get(name).ok_or_else(|| LisaError::MissingTensor {
-            name: name.clone(),
-            expected: shape.clone(),
-        })?;
-        if &info.shape != shape {
-            return Err(LisaError::TensorShape {
-                name: name.clone(),
-                expected: shape.clone(),
-                found: info.shape.clone(),
-            });
-        }
-    }
+    super::checkpoint::check_shapes(&expected, |name| mapped.get(name).map(|(i, _)| &i.shape))?;
     let mut file = File::open(path).map_err(io("cannot open", path))?;
     let varmap = VarMap::new();
     {
