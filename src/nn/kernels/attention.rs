@@ -365,19 +365,30 @@ pub(crate) fn attention_bwd(
     let (t, d) = (dims.t, dims.d);
     let blocks = x.blocks(t);
     let mut dq = vec![0f32; x.q.len()];
-    // One block per query head (summed into dk and dv over each group below), accumulated
-    // over the row blocks.
-    let (mut dk, mut dv) = (vec![0f32; x.q.len()], vec![0f32; x.q.len()]);
-    let (dq_out, dk_out, dv_out) = (
-        SharedMut(dq.as_mut_ptr()),
-        SharedMut(dk.as_mut_ptr()),
-        SharedMut(dv.as_mut_ptr()),
-    );
+    // One `t × d` buffer per query head (summed into dk and dv over each group below),
+    // accumulated over the row blocks. Separate buffers, not one of all heads: glibc serves
+    // blocks of 32 MiB or more with fresh mappings whose pages fault in at every step (at
+    // Gemma 3 1B's heads and T = 8192 one buffer of all heads is 32 MiB, and the backward pass
+    // took 1.6× its share of work), while smaller ones are reused from the heap.
+    let share = || {
+        (0..dims.b * dims.h)
+            .map(|_| vec![0f32; t * d])
+            .collect::<Vec<_>>()
+    };
+    let (mut dk_parts, mut dv_parts) = (share(), share());
+    let outs = |parts: &mut [Vec<f32>]| -> Vec<SharedMut> {
+        parts
+            .iter_mut()
+            .map(|p| SharedMut(p.as_mut_ptr()))
+            .collect()
+    };
+    let (dk_out, dv_out) = (outs(&mut dk_parts), outs(&mut dv_parts));
+    let dq_out = SharedMut(dq.as_mut_ptr());
     for_each_head(&dims, 2, |task, bufs| {
         let [p, ds] = bufs else { unreachable!() };
         let (qh, kh) = dims.heads(task);
         // This query head's shares of dk and dv: contiguous `t × d` blocks.
-        let own = task * t * d;
+        let (dk_own, dv_own) = (&dk_out[task], &dv_out[task]);
         for &rows in &blocks {
             let (start, first, w) = (rows.start, rows.first, rows.width());
             let n = rows.end - start;
@@ -390,7 +401,7 @@ pub(crate) fn attention_bwd(
                 // dv_h[first..cols] += pᵀ·g_block
                 gemm_serial(
                     (w, d, n),
-                    dv_out.at(own + first * d),
+                    dv_own.at(first * d),
                     d,
                     true,
                     p.as_ptr(),
@@ -427,7 +438,7 @@ pub(crate) fn attention_bwd(
                 // dk_h[first..cols] += dsᵀ·q_block
                 gemm_serial(
                     (w, d, n),
-                    dk_out.at(own + first * d),
+                    dk_own.at(first * d),
                     d,
                     true,
                     ds.as_ptr(),
@@ -440,29 +451,23 @@ pub(crate) fn attention_bwd(
     });
     // Sum each group's shares (in head order) into its key/value head, laid out as k and v.
     let group = dims.h / dims.kv;
-    let (dk, dv) = match (group, dims.layout) {
-        (1, HeadLayout::HeadMajor) => (dk, dv),
-        _ => {
-            let fold = |parts: Vec<f32>| -> Vec<f32> {
-                let mut out = vec![0f32; dims.b * dims.kv * t * d];
-                for bi in 0..dims.b {
-                    for kvi in 0..dims.kv {
-                        let at = dims.head(bi, kvi, dims.kv);
-                        for share in 0..group {
-                            let own = ((bi * dims.h) + kvi * group + share) * t * d;
-                            for (i, part) in parts[own..own + t * d].chunks_exact(d).enumerate() {
-                                let row = &mut out[at.offset + i * at.rs..][..d];
-                                row.iter_mut().zip(part).for_each(|(o, p)| *o += p);
-                            }
-                        }
+    let fold = |parts: Vec<Vec<f32>>| -> Vec<f32> {
+        let mut out = vec![0f32; dims.b * dims.kv * t * d];
+        for bi in 0..dims.b {
+            for kvi in 0..dims.kv {
+                let at = dims.head(bi, kvi, dims.kv);
+                for share in 0..group {
+                    let part = &parts[bi * dims.h + kvi * group + share];
+                    for (i, part) in part.chunks_exact(d).enumerate() {
+                        let row = &mut out[at.offset + i * at.rs..][..d];
+                        row.iter_mut().zip(part).for_each(|(o, p)| *o += p);
                     }
                 }
-                out
-            };
-            (fold(dk), fold(dv))
+            }
         }
+        out
     };
-    Some((dq, dk, dv))
+    Some((dq, fold(dk_parts), fold(dv_parts)))
 }
 
 #[cfg(test)]
