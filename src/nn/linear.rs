@@ -212,8 +212,9 @@ impl Module for Linear {
 /// node (on the CPU): the tensor-op chain it replaces (reshapes, two products, their
 /// transposes, the scaling) is seven nodes, each a zero-filled gradient buffer and a sum in
 /// candle's backward pass. The backward pass computes, with `gb = g · B` (rows × rank),
-/// dx = scale · gb · A, dA = scale · gbᵀ · x and dB = scale · gᵀ · (x · Aᵀ), each only for an
-/// operand that tracks gradients, by the CPU matmul of [`kernels`](super::kernels).
+/// dx = scale · gb · A, dA = scale · gbᵀ · x and dB = scale · gᵀ · (x · Aᵀ) (the forward pass's
+/// product, kept), each only for an operand that tracks gradients, by the CPU matmul of
+/// [`kernels`](super::kernels).
 fn lora_delta(x: &Tensor, l: &LoraAdapter, out: &Shape) -> Result<Tensor> {
     use super::kernels::matmul;
     let in_dim = x.dim(candle_core::D::Minus1)?;
@@ -230,7 +231,9 @@ fn lora_delta(x: &Tensor, l: &LoraAdapter, out: &Shape) -> Result<Tensor> {
     }
     let scale = l.scale;
     let flat = move |x: &Tensor| x.detach().reshape((rows, in_dim));
-    let delta = (matmul(&matmul(&flat(x)?, &l.a.t()?)?, &l.b.t()?)? * scale)?.reshape(out)?;
+    // x · Aᵀ (rows × rank, small) is kept for dB.
+    let xa = matmul(&flat(x)?, &l.a.t()?)?;
+    let delta = (matmul(&xa, &l.b.t()?)? * scale)?.reshape(out)?;
     let out = out.clone();
     super::custom_op::attach3("lisa-lora", x, &l.a, &l.b, delta, move |x, a, b, _y, g| {
         let (x_tracks, a_tracks, b_tracks) = (x.track_op(), a.track_op(), b.track_op());
@@ -249,7 +252,7 @@ fn lora_delta(x: &Tensor, l: &LoraAdapter, out: &Shape) -> Result<Tensor> {
             _ => None,
         };
         let db = match b_tracks {
-            true => Some((matmul(&g.t()?, &matmul(&x2, &a.t()?)?)? * scale)?),
+            true => Some((matmul(&g.t()?, &xa)? * scale)?),
             false => None,
         };
         Ok((dx, da, db))

@@ -92,10 +92,7 @@ pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor>
             loss,
             move |x, w, _y, g| {
                 let g = g.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-                let kept = d
-                    .lock()
-                    .map_err(|_| candle_core::Error::Msg("head_loss: poisoned lock".into()))?
-                    .take();
+                let kept = take_kept(&d)?;
                 let d = match kept {
                     Some(mut d) => {
                         if g != 1.0 {
@@ -147,10 +144,7 @@ pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor>
                 w,
                 loss,
                 move |x, w, _y, g| {
-                    let kept = d
-                        .lock()
-                        .map_err(|_| candle_core::Error::Msg("head_loss: poisoned lock".into()))?
-                        .take();
+                    let kept = take_kept(&d)?;
                     let d = match kept {
                         Some(d) => d,
                         // A second backward pass over the same graph: recompute.
@@ -182,6 +176,15 @@ pub fn head_loss(hidden: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor>
             grads(d, x, w)
         },
     )?)
+}
+
+/// The dL/dlogits buffer the forward pass left for the backward pass; `None` once taken (a
+/// second backward pass over the same graph recomputes it).
+fn take_kept<T>(kept: &std::sync::Mutex<Option<T>>) -> candle_core::Result<Option<T>> {
+    Ok(kept
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("head_loss: poisoned lock".into()))?
+        .take())
 }
 
 /// The labels of a causal-LM loss, one per logits row: row `(i, j)` predicts label
