@@ -396,32 +396,17 @@ pub fn causal_attention_softcap(
     scale: f64,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
-    let kv = k.dim(1)?;
-    if kv == 0 || h % kv != 0 || k.dims4()? != (b, kv, t, d) || v.dims4()? != (b, kv, t, d) {
+    let Some(dims) = head_major_dims(q, k, v)? else {
         candle_core::bail!(
             "causal_attention: q {:?}, k {:?}, v {:?} do not fit (b, h, t, d) and (b, kv, t, d) with kv dividing h",
             q.shape(),
             k.shape(),
             v.shape()
         )
-    }
+    };
+    let kernels::AttnDims { b, h, kv, t, d, .. } = dims;
     if softcap.is_none() && mask.dims() == [t, t] {
-        if let Some(y) = cpu_attention(
-            q,
-            k,
-            v,
-            MaskRef::Dense(mask),
-            scale,
-            kernels::AttnDims {
-                b,
-                h,
-                kv,
-                t,
-                d,
-                layout: kernels::HeadLayout::HeadMajor,
-            },
-        )? {
+        if let Some(y) = cpu_attention(q, k, v, MaskRef::Dense(mask), scale, dims)? {
             return Ok(y);
         }
     }
@@ -655,6 +640,22 @@ pub fn sliding_window_attention(
     CausalMask::new(t, window, q.dtype(), q.device()).attention(q, k, v, scale, softcap)
 }
 
+/// The head-major shapes of `q` `(b, h, t, d)`, `k` and `v` `(b, kv, t, d)` with `kv` dividing
+/// `h`; `None` when they do not fit that.
+fn head_major_dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<kernels::AttnDims>> {
+    let (b, h, t, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let fits = kv > 0 && h % kv == 0 && k.dims4()? == (b, kv, t, d) && v.dims4()? == (b, kv, t, d);
+    Ok(fits.then_some(kernels::AttnDims {
+        b,
+        h,
+        kv,
+        t,
+        d,
+        layout: kernels::HeadLayout::HeadMajor,
+    }))
+}
+
 /// An attention mask as the fused CPU kernels take it: a `(t, t)` tensor, or causal within an
 /// optional window with no matrix behind it.
 #[derive(Clone, Copy)]
@@ -717,22 +718,8 @@ impl CausalMask {
         scale: f64,
         softcap: Option<f64>,
     ) -> Result<Tensor> {
-        let (b, h, t, d) = q.dims4()?;
-        let kv = k.dim(1)?;
-        let fits = kv > 0
-            && h % kv == 0
-            && t == self.t
-            && k.dims4()? == (b, kv, t, d)
-            && v.dims4()? == (b, kv, t, d);
-        if softcap.is_none() && fits {
-            let dims = kernels::AttnDims {
-                b,
-                h,
-                kv,
-                t,
-                d,
-                layout: kernels::HeadLayout::HeadMajor,
-            };
+        let dims = head_major_dims(q, k, v)?.filter(|dims| dims.t == self.t);
+        if let (None, Some(dims)) = (softcap, dims) {
             if let Some(y) = cpu_attention(q, k, v, MaskRef::Causal(self.window), scale, dims)? {
                 return Ok(y);
             }
